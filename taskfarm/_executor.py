@@ -1,0 +1,364 @@
+"""`FarmExecutor` and `farm()`: the concurrent.futures face of the farm.
+
+Where the workers come from depends on how the program was started:
+
+* under ``mpiexec -n N`` (directly, or through ``python -m taskfarm run``),
+  ranks 1..N-1 are the workers and every executor on rank 0 shares them; the
+  farm ends with ``farm()``'s block, with ``taskfarm run``, or at exit;
+* as a plain ``python script.py``, an executor spawns ``max_workers`` worker
+  processes with MPI spawn and ends them at shutdown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextlib
+import itertools
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from . import _serialization as ser
+from . import _transport
+from ._errors import BrokenFarmError
+from ._future import FarmFuture
+from ._master import DEFAULT_HEARTBEAT_TIMEOUT, Farm, FarmStatistics, Submission
+from ._protocol import FnRef, Initializer
+from ._task import Task, TaskPolicy, wall_time_of
+from ._worker import serve
+
+#: tasks ``map`` keeps submitted ahead of the result being consumed, per worker
+MAP_WINDOW_PER_WORKER = 64
+#: but never fewer than this many (small farms still need a deep pipeline)
+MAP_WINDOW_MIN = 1024
+
+_world_farm: Farm | None = None
+_world_lock = threading.Lock()
+_world_options: dict[str, Any] = {}
+_last_farm: Farm | None = None
+
+
+def last_farm() -> Farm | None:
+    """The farm most recently started in this process (for the CLI's statistics)."""
+    return _last_farm
+
+
+def configure_world(**options: Any) -> None:
+    """Options for the world farm, set by the CLI before the script runs."""
+    _world_options.update(options)
+
+
+def world_farm(**options: Any) -> Farm:
+    """The farm over COMM_WORLD's ranks 1..N-1 (rank 0 only), created on first use."""
+    global _world_farm
+    with _world_lock:
+        if _world_farm is None:
+            merged = {**options, **_world_options}
+            _world_farm = Farm(_transport.world(), **merged)
+            atexit.register(close_world_farm)
+            global _last_farm
+            _last_farm = _world_farm
+        return _world_farm
+
+
+def close_world_farm() -> Farm | None:
+    """End the world farm: workers leave their loop.  Returns the closed farm."""
+    global _world_farm
+    with _world_lock:
+        farm_, _world_farm = _world_farm, None
+    if farm_ is not None:
+        stuck = farm_.close()
+        if stuck:
+            sys.stderr.write(
+                f"taskfarm: worker rank(s) {stuck} did not stop; aborting the job\n"
+            )
+            farm_.transport.abort(int(os.environ.get("TASKFARM_ABORT_CODE", "3")))
+    return farm_
+
+
+def _persistent_for(farm_: Farm, inputs: list[FarmFuture]) -> ser.Persistent:
+    def persistent(obj: Any) -> Any:
+        if isinstance(obj, FarmFuture):
+            if obj._farm is not farm_ and not obj.done():
+                raise ValueError(
+                    f"task {obj.task_id} belongs to another farm and is not done; "
+                    "a future can be an input only within its own farm"
+                )
+            inputs.append(obj)
+            return ("dep", obj.task_id)
+        return None
+
+    return persistent
+
+
+class FarmExecutor(concurrent.futures.Executor):
+    """A `concurrent.futures.Executor` whose workers are MPI ranks.
+
+    ``submit``, ``map``, ``shutdown`` and the futures behave as the standard
+    library's; ``submit_task`` takes a `Task` with per-task options.  The
+    keyword arguments set the default policy of every task (Celery's names).
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_retries: int = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
+        retry_backoff: float | bool = 0.0,
+        retry_backoff_max: float | None = None,
+        retry_jitter: bool = True,
+        time_limit: float | None = None,
+        max_crashes: int | None = None,
+        heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+    ) -> None:
+        if max_workers is not None and max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self._policy = TaskPolicy().merged(
+            {
+                "max_retries": max_retries,
+                "retry_on": retry_on,
+                "retry_backoff": retry_backoff,
+                "retry_backoff_max": retry_backoff_max,
+                "retry_jitter": retry_jitter,
+                "time_limit": time_limit,
+                "max_crashes": max_crashes,
+            }
+        )
+        self._functions = ser.FunctionCache()
+        self._shutdown = False
+        self._shutdown_lock = threading.Lock()
+        self._pending: set[FarmFuture] = set()
+        self._pending_lock = threading.Lock()
+        size = _transport.world_size()
+        if size > 1:
+            if _transport.world_rank() != 0:
+                # this rank runs the user's script under a plain mpiexec: it serves
+                # as a worker and leaves when the farm on rank 0 ends
+                serve(_transport.world())
+                sys.exit(0)
+            self._farm = world_farm(heartbeat_timeout=heartbeat_timeout, max_workers=max_workers)
+            self._owned = False
+        else:
+            nworkers = max_workers or os.cpu_count() or 1
+            transport = _transport.spawn(nworkers, ["-m", "taskfarm._spawned"])
+            self._farm = Farm(transport, heartbeat_timeout=heartbeat_timeout)
+            self._owned = True
+            global _last_farm
+            _last_farm = self._farm
+        self._executor_id = self._farm.new_executor_id()
+        init = None
+        if initializer is not None:
+            digest, payload = self._functions.get(initializer)
+            call = ser.dumps((tuple(initargs), {}), "argument")[0]
+            init = Initializer(self._executor_id, FnRef(digest, payload), call)
+        self._farm.add_executor(self._executor_id, init)
+
+    # -- submitting --------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> FarmFuture:
+        """Schedule ``fn(*args, **kwargs)``; futures among the arguments are inputs."""
+        return self._submit(fn, args, kwargs, None)
+
+    def submit_task(self, task: Task) -> FarmFuture:
+        """Schedule a `Task`, with its per-task retry, time and schedule options."""
+        return self._submit(task.fn, task.args, task.kwargs, task)
+
+    def _submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any, task: Task | None
+    ) -> FarmFuture:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._farm.broken is not None:
+            raise BrokenFarmError(str(self._farm.broken))
+        farm_ = self._farm
+        future = FarmFuture(farm_.new_task_id(), label=getattr(fn, "__name__", "task"))
+        future._farm = farm_
+        inputs: list[FarmFuture] = []
+        try:
+            fn_entry = self._functions.get(fn)
+            call_obj = (args, dict(kwargs))
+            try:
+                call = ser.dumps(call_obj, "argument")
+            except ser.FutureInArguments:
+                call = ser.dumps(call_obj, "argument", _persistent_for(farm_, inputs))
+        except Exception as exc:  # noqa: BLE001 - concurrent.futures: the future fails, not submit
+            future.set_running_or_notify_cancel()
+            future.set_exception(exc)
+            return future
+        policy = self._policy
+        priority = 0
+        not_before = None
+        expires = None
+        if task is not None:
+            policy = policy.merged(task.policy_overrides())
+            priority = task.priority
+            delay = 0.0
+            if task.countdown:
+                delay = task.countdown
+            eta = wall_time_of(task.eta)
+            if eta is not None:
+                delay = max(delay, eta - time.time())
+            if delay > 0:
+                not_before = time.monotonic() + delay
+            expires = wall_time_of(task.expires)
+            if task.label:
+                future.label = task.label
+        with self._pending_lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        farm_.submit(
+            Submission(
+                future,
+                self._executor_id,
+                fn_entry,
+                call,
+                tuple(inputs),
+                policy,
+                priority,
+                not_before,
+                expires,
+                policy.time_limit,
+            )
+        )
+        return future
+
+    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)  # type: ignore[arg-type]
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like `concurrent.futures.Executor.map`, but lazy over its input.
+
+        At most a bounded window of tasks is in flight, so an input of 10^7
+        items never sits in memory; results come in input order.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        calls: Iterator[Any] = zip(*iterables)
+        if chunksize > 1:
+            calls = ((fn, chunk) for chunk in _batched(calls, chunksize))
+            submit_one: Callable[[Any], FarmFuture] = lambda c: self.submit(_run_chunk, *c)  # noqa: E731
+        else:
+            submit_one = lambda c: self.submit(fn, *c)  # noqa: E731
+        window = max(MAP_WINDOW_MIN, MAP_WINDOW_PER_WORKER * max(1, len(self._farm.transport.peers())))
+        queue: list[FarmFuture] = [submit_one(c) for c in itertools.islice(calls, window)]
+        return self._map_results(queue, calls, submit_one, deadline, chunksize > 1)
+
+    def _map_results(
+        self,
+        queue: list[FarmFuture],
+        calls: Iterator[Any],
+        submit_one: Callable[[Any], FarmFuture],
+        deadline: float | None,
+        chunked: bool,
+    ) -> Iterator[Any]:
+        import collections
+
+        pending = collections.deque(queue)
+        del queue
+        try:
+            while pending:
+                future = pending.popleft()
+                for call in itertools.islice(calls, 1):
+                    pending.append(submit_one(call))
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise concurrent.futures.TimeoutError()
+                value = future.result(remaining)
+                if chunked:
+                    yield from value
+                else:
+                    yield value
+                del future, value
+        finally:
+            for future in pending:
+                future.cancel()
+
+    # -- ending ------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new tasks; optionally cancel queued ones; optionally wait for the rest."""
+        with self._shutdown_lock:
+            already = self._shutdown
+            self._shutdown = True
+        if cancel_futures:
+            with self._pending_lock:
+                pending = list(self._pending)
+            for future in pending:
+                future.cancel()
+        if wait:
+            self._wait_all()
+            if self._owned and not already:
+                self._farm.close()
+        elif self._owned and not already:
+            threading.Thread(target=self._close_later, daemon=False).start()
+
+    def _wait_all(self) -> None:
+        while True:
+            with self._pending_lock:
+                pending = list(self._pending)
+            if not pending:
+                return
+            concurrent.futures.wait(pending)
+
+    def _close_later(self) -> None:
+        self._wait_all()
+        self._farm.close()
+
+    def statistics(self) -> FarmStatistics:
+        """A snapshot of the farm's counts and per-rank figures."""
+        return self._farm.statistics()
+
+    @property
+    def workers(self) -> int:
+        """Number of worker ranks this executor's farm can use."""
+        return len(self._farm.transport.peers())
+
+
+def _batched(iterable: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any]:
+    """One task that runs ``fn`` over a chunk of map's input."""
+    return [fn(*args) for args in chunk]
+
+
+@contextlib.contextmanager
+def farm(max_workers: int | None = None, **options: Any) -> Iterator[FarmExecutor | None]:
+    """Run a block with a farm, as mpi4py's ``MPICommExecutor`` does.
+
+    Under ``mpiexec -n N python script.py``: rank 0 gets a `FarmExecutor`;
+    ranks 1..N-1 serve as workers inside ``farm()`` and get None once rank 0
+    leaves the block (guard the body with ``if executor is not None``).
+    Without mpiexec, ``max_workers`` worker processes are spawned.
+    """
+    if _transport.world_size() > 1:
+        if _transport.world_rank() != 0:
+            serve(_transport.world())
+            yield None
+            return
+        executor = FarmExecutor(max_workers, **options)
+        try:
+            yield executor
+        finally:
+            executor.shutdown(wait=True)
+            close_world_farm()
+        return
+    with FarmExecutor(max_workers, **options) as executor:
+        yield executor

@@ -1,0 +1,84 @@
+"""The future the farm hands out: a concurrent.futures.Future that knows its task.
+
+Results arrive as serialized frames and are decoded on first ``result()`` in
+the caller's thread, not on the master's service thread, so decoding big
+results never delays dispatch.  A numpy result is rebuilt over the received
+buffer without a copy.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Any
+
+from . import _serialization as ser
+from ._task import TaskState
+
+
+class _Encoded:
+    """A result still in wire form."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: ser.Frame) -> None:
+        self.frame = frame
+
+
+_decode_lock = threading.Lock()
+
+
+class FarmFuture(concurrent.futures.Future[Any]):
+    """A `concurrent.futures.Future` with the task's id, state and rank."""
+
+    def __init__(self, task_id: int, key: str | None = None, label: str = "") -> None:
+        super().__init__()
+        self.task_id = task_id
+        self.key = key
+        self.label = label
+        self._task_state = TaskState.PENDING
+        #: the rank the task was last dispatched to
+        self.rank: int | None = None
+        self._cancel_hook: Any = None
+        #: the farm that runs the task (a future is an input only within it)
+        self._farm: Any = None
+
+    @property
+    def state(self) -> TaskState:
+        """PENDING, SCHEDULED, RUNNING, RETRY, SUCCESS, FAILURE or CANCELLED."""
+        if self.cancelled():
+            return TaskState.CANCELLED
+        if self.done():
+            return TaskState.FAILURE if self.exception(0) is not None else TaskState.SUCCESS
+        return self._task_state
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not been dispatched yet."""
+        cancelled = super().cancel()
+        if cancelled and self._cancel_hook is not None:
+            self._cancel_hook(self.task_id)
+        return cancelled
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = super().result(timeout)
+        if type(value) is _Encoded:
+            with _decode_lock:
+                value = self._result
+                if type(value) is _Encoded:
+                    value = ser.loads(*value.frame)
+                    self._result = value
+        return value
+
+    def encoded_result(self) -> ser.Frame | None:
+        """The result in wire form while not yet decoded (to feed dependents)."""
+        value = self._result
+        return value.frame if type(value) is _Encoded else None
+
+    def __reduce__(self) -> Any:
+        # a future inside a task's arguments is an input: the executor pickles
+        # the call again with a hook that sends a reference to its task instead
+        raise ser.FutureInArguments(self.task_id)
+
+    def __repr__(self) -> str:
+        where = "" if self.rank is None else f" rank={self.rank}"
+        return f"<FarmFuture task={self.task_id} {self.state.value}{where}>"

@@ -1,0 +1,674 @@
+"""The service loop on rank 0: transport <-> scheduler <-> journal <-> futures.
+
+Data flow (one service thread owns every MPI call; user threads only touch
+futures and the submission queue)::
+
+    user threads                     service thread                    worker ranks
+    ------------                     --------------                    ------------
+    submit() -> _Submission --+
+                              |      1. receive    <-- Results/Heartbeat/Hello/Bye <--
+    Future.cancel() ----------+      2. commit     (journal sync, then resolve futures)
+                       (queue)+----> 3. take submissions and cancellations
+                                     4. notice lost ranks (ULFM)
+    Future.result() <-- futures <--- 5. dispatch   --> TaskBatch/Steal -->
+                                     6. progress sends
+                                     7. wait       (backoff; a submit wakes it at once)
+
+Decisions (who runs what, retries, dependencies) are the scheduler's; this
+module only carries them out.  A result is made durable in the journal before
+its future resolves.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from . import _serialization as ser
+from ._errors import (
+    BrokenFarmError,
+    DependencyFailed,
+    MaxRetriesExceededError,
+    RemoteTraceback,
+    SerializationError,
+    TaskExpired,
+    TimeLimitExceeded,
+    WorkerLostError,
+)
+from ._future import FarmFuture, _Encoded
+from ._protocol import (
+    PROTOCOL_VERSION,
+    Bye,
+    Config,
+    FnRef,
+    Hello,
+    Initializer,
+    Kind,
+    ResultBatch,
+    ResultItem,
+    Steal,
+    Stop,
+    TaskBatch,
+    TaskItem,
+)
+from ._scheduler import Decision, Scheduler
+from ._task import TaskPolicy, TaskState
+from ._transport import Backoff, Transport, library
+
+log = logging.getLogger("taskfarm.master")
+
+#: longest sleep of the service thread while tasks are out (seconds): bounds
+#: how late a result is noticed against the master's CPU while workers compute
+BUSY_POLL_CAP = 0.005
+#: longest sleep while nothing is out; only Hello/Bye can arrive then
+IDLE_POLL_CAP = 0.05
+#: a worker silent this long while holding tasks is declared lost (seconds)
+DEFAULT_HEARTBEAT_TIMEOUT = 300.0
+#: workers send heartbeats this many times per heartbeat timeout
+HEARTBEATS_PER_TIMEOUT = 4
+#: how long close() waits for every worker's Bye before giving up on it
+BYE_TIMEOUT = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RankStatistics:
+    """One worker rank's figures."""
+
+    host: str
+    slots: int
+    tasks: int
+    failed: int
+    busy_time: float
+    alive: bool
+    #: CPU the rank spent outside tasks, per second of its life (from its Bye)
+    overhead_cpu_fraction: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class FarmStatistics:
+    """A snapshot of the farm: counts by outcome, per-rank figures, costs.
+
+    Counts are over the farm's life (every executor that used it).
+    """
+
+    submitted: int
+    done: int
+    failed: int
+    cancelled: int
+    retried: int
+    resubmitted: int
+    stolen: int
+    zombies: int
+    duplicates: int
+    pending: int
+    running: int
+    workers: int
+    lost_ranks: tuple[int, ...]
+    wall_time: float
+    #: CPU of the master's service thread per second of wall time
+    master_cpu_fraction: float
+    prefetch: int
+    mpi: str
+    ranks: Mapping[int, RankStatistics]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``--stats-json`` writes)."""
+        out = dataclasses.asdict(self)
+        out["lost_ranks"] = list(self.lost_ranks)
+        out["ranks"] = {str(r): dataclasses.asdict(s) for r, s in sorted(self.ranks.items())}
+        return out
+
+
+class Submission(NamedTuple):
+    """Everything the service thread needs to run one task."""
+
+    future: FarmFuture
+    executor_id: int
+    fn: tuple[bytes, bytes]  # digest, dill payload
+    call: ser.Frame
+    inputs: tuple[FarmFuture, ...]
+    policy: TaskPolicy
+    priority: int
+    not_before: float | None  # monotonic
+    expires: float | None  # wall clock
+    time_limit: float | None
+
+
+class _Task:
+    """The master's record of a task between submission and its outcome."""
+
+    __slots__ = ("error", "sub")
+
+    def __init__(self, sub: Submission) -> None:
+        self.sub = sub
+        self.error: BaseException | None = None
+
+
+class _ExecutorInfo(NamedTuple):
+    executor_id: int
+    initializer: Initializer | None
+
+
+class Farm:
+    """Rank 0's side of a farm: owns the transport and the service thread."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        max_workers: int | None = None,
+    ) -> None:
+        self.transport = transport
+        self.scheduler = Scheduler(heartbeat_timeout=heartbeat_timeout, max_workers=max_workers)
+        self.heartbeat_timeout = heartbeat_timeout
+        self._peers = transport.peers()
+        self._submissions: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()
+        self._tasks: dict[int, _Task] = {}
+        self._executors: dict[int, _ExecutorInfo] = {}
+        self._next_task_id = 0
+        self._next_executor_id = 0
+        self._id_lock = threading.Lock()
+        self._hosts: dict[int, str] = {}
+        self._byes: dict[int, Bye] = {}
+        self._fn_sent: dict[int, set[bytes]] = collections.defaultdict(set)
+        self._init_sent: dict[int, set[int]] = collections.defaultdict(set)
+        self._resolve: list[Callable[[], None]] = []
+        self._closing = False
+        self._stopped = False
+        self._unanswered: list[int] = []
+        self._broken: BaseException | None = None
+        self._snapshot: FarmStatistics | None = None
+        self._snapshot_wanted = threading.Event()
+        self._snapshot_ready = threading.Event()
+        self._started = time.monotonic()
+        self._service_cpu = 0.0
+        self._mpi = str(library()["library"])
+        self._thread = threading.Thread(target=self._serve, name="taskfarm-master", daemon=True)
+        self._thread.start()
+
+    # -- called from user threads -------------------------------------------
+    def new_task_id(self) -> int:
+        with self._id_lock:
+            self._next_task_id += 1
+            return self._next_task_id
+
+    def new_executor_id(self) -> int:
+        with self._id_lock:
+            self._next_executor_id += 1
+            return self._next_executor_id
+
+    def add_executor(self, executor_id: int, initializer: Initializer | None) -> None:
+        """Tasks of this executor carry ``initializer`` to each worker's first batch."""
+        self._submissions.append(("executor", _ExecutorInfo(executor_id, initializer)))
+        self._wake.set()
+
+    def submit(self, sub: Submission) -> None:
+        if self._broken is not None:
+            raise BrokenFarmError(str(self._broken))
+        if self._stopped:
+            raise RuntimeError("cannot schedule new futures after the farm has ended")
+        sub.future._cancel_hook = self._cancel
+        self._submissions.append(sub)
+        self._wake.set()
+
+    def _cancel(self, task_id: int) -> None:
+        self._submissions.append(("cancel", task_id))
+        self._wake.set()
+
+    @property
+    def broken(self) -> BaseException | None:
+        return self._broken
+
+    def statistics(self) -> FarmStatistics:
+        """A consistent snapshot, taken by the service thread."""
+        if self._thread.is_alive():
+            self._snapshot_ready.clear()
+            self._snapshot_wanted.set()
+            self._wake.set()
+            self._snapshot_ready.wait(timeout=5.0)
+        if self._snapshot is None:
+            self._snapshot = self._take_snapshot()
+        return self._snapshot
+
+    def close(self, timeout: float = BYE_TIMEOUT) -> list[int]:
+        """Finish the tasks, stop every worker and the service thread.
+
+        Returns the worker ranks that did not say Bye in time (stuck or lost).
+        """
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+        if self.transport.intercomm:
+            self.transport.close()
+        return self._unanswered
+
+    # -- the service thread ------------------------------------------------
+    def _serve(self) -> None:
+        backoff = Backoff(BUSY_POLL_CAP)
+        cpu0 = time.thread_time()
+        try:
+            while True:
+                progressed = self._receive()
+                self._commit()
+                progressed |= self._take_submissions()
+                progressed |= self._notice_lost()
+                progressed |= self._dispatch()
+                sending = self.transport.progress()
+                if self._snapshot_wanted.is_set():
+                    self._service_cpu = time.thread_time() - cpu0
+                    self._snapshot = self._take_snapshot()
+                    self._snapshot_wanted.clear()
+                    self._snapshot_ready.set()
+                if self._closing and not self.scheduler.has_work() and not self._submissions:
+                    break
+                if self.scheduler.live_workers() == 0 and self._all_peers_gone():
+                    self._break(BrokenFarmError("every worker rank of the farm was lost"))
+                if progressed:
+                    backoff.reset()
+                    time.sleep(0)
+                elif sending:
+                    time.sleep(0)
+                else:
+                    self._wait(backoff)
+            self._stop_workers()
+        except BaseException as exc:
+            log.exception("taskfarm service thread failed")
+            self._break(BrokenFarmError(f"the farm's service thread failed: {exc!r}"))
+            self._commit()
+        finally:
+            self._service_cpu = time.thread_time() - cpu0
+            self._snapshot = self._take_snapshot()
+            self._stopped = True
+            self._snapshot_ready.set()
+
+    def _wait(self, backoff: Backoff) -> None:
+        """Step 7: sleep until the next poll, a submission, or a timed task."""
+        busy = self.scheduler.has_work()
+        delay = backoff.next() if busy else IDLE_POLL_CAP
+        if delay == 0.0:
+            time.sleep(0)
+            return
+        wakeup = self.scheduler.next_wakeup()
+        if wakeup is not None:
+            delay = max(0.0, min(delay, wakeup - time.monotonic()))
+        if self._wake.wait(delay):
+            self._wake.clear()
+            backoff.reset()
+
+    # step 1
+    def _receive(self) -> bool:
+        got = False
+        while (message := self.transport.poll()) is not None:
+            got = True
+            peer, kind, record = message
+            now = time.monotonic()
+            self.scheduler.heard_from(peer, now)
+            if kind is Kind.RESULTS:
+                self._on_results(peer, record, now)
+            elif kind is Kind.RELEASED:
+                self.scheduler.released(peer, record.task_ids, now)
+            elif kind is Kind.HEARTBEAT:
+                pass
+            elif kind is Kind.HELLO:
+                self._on_hello(peer, record, now)
+            elif kind is Kind.BYE:
+                self._byes[peer] = record
+            else:
+                log.warning("unexpected %s from rank %d", kind.name, peer)
+        return got
+
+    def _on_hello(self, peer: int, hello: Hello, now: float) -> None:
+        self._hosts[peer] = hello.host
+        if hello.version != PROTOCOL_VERSION:
+            log.error(
+                "rank %d speaks protocol %d, this master %d: mixed taskfarm versions; rank not used",
+                peer, hello.version, PROTOCOL_VERSION,
+            )
+            self.transport.send(peer, Kind.STOP, Stop("protocol version mismatch"))
+            return
+        if self._closing and not self.scheduler.has_work():
+            return  # Stop follows
+        if self.scheduler.add_worker(peer, hello.slots, now):
+            interval = (
+                self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT
+                if self.heartbeat_timeout
+                else 60.0
+            )
+            self.transport.send(peer, Kind.CONFIG, Config(interval))
+
+    def _on_results(self, peer: int, batch: ResultBatch, now: float) -> None:
+        for item in batch.items:
+            task = self._tasks.get(item.task_id)
+            retryable = False
+            error: BaseException | None = None
+            if not item.ok and task is not None:
+                error = self._decode_error(item, peer)
+                always = (TimeLimitExceeded, WorkerLostError)  # the farm's own, always retryable
+                retryable = isinstance(error, (*always, *task.sub.policy.retry_on))
+            decision = self.scheduler.finished(
+                item.task_id,
+                peer,
+                now,
+                ok=item.ok,
+                duration=item.t_end - item.t_start,
+                retryable=retryable,
+                crashed=item.crashed,
+            )
+            if task is None or decision is Decision.DISCARD:
+                continue
+            future = task.sub.future
+            if decision is Decision.ACCEPT:
+                self._finish_task(item.task_id)
+                frame = (item.payload, item.buffers)
+                self._resolve.append(_setter(future, _Encoded(frame)))
+            elif decision is Decision.RETRY:
+                future._task_state = TaskState.RETRY
+            else:
+                assert error is not None
+                if decision is Decision.EXHAUSTED:
+                    outer: BaseException = MaxRetriesExceededError(
+                        f"task {item.task_id} failed {task.sub.policy.max_retries + 1} times "
+                        f"(max_retries={task.sub.policy.max_retries}); last error: {error!r}"
+                    )
+                    outer.__cause__ = error
+                    error = outer
+                elif decision is Decision.QUARANTINE:
+                    outer = WorkerLostError(
+                        f"task {item.task_id} was quarantined: it killed "
+                        f"{task.sub.policy.max_crashes} worker processes"
+                    )
+                    outer.__cause__ = error
+                    error = outer
+                self._fail(item.task_id, error)
+
+    def _decode_error(self, item: ResultItem, peer: int) -> BaseException:
+        try:
+            error = ser.loads(item.payload, item.buffers)
+        except Exception as exc:  # noqa: BLE001 - an exception the master cannot load
+            error = SerializationError(
+                f"the exception of task {item.task_id} could not be loaded on the master: {exc!r}",
+                where="exception",
+            )
+        if not isinstance(error, BaseException):
+            error = BrokenFarmError(f"rank {peer} sent a non-exception as an error: {error!r}")
+        if item.traceback:
+            error.__cause__ = RemoteTraceback(item.traceback)
+        return error  # type: ignore[no-any-return]
+
+    def _finish_task(self, task_id: int) -> None:
+        self._tasks.pop(task_id, None)
+
+    def _fail(self, task_id: int, error: BaseException) -> None:
+        task = self._tasks.pop(task_id, None)
+        if task is not None:
+            self._resolve.append(_failer(task.sub.future, error))
+        for dependent, failed in self.scheduler.fail_dependents(task_id):
+            self._fail(
+                dependent,
+                DependencyFailed(f"input task {failed} of task {dependent} failed or was cancelled"),
+            )
+
+    # step 2
+    def _commit(self) -> None:
+        """Make outcomes durable (journal), then resolve their futures."""
+        if not self._resolve:
+            return
+        resolve, self._resolve = self._resolve, []
+        for action in resolve:
+            action()
+
+    # step 3
+    def _take_submissions(self) -> bool:
+        if not self._submissions:
+            return False
+        now = time.monotonic()
+        while self._submissions:
+            sub = self._submissions.popleft()
+            if type(sub) is tuple:
+                what, arg = sub
+                if what == "cancel" and self.scheduler.cancel(arg):
+                    task = self._tasks.pop(arg, None)
+                    if task is not None:
+                        task.sub.future.set_running_or_notify_cancel()  # lets wait() see it
+                    self._fail_dependents_of_cancelled(arg)
+                elif what == "executor":
+                    self._executors[arg.executor_id] = arg
+                continue
+            self._admit(sub, now)
+        return True
+
+    def _fail_dependents_of_cancelled(self, task_id: int) -> None:
+        for dependent, failed in self.scheduler.fail_dependents(task_id):
+            self._fail(
+                dependent,
+                DependencyFailed(f"input task {failed} of task {dependent} failed or was cancelled"),
+            )
+
+    def _admit(self, sub: Submission, now: float) -> None:
+        future = sub.future
+        if future.cancelled():
+            return
+        if self._broken is not None:
+            self._resolve.append(_failer(future, BrokenFarmError(str(self._broken))))
+            return
+        waiting = []
+        for dep in sub.inputs:
+            if not dep.done():
+                waiting.append(dep.task_id)
+            elif dep.cancelled() or dep.exception(0) is not None:
+                self._resolve.append(
+                    _failer(
+                        future,
+                        DependencyFailed(
+                            f"input task {dep.task_id} of task {future.task_id} failed or was cancelled"
+                        ),
+                    )
+                )
+                return
+        task_id = future.task_id
+        self._tasks[task_id] = _Task(sub)
+        self.scheduler.submit(
+            task_id,
+            now,
+            policy=sub.policy,
+            priority=sub.priority,
+            not_before=sub.not_before,
+            expires=None if sub.expires is None else now + (sub.expires - time.time()),
+            inputs=waiting,
+        )
+        if self.scheduler.state(task_id) is TaskState.SCHEDULED:
+            future._task_state = TaskState.SCHEDULED
+
+    # step 4
+    def _notice_lost(self) -> bool:
+        lost = self.transport.take_lost()
+        now = time.monotonic()
+        for rank in lost:
+            self._lose(rank, now, "its process failed (ULFM)")
+        return bool(lost)
+
+    def _lose(self, rank: int, now: float, why: str) -> None:
+        requeued = self.scheduler.rank_lost(rank, now)
+        log.warning("rank %d lost: %s; %d task(s) resubmitted", rank, why, len(requeued))
+        self.transport.forget(rank)
+        for task_id in self.scheduler.quarantined(requeued):
+            self._fail(task_id, WorkerLostError(f"task {task_id} was quarantined after killing workers"))
+        for task_id in requeued:
+            task = self._tasks.get(task_id)
+            if task is not None:
+                task.sub.future._task_state = TaskState.RETRY
+
+    # step 5
+    def _dispatch(self) -> bool:
+        now = time.monotonic()
+        actions = self.scheduler.poll(now)
+        if not actions:
+            return False
+        for rank in actions.lost_ranks:
+            self._lose(rank, now, f"silent for more than {self.heartbeat_timeout:g} s")
+        for task_id in actions.expired:
+            self._fail(task_id, TaskExpired(f"task {task_id} expired before it could start"))
+        for rank, task_ids in actions.steal.items():
+            self.transport.send(rank, Kind.STEAL, Steal(tuple(task_ids)))
+        for rank, task_ids in actions.dispatch.items():
+            self._send_tasks(rank, task_ids)
+        if actions.lost_ranks:
+            return self._dispatch() or True
+        return True
+
+    def _send_tasks(self, rank: int, task_ids: list[int]) -> None:
+        by_executor: dict[int, list[TaskItem]] = {}
+        sent_fns = self._fn_sent[rank]
+        for task_id in task_ids:
+            task = self._tasks[task_id]
+            sub = task.sub
+            future = sub.future
+            if not _mark_running(future):
+                self.scheduler.withdraw(task_id, rank)
+                self._tasks.pop(task_id, None)
+                self._fail_dependents_of_cancelled(task_id)
+                continue
+            future._task_state = TaskState.RUNNING
+            future.rank = rank
+            digest, payload = sub.fn
+            if digest in sent_fns:
+                fn = FnRef(digest, None)
+            else:
+                fn = FnRef(digest, payload)
+                sent_fns.add(digest)
+            deps = tuple(self._dep_value(dep) for dep in sub.inputs)
+            by_executor.setdefault(sub.executor_id, []).append(
+                TaskItem(
+                    task_id,
+                    self.scheduler.attempt(task_id),
+                    fn,
+                    sub.call[0],
+                    sub.call[1],
+                    deps,
+                    sub.time_limit,
+                )
+            )
+        for executor_id, items in by_executor.items():
+            init = None
+            info = self._executors.get(executor_id)
+            if info is not None and info.initializer is not None and executor_id not in self._init_sent[rank]:
+                init = info.initializer
+                self._init_sent[rank].add(executor_id)
+            self.transport.send(rank, Kind.TASKS, TaskBatch(init, tuple(items)))
+
+    @staticmethod
+    def _dep_value(dep: FarmFuture) -> tuple[int, bytes, tuple[Any, ...]]:
+        frame = dep.encoded_result()
+        if frame is None:
+            frame = ser.dumps(dep.result(0), "argument")
+        return dep.task_id, frame[0], frame[1]
+
+    # -- ending ------------------------------------------------------------
+    def _all_peers_gone(self) -> bool:
+        return bool(self._peers) and all(self.scheduler.is_lost(p) for p in self._peers)
+
+    def _break(self, error: BrokenFarmError) -> None:
+        """No worker can run tasks: fail everything pending, refuse new work."""
+        if self._broken is None:
+            log.error("%s", error)
+        self._broken = error
+        for task_id in list(self._tasks):
+            self._fail(task_id, BrokenFarmError(str(error)))
+        while self._submissions:
+            sub = self._submissions.popleft()
+            if type(sub) is not tuple:
+                self._resolve.append(_failer(sub.future, BrokenFarmError(str(error))))
+        self._commit()
+        self._closing = True
+
+    def _stop_workers(self) -> None:
+        """Send Stop to every worker not lost, and collect their Byes."""
+        targets = [p for p in self._peers if not self.scheduler.is_lost(p)]
+        for peer in targets:
+            self.transport.send(peer, Kind.STOP, Stop("farm closed"))
+        deadline = time.monotonic() + BYE_TIMEOUT
+        backoff = Backoff(BUSY_POLL_CAP)
+        while time.monotonic() < deadline:
+            self._receive()
+            self._notice_lost()
+            self.transport.progress()
+            missing = [p for p in targets if p not in self._byes and not self.scheduler.is_lost(p)]
+            if not missing:
+                break
+            time.sleep(backoff.next())
+        self._unanswered = [p for p in targets if p not in self._byes]
+        self.transport.flush(timeout=5.0)
+
+    def _take_snapshot(self) -> FarmStatistics:
+        s = self.scheduler.statistics()
+        wall = time.monotonic() - self._started
+        ranks = {}
+        for rank, r in s.ranks.items():
+            bye = self._byes.get(rank)
+            overhead = None
+            if bye is not None and bye.wall_time > 0:
+                overhead = max(0.0, bye.cpu_time - bye.task_cpu_time) / bye.wall_time
+            ranks[rank] = RankStatistics(
+                host=self._hosts.get(rank, "?"),
+                slots=r.slots,
+                tasks=r.tasks,
+                failed=r.failed,
+                busy_time=r.busy_time,
+                alive=r.alive,
+                overhead_cpu_fraction=overhead,
+            )
+        return FarmStatistics(
+            submitted=s.submitted,
+            done=s.done,
+            failed=s.failed,
+            cancelled=s.cancelled,
+            retried=s.retried,
+            resubmitted=s.resubmitted,
+            stolen=s.stolen,
+            zombies=s.zombies,
+            duplicates=s.duplicates,
+            pending=s.pending,
+            running=s.running,
+            workers=sum(1 for r in s.ranks.values() if r.alive),
+            lost_ranks=s.lost_ranks,
+            wall_time=wall,
+            master_cpu_fraction=self._service_cpu / wall if wall > 0 else 0.0,
+            prefetch=self.scheduler.prefetch,
+            mpi=self._mpi,
+            ranks=ranks,
+        )
+
+
+def _mark_running(future: FarmFuture) -> bool:
+    """Move a future to RUNNING at dispatch; False if the user cancelled it."""
+    state = future._state
+    if state == "PENDING":
+        return future.set_running_or_notify_cancel()
+    return state == "RUNNING"  # a retry of a task already running
+
+
+def _setter(future: concurrent.futures.Future[Any], value: Any) -> Callable[[], None]:
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(value)
+
+    return resolve
+
+
+def _failer(future: concurrent.futures.Future[Any], error: BaseException) -> Callable[[], None]:
+    def resolve() -> None:
+        if future.done():
+            return
+        if future._state == "PENDING" and not future.set_running_or_notify_cancel():
+            return
+        future.set_exception(error)
+
+    return resolve

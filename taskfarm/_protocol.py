@@ -1,0 +1,125 @@
+"""Message kinds between rank 0 and the workers, and their frozen records.
+
+The MPI tag of a message is its `Kind` and nothing else: task ids travel in
+message bodies, so any number of tasks can be in flight without running out
+of tags.  Bodies are NamedTuples (fast to pickle, immutable); large buffers
+inside them (numpy data, serialized arguments) travel out-of-band.
+
+A worker opens with `Hello`; the master checks `PROTOCOL_VERSION` and answers
+with `Config`, or with `Stop` when the versions differ.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple
+
+#: bumped whenever a record below changes shape
+PROTOCOL_VERSION = 1
+
+
+class Kind(enum.IntEnum):
+    """The MPI tag of each message; one record type per kind."""
+
+    HELLO = 1  # worker -> master: Hello
+    CONFIG = 2  # master -> worker: Config
+    TASKS = 3  # master -> worker: TaskBatch
+    RESULTS = 4  # worker -> master: ResultBatch
+    HEARTBEAT = 5  # worker -> master: Heartbeat
+    STEAL = 6  # master -> worker: Steal (give back queued, unstarted tasks)
+    RELEASED = 7  # worker -> master: Released
+    STOP = 8  # master -> worker: Stop
+    BYE = 9  # worker -> master: Bye (its statistics), the last message of a worker
+    LOG = 10  # worker -> master: LogRecords
+
+
+class Hello(NamedTuple):
+    version: int
+    host: str
+    pid: int
+    slots: int
+
+
+class Config(NamedTuple):
+    heartbeat_interval: float
+
+
+class FnRef(NamedTuple):
+    """A function shipped to a worker: sent in full once, then by digest only."""
+
+    digest: bytes
+    payload: bytes | None  # None when the worker already has it cached
+
+
+class TaskItem(NamedTuple):
+    task_id: int
+    attempt: int
+    fn: FnRef
+    #: pickled ``(args, kwargs)``; its out-of-band buffers follow in ``buffers``
+    call: bytes
+    buffers: tuple[Any, ...]
+    #: results of the task's input futures, by task id: (pickled, buffers)
+    deps: tuple[tuple[int, bytes, tuple[Any, ...]], ...]
+    time_limit: float | None
+
+
+class Initializer(NamedTuple):
+    """Run once per worker per executor before that executor's first task."""
+
+    executor_id: int
+    fn: FnRef
+    call: bytes
+
+
+class TaskBatch(NamedTuple):
+    init: Initializer | None
+    items: tuple[TaskItem, ...]
+
+
+class ResultItem(NamedTuple):
+    task_id: int
+    attempt: int
+    ok: bool
+    #: pickled return value, or pickled exception; buffers out-of-band
+    payload: bytes
+    buffers: tuple[Any, ...]
+    #: the remote traceback text on failure, headed with rank, host, attempt
+    traceback: str
+    t_start: float  # epoch seconds on the worker
+    t_end: float
+    #: True when the process running the task died (WorkerLostError)
+    crashed: bool
+
+
+class ResultBatch(NamedTuple):
+    items: tuple[ResultItem, ...]
+
+
+class Heartbeat(NamedTuple):
+    running: tuple[int, ...]
+
+
+class Steal(NamedTuple):
+    task_ids: tuple[int, ...]
+
+
+class Released(NamedTuple):
+    task_ids: tuple[int, ...]
+
+
+class Stop(NamedTuple):
+    reason: str
+
+
+class Bye(NamedTuple):
+    """A worker's own figures, sent as its last message."""
+
+    tasks: int
+    busy_time: float  # wall seconds spent inside tasks
+    cpu_time: float  # process CPU seconds, tasks included
+    task_cpu_time: float  # CPU seconds spent inside tasks
+    wall_time: float  # seconds from start to Bye
+
+
+class LogRecords(NamedTuple):
+    records: tuple[tuple[str, int, str, float], ...]  # logger, level, message, created

@@ -1,0 +1,637 @@
+"""Which task runs where and when: a pure state machine.
+
+Events come in as method calls (`submit`, `finished`, `released`,
+`heard_from`, `rank_lost`, ...); `poll(now)` returns the actions the master
+must carry out (dispatch, steal, expire, fail dependents, declare ranks
+lost).  Nothing here does I/O or reads a clock: time is passed in as
+monotonic seconds, so unit tests drive every timing rule with a fake clock.
+
+Rules, in the order `poll` applies them:
+
+1. Timed tasks (countdown, ETA, retry backoff) whose time has come become ready.
+2. A rank that holds tasks and has been silent for ``heartbeat_timeout`` is
+   lost; its tasks go back to the ready queue (the running one counts a crash).
+3. Ready tasks, highest priority first then oldest, go to the least-loaded
+   rank with a free slot; a retried task avoids the rank it failed on when
+   another is free.  Each rank holds up to ``slots + prefetch`` tasks, where
+   prefetch grows as tasks get shorter, so tiny tasks never leave a worker
+   waiting for the master.
+4. When nothing is ready and a rank sits idle, tasks queued (not started)
+   behind a busy rank's running task are stolen back, so the tail of a skewed
+   workload never waits behind one long task.
+
+A result is accepted once: the first success of a task wins; later copies
+(a rank declared lost that wakes up, a speculative duplicate) are discarded
+and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import heapq
+import math
+import random
+from collections.abc import Iterable
+
+from ._task import TaskPolicy, TaskState
+
+#: seconds of queued work each worker slot should hold so it never waits for
+#: the master: about two master round trips under load on a busy node
+PIPELINE_SECONDS = 0.002
+#: upper bound on prefetched tasks per slot (bounds what a lost rank takes down)
+MAX_PREFETCH = 32
+#: weight of the newest task duration in the running mean
+DURATION_EWMA = 0.05
+
+
+class Decision(enum.Enum):
+    """What the master does with a result or failure that arrived."""
+
+    ACCEPT = "accept"  # first success: resolve the future
+    RETRY = "retry"  # failure, retried later
+    FAIL = "fail"  # failure, not retryable: the future gets the error
+    EXHAUSTED = "exhausted"  # failure, retries used up: MaxRetriesExceededError
+    QUARANTINE = "quarantine"  # killed max_crashes workers: WorkerLostError
+    DISCARD = "discard"  # duplicate or stale: already decided, drop it
+
+
+@dataclasses.dataclass
+class _Entry:
+    task_id: int
+    seq: int
+    priority: int
+    policy: TaskPolicy
+    not_before: float
+    expires: float | None
+    deps_left: int
+    state: TaskState
+    attempt: int = 0  # attempts dispatched so far
+    failures: int = 0  # failures that count against max_retries
+    crashes: int = 0
+    avoid_rank: int | None = None
+    holders: set[int] = dataclasses.field(default_factory=set)
+    dependents: list[int] = dataclasses.field(default_factory=list)
+    inputs: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass
+class _Rank:
+    rank: int
+    slots: int
+    #: task ids in dispatch order; the first ``slots`` are running, the rest queued
+    inflight: dict[int, None] = dataclasses.field(default_factory=dict)
+    alive: bool = True
+    last_heard: float = 0.0
+    stealing: set[int] = dataclasses.field(default_factory=set)
+    done: int = 0
+    failed: int = 0
+    busy_time: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RankStats:
+    """Per-rank figures as the scheduler sees them."""
+
+    slots: int
+    tasks: int
+    failed: int
+    busy_time: float
+    alive: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerStats:
+    """Counts of the scheduler, a snapshot."""
+
+    submitted: int
+    done: int
+    failed: int
+    cancelled: int
+    retried: int
+    resubmitted: int
+    stolen: int
+    zombies: int
+    duplicates: int
+    pending: int
+    running: int
+    lost_ranks: tuple[int, ...]
+    ranks: dict[int, RankStats]
+
+
+@dataclasses.dataclass
+class Actions:
+    """What `poll` asks the master to do now."""
+
+    dispatch: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    steal: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    expired: list[int] = dataclasses.field(default_factory=list)
+    lost_ranks: list[int] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.dispatch or self.steal or self.expired or self.lost_ranks)
+
+
+class Scheduler:
+    """Queues, priorities, dependencies, prefetch, retries, stealing, rank loss."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat_timeout: float | None = None,
+        max_workers: int | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
+        self.max_workers = max_workers
+        self._rng = rng or random.Random()
+        self._entries: dict[int, _Entry] = {}
+        self._ready: list[tuple[int, int, int]] = []  # (-priority, seq, task_id)
+        self._timed: list[tuple[float, int, int]] = []  # (not_before, seq, task_id)
+        self._ranks: dict[int, _Rank] = {}
+        #: alive ranks by free capacity (index 0: full); the dispatcher takes the freest
+        self._free: list[dict[int, None]] = [{}]
+        #: dependents of tasks that failed or were cancelled, for `fail_dependents`
+        self._orphans: dict[int, list[int]] = {}
+        self._seq = 0
+        self._mean_duration: float | None = None
+        self._prefetch = 1
+        # counters
+        self._submitted = self._done = self._failed = self._cancelled = 0
+        self._retried = self._resubmitted = self._stolen = 0
+        self._zombies = self._duplicates = 0
+        self._lost: list[int] = []
+
+    # -- workers -----------------------------------------------------------
+    def add_worker(self, rank: int, slots: int, now: float) -> bool:
+        """Register a worker rank with ``slots`` task slots; False if over max_workers."""
+        if self.max_workers is not None and self.live_workers() >= self.max_workers:
+            return False
+        info = _Rank(rank, max(1, slots), last_heard=now)
+        self._ranks[rank] = info
+        self._place(info)
+        return True
+
+    def live_workers(self) -> int:
+        return sum(1 for r in self._ranks.values() if r.alive)
+
+    def live_ranks(self) -> list[int]:
+        return [r.rank for r in self._ranks.values() if r.alive]
+
+    def heard_from(self, rank: int, now: float) -> None:
+        info = self._ranks.get(rank)
+        if info is not None:
+            info.last_heard = now
+
+    def is_lost(self, rank: int) -> bool:
+        info = self._ranks.get(rank)
+        return info is not None and not info.alive
+
+    def rank_lost(self, rank: int, now: float) -> list[int]:
+        """Declare ``rank`` dead; its tasks go back to the queue. Returns their ids."""
+        info = self._ranks.get(rank)
+        if info is None or not info.alive:
+            return []
+        self._free[self._free_of(info)].pop(rank, None)
+        info.alive = False
+        self._lost.append(rank)
+        requeued = []
+        for position, task_id in enumerate(info.inflight):
+            entry = self._entries.get(task_id)
+            if entry is None:
+                continue
+            entry.holders.discard(rank)
+            if entry.holders:  # a speculative copy still runs elsewhere
+                continue
+            if position < info.slots:
+                entry.crashes += 1  # it was running: it may be what killed the rank
+            entry.avoid_rank = rank
+            self._resubmitted += 1
+            if entry.crashes >= entry.policy.max_crashes:
+                # leave it RUNNING with no holder; the master fails it via `quarantined`
+                requeued.append(task_id)
+                continue
+            self._make_ready(entry, now)
+            requeued.append(task_id)
+        info.inflight.clear()
+        info.stealing.clear()
+        return requeued
+
+    def quarantined(self, task_ids: Iterable[int]) -> list[int]:
+        """Of ``task_ids`` (from `rank_lost`), those that reached max_crashes; they fail now."""
+        out = []
+        for task_id in task_ids:
+            entry = self._entries.get(task_id)
+            if (
+                entry is not None
+                and entry.state is TaskState.RUNNING
+                and not entry.holders
+                and entry.crashes >= entry.policy.max_crashes
+            ):
+                self._finish(entry, TaskState.FAILURE)
+                out.append(task_id)
+        return out
+
+    # -- tasks -------------------------------------------------------------
+    def submit(
+        self,
+        task_id: int,
+        now: float,
+        *,
+        policy: TaskPolicy,
+        priority: int = 0,
+        not_before: float | None = None,
+        expires: float | None = None,
+        inputs: Iterable[int] = (),
+    ) -> None:
+        """Add a task.  ``inputs`` are ids of unfinished tasks it depends on;
+        inputs already finished are the master's business (it passes their
+        values or fails the task at once)."""
+        self._seq += 1
+        self._submitted += 1
+        entry = _Entry(
+            task_id,
+            self._seq,
+            priority,
+            policy,
+            not_before if not_before is not None else now,
+            expires,
+            0,
+            TaskState.PENDING,
+        )
+        self._entries[task_id] = entry
+        waiting = []
+        for dep in inputs:
+            dep_entry = self._entries.get(dep)
+            if dep_entry is None:
+                continue  # finished already: the master passes its value
+            dep_entry.dependents.append(task_id)
+            waiting.append(dep)
+        entry.inputs = tuple(waiting)
+        entry.deps_left = len(waiting)
+        if entry.deps_left == 0:
+            self._make_ready(entry, now)
+        else:
+            entry.state = TaskState.SCHEDULED
+
+    def cancel(self, task_id: int) -> bool:
+        """Cancel a task not yet dispatched; False if it runs or is done."""
+        entry = self._entries.get(task_id)
+        if entry is None or entry.state not in (
+            TaskState.PENDING,
+            TaskState.SCHEDULED,
+            TaskState.RETRY,
+        ):
+            return False
+        self._finish(entry, TaskState.CANCELLED)
+        return True
+
+    def withdraw(self, task_id: int, rank: int) -> None:
+        """Undo the dispatch of a task the user cancelled in that instant."""
+        info = self._ranks.get(rank)
+        if info is not None and task_id in info.inflight:
+            self._unhold(info, task_id)
+        entry = self._entries.get(task_id)
+        if entry is not None:
+            entry.holders.discard(rank)
+            self._finish(entry, TaskState.CANCELLED)
+
+    def state(self, task_id: int) -> TaskState | None:
+        entry = self._entries.get(task_id)
+        return None if entry is None else entry.state
+
+    def attempt(self, task_id: int) -> int:
+        entry = self._entries.get(task_id)
+        return 0 if entry is None else entry.attempt
+
+    def failures(self, task_id: int) -> int:
+        entry = self._entries.get(task_id)
+        return 0 if entry is None else entry.failures
+
+    def finished(
+        self,
+        task_id: int,
+        rank: int,
+        now: float,
+        *,
+        ok: bool,
+        duration: float = 0.0,
+        retryable: bool = False,
+        crashed: bool = False,
+        counts: bool = True,
+    ) -> Decision:
+        """A result or failure of ``task_id`` arrived from ``rank``.
+
+        ``retryable``: the task's policy allows retrying this error.
+        ``crashed``: the process running it died (counts towards max_crashes,
+        not max_retries).  ``counts=False``: an attempt cut off by the farm
+        itself (draining), which does not use up a retry.
+        """
+        info = self._ranks.get(rank)
+        held = False
+        if info is not None and task_id in info.inflight:
+            held = True
+            self._unhold(info, task_id)
+            info.busy_time += duration
+        entry = self._entries.get(task_id)
+        if entry is not None:
+            entry.holders.discard(rank)
+        if info is not None and not info.alive:
+            self._zombies += 1
+        if entry is None or entry.state is not TaskState.RUNNING:
+            if ok:
+                self._duplicates += 1
+            return Decision.DISCARD
+        if not held and info is not None and info.alive:
+            # not ours any more (stolen back and re-dispatched): the live copy decides
+            if ok:
+                self._duplicates += 1
+            return Decision.DISCARD
+        if ok:
+            self._observe(duration)
+            if info is not None:
+                info.done += 1
+            self._finish(entry, TaskState.SUCCESS)
+            return Decision.ACCEPT
+        if entry.holders:
+            return Decision.DISCARD  # a speculative copy is still running
+        if info is not None:
+            info.failed += 1
+        entry.avoid_rank = rank
+        if crashed:
+            entry.crashes += 1
+            if entry.crashes >= entry.policy.max_crashes:
+                self._finish(entry, TaskState.FAILURE)
+                return Decision.QUARANTINE
+            self._resubmitted += 1
+            self._make_ready(entry, now)
+            return Decision.RETRY
+        if not counts:
+            self._resubmitted += 1
+            self._make_ready(entry, now)
+            return Decision.RETRY
+        if not retryable:
+            self._finish(entry, TaskState.FAILURE)
+            return Decision.FAIL
+        entry.failures += 1
+        if entry.failures > entry.policy.max_retries:
+            self._finish(entry, TaskState.FAILURE)
+            return Decision.EXHAUSTED if entry.policy.max_retries > 0 else Decision.FAIL
+        self._retried += 1
+        entry.state = TaskState.RETRY
+        entry.not_before = now + self._backoff(entry.policy, entry.failures)
+        self._push_timed(entry)
+        return Decision.RETRY
+
+    def released(self, rank: int, task_ids: Iterable[int], now: float) -> None:
+        """A worker gave back queued tasks it had not started (after a steal)."""
+        info = self._ranks.get(rank)
+        for task_id in task_ids:
+            if info is not None:
+                info.stealing.discard(task_id)
+                if task_id not in info.inflight:
+                    continue
+                self._unhold(info, task_id)
+            entry = self._entries.get(task_id)
+            if entry is None or entry.state is not TaskState.RUNNING:
+                continue
+            entry.holders.discard(rank)
+            if not entry.holders:
+                entry.attempt -= 1  # it never started
+                self._stolen += 1
+                self._make_ready(entry, now)
+
+    def fail_dependents(self, task_id: int) -> list[tuple[int, int]]:
+        """Dependents (transitively) of a failed/cancelled task: (dependent, failed input)."""
+        out: list[tuple[int, int]] = []
+        stack = [task_id]
+        while stack:
+            failed = stack.pop()
+            for dep in self._pop_dependents(failed):
+                entry = self._entries.get(dep)
+                if entry is None or entry.state is not TaskState.SCHEDULED:
+                    continue
+                self._finish(entry, TaskState.FAILURE)
+                out.append((dep, failed))
+                stack.append(dep)
+        return out
+
+    def _pop_dependents(self, task_id: int) -> list[int]:
+        return self._orphans.pop(task_id, [])
+
+    # -- the clock ---------------------------------------------------------
+    def poll(self, now: float) -> Actions:
+        """Everything that is due at ``now``; see the module docstring for the order."""
+        actions = Actions()
+        self._release_timed(now)
+        if self.heartbeat_timeout is not None:
+            for info in list(self._ranks.values()):
+                if (
+                    info.alive
+                    and info.inflight
+                    and now - info.last_heard > self.heartbeat_timeout
+                ):
+                    actions.lost_ranks.append(info.rank)
+        self._assign(now, actions)
+        if not self._ready:
+            self._plan_steals(actions)
+        return actions
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time at which `poll` may have something new to do."""
+        times = []
+        while self._timed and self._stale_timed(self._timed[0]):
+            heapq.heappop(self._timed)
+        if self._timed:
+            times.append(self._timed[0][0])
+        if self.heartbeat_timeout is not None:
+            busy = [r.last_heard for r in self._ranks.values() if r.alive and r.inflight]
+            if busy:
+                times.append(min(busy) + self.heartbeat_timeout)
+        return min(times) if times else None
+
+    def has_work(self) -> bool:
+        """True while any task is neither done nor cancelled."""
+        return bool(self._entries)
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def statistics(self) -> SchedulerStats:
+        running = sum(1 for e in self._entries.values() if e.state is TaskState.RUNNING)
+        return SchedulerStats(
+            submitted=self._submitted,
+            done=self._done,
+            failed=self._failed,
+            cancelled=self._cancelled,
+            retried=self._retried,
+            resubmitted=self._resubmitted,
+            stolen=self._stolen,
+            zombies=self._zombies,
+            duplicates=self._duplicates,
+            pending=len(self._entries) - running,
+            running=running,
+            lost_ranks=tuple(self._lost),
+            ranks={
+                r.rank: RankStats(r.slots, r.done, r.failed, r.busy_time, r.alive)
+                for r in self._ranks.values()
+            },
+        )
+
+    @property
+    def prefetch(self) -> int:
+        return self._prefetch
+
+    # -- internals ---------------------------------------------------------
+    def _finish(self, entry: _Entry, state: TaskState) -> None:
+        entry.state = state
+        del self._entries[entry.task_id]
+        if state is TaskState.SUCCESS:
+            self._done += 1
+            for dep in entry.dependents:
+                child = self._entries.get(dep)
+                if child is not None and child.state is TaskState.SCHEDULED:
+                    child.deps_left -= 1
+                    if child.deps_left == 0:
+                        self._make_ready(child, child.not_before)
+        else:
+            if state is TaskState.FAILURE:
+                self._failed += 1
+            else:
+                self._cancelled += 1
+            if entry.dependents:
+                self._orphans[entry.task_id] = entry.dependents
+
+    def _make_ready(self, entry: _Entry, now: float) -> None:
+        if entry.not_before > now:
+            entry.state = TaskState.SCHEDULED
+            self._push_timed(entry)
+            return
+        entry.state = TaskState.PENDING
+        heapq.heappush(self._ready, (-entry.priority, entry.seq, entry.task_id))
+
+    def _push_timed(self, entry: _Entry) -> None:
+        heapq.heappush(self._timed, (entry.not_before, entry.seq, entry.task_id))
+
+    def _stale_timed(self, item: tuple[float, int, int]) -> bool:
+        entry = self._entries.get(item[2])
+        return entry is None or entry.not_before != item[0] or entry.state not in (
+            TaskState.SCHEDULED,
+            TaskState.RETRY,
+        )
+
+    def _release_timed(self, now: float) -> None:
+        while self._timed and self._timed[0][0] <= now:
+            item = heapq.heappop(self._timed)
+            if self._stale_timed(item):
+                continue
+            entry = self._entries[item[2]]
+            if entry.deps_left == 0:
+                entry.state = TaskState.PENDING
+                heapq.heappush(self._ready, (-entry.priority, entry.seq, entry.task_id))
+
+    def _capacity(self, info: _Rank) -> int:
+        return info.slots * (1 + self._prefetch)
+
+    def _free_of(self, info: _Rank) -> int:
+        return max(0, self._capacity(info) - len(info.inflight))
+
+    def _place(self, info: _Rank) -> None:
+        free = self._free_of(info)
+        while len(self._free) <= free:
+            self._free.append({})
+        self._free[free][info.rank] = None
+
+    def _pick_rank(self, avoid: int | None) -> _Rank | None:
+        """The rank with the most free capacity, not ``avoid`` if another is free.
+
+        A rank is refilled only once half its pipeline is free, so tasks go
+        out in batches (one message for many tiny tasks) while it still has
+        the other half queued.
+        """
+        fallback = None
+        low_water = max(1, (1 + self._prefetch) // 2)
+        for free in range(len(self._free) - 1, low_water - 1, -1):
+            for rank in self._free[free]:
+                info = self._ranks[rank]
+                if free < max(1, self._capacity(info) // 2) and info.inflight:
+                    continue
+                if rank != avoid:
+                    return info
+                fallback = info
+        return fallback
+
+    def _assign(self, now: float, actions: Actions) -> None:
+        while self._ready:
+            _, _, task_id = self._ready[0]
+            entry = self._entries.get(task_id)
+            if entry is None or entry.state is not TaskState.PENDING:
+                heapq.heappop(self._ready)
+                continue
+            if entry.expires is not None and now > entry.expires:
+                heapq.heappop(self._ready)
+                self._finish(entry, TaskState.FAILURE)
+                actions.expired.append(task_id)
+                continue
+            info = self._pick_rank(entry.avoid_rank)
+            if info is None:
+                return
+            heapq.heappop(self._ready)
+            if not info.inflight:
+                info.last_heard = now  # the heartbeat clock starts with its first task
+            self._hold(info, task_id)
+            entry.holders.add(info.rank)
+            entry.state = TaskState.RUNNING
+            entry.attempt += 1
+            actions.dispatch.setdefault(info.rank, []).append(task_id)
+
+    def _plan_steals(self, actions: Actions) -> None:
+        idle = sum(
+            1 for r in self._ranks.values() if r.alive and not r.inflight and r.rank not in actions.dispatch
+        )
+        if idle == 0:
+            return
+        # the longest queues first
+        for info in sorted(self._ranks.values(), key=lambda r: -len(r.inflight)):
+            if idle == 0 or not info.alive:
+                return
+            queued = [t for t in list(info.inflight)[info.slots :] if t not in info.stealing]
+            if not queued:
+                continue
+            take = queued[-idle:]
+            info.stealing.update(take)
+            actions.steal[info.rank] = take
+            idle -= len(take)
+
+    def _hold(self, info: _Rank, task_id: int) -> None:
+        self._free[self._free_of(info)].pop(info.rank, None)
+        info.inflight[task_id] = None
+        self._place(info)
+
+    def _unhold(self, info: _Rank, task_id: int) -> None:
+        if info.alive:
+            self._free[self._free_of(info)].pop(info.rank, None)
+        del info.inflight[task_id]
+        info.stealing.discard(task_id)
+        if info.alive:
+            self._place(info)
+
+    def _observe(self, duration: float) -> None:
+        mean = self._mean_duration
+        mean = duration if mean is None else mean + DURATION_EWMA * (duration - mean)
+        self._mean_duration = mean
+        wanted = MAX_PREFETCH if mean <= 0 else math.ceil(PIPELINE_SECONDS / mean)
+        wanted = max(1, min(MAX_PREFETCH, wanted))
+        # hysteresis: re-bucket every rank only when the depth changes twofold
+        if wanted >= 2 * self._prefetch or 2 * wanted <= self._prefetch:
+            self._prefetch = wanted
+            self._free = [{}]
+            for info in self._ranks.values():
+                if info.alive:
+                    self._place(info)
+
+    def _backoff(self, policy: TaskPolicy, failures: int) -> float:
+        if policy.retry_backoff <= 0:
+            return 0.0
+        delay = min(policy.retry_backoff_max, policy.retry_backoff * 2 ** (failures - 1))
+        return self._rng.uniform(0, delay) if policy.retry_jitter else delay

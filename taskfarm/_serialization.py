@@ -1,0 +1,215 @@
+"""Turning calls, results and exceptions into bytes and back.
+
+* Functions go through dill (lambdas, closures, ``__main__`` and interactive
+  definitions all work), once: the bytes are cached on the master by function
+  object and on each worker by digest, so a function crosses the wire once per
+  worker.
+* Arguments, results and exceptions go through plain pickle, protocol 5, with
+  buffers of 64 KiB and more (numpy data, bytes-like objects) kept out-of-band
+  so the transport sends them as raw MPI buffers; dill is the fallback for what
+  pickle refuses.
+* A future passed as an argument is pickled as a reference to its task
+  (``persistent_id``); the worker substitutes the input's value.
+
+Errors follow concurrent.futures: an exception raised by an object's own
+pickling code propagates unchanged; when the serializer itself cannot handle
+an object (a lock, a socket), `SerializationError` names its type and where it
+was found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import re
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import dill
+
+from ._errors import SerializationError
+
+PROTOCOL = 5
+#: buffers at least this large travel out-of-band as their own MPI message;
+#: below it, one copy into the pickle stream is cheaper than a message
+OOB_THRESHOLD = 64 * 1024
+#: bytes of a function's digest (blake2b); 16 makes collisions impossible in practice
+DIGEST_SIZE = 16
+
+Buffers = tuple[Any, ...]
+Frame = tuple[bytes, Buffers]
+
+_CANNOT_PICKLE = re.compile(r"(?:cannot|can't) pickle '?([\w.<>]+)'?", re.IGNORECASE)
+
+
+def _keep_oob(buf: pickle.PickleBuffer) -> bool:
+    """buffer_callback: a false value sends ``buf`` out-of-band."""
+    return buf.raw().nbytes < OOB_THRESHOLD
+
+
+def _is_serializer_failure(exc: BaseException) -> bool:
+    """True when the pickler refused an object, as opposed to user code raising."""
+    if isinstance(exc, pickle.PicklingError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, (TypeError, AttributeError)) and "pickle" in text
+
+
+def _failure(exc: BaseException, obj: object, where: str) -> SerializationError:
+    match = _CANNOT_PICKLE.search(str(exc))
+    type_name = match.group(1) if match else type(obj).__name__
+    err = SerializationError(
+        f"cannot serialize {where}: {type_name!r} object ({exc})", where=where, type_name=type_name
+    )
+    err.__cause__ = exc
+    return err
+
+
+class FutureInArguments(Exception):
+    """Raised by a farm future's ``__reduce__``: the call has inputs to resolve.
+
+    The executor then pickles again with a ``persistent`` hook that turns each
+    future into a reference to its task; plain calls never pay for the hook.
+    """
+
+
+Persistent = Callable[[Any], Any]
+
+
+class _RefPickler(pickle.Pickler):
+    """Pickles objects the hook names (farm futures) as persistent references."""
+
+    def __init__(self, file: io.BytesIO, persistent: Persistent, **kw: Any) -> None:
+        super().__init__(file, PROTOCOL, **kw)
+        self.persistent_id = persistent  # type: ignore[method-assign]
+
+
+class _DillRefPickler(dill.Pickler):  # type: ignore[misc]
+    def __init__(self, file: io.BytesIO, persistent: Persistent, **kw: Any) -> None:
+        super().__init__(file, PROTOCOL, recurse=True, **kw)
+        self._persistent = persistent
+
+    def persistent_id(self, obj: Any) -> Any:
+        return self._persistent(obj)
+
+
+class _DepUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, values: Mapping[int, Any], **kw: Any) -> None:
+        super().__init__(file, **kw)
+        self._values = values
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self._values[pid[1]]
+
+
+def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:
+    """Serialize ``obj`` for the wire: (pickle stream, out-of-band buffers).
+
+    ``persistent`` is a pickle ``persistent_id`` hook (farm futures inside a
+    call become references to their tasks).  Raises `SerializationError` when
+    neither pickle nor dill can handle an object; exceptions from the object's
+    own ``__reduce__`` propagate unchanged.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        if persistent is not None:
+            out = io.BytesIO()
+            _RefPickler(out, persistent, buffer_callback=_collector(buffers)).dump(obj)
+            return out.getvalue(), tuple(buffers)
+        return pickle.dumps(obj, PROTOCOL, buffer_callback=_collector(buffers)), tuple(buffers)
+    except Exception as exc:
+        if not _is_serializer_failure(exc):
+            raise
+        first = exc
+    buffers.clear()
+    try:
+        out = io.BytesIO()
+        if persistent is not None:
+            _DillRefPickler(out, persistent, buffer_callback=_collector(buffers)).dump(obj)
+        else:
+            dill.Pickler(out, PROTOCOL, recurse=True, buffer_callback=_collector(buffers)).dump(obj)
+        return out.getvalue(), tuple(buffers)
+    except Exception as exc:
+        if not _is_serializer_failure(exc):
+            raise
+        raise _failure(exc, obj, where) from first
+
+
+def _collector(buffers: list[pickle.PickleBuffer]) -> Callable[[pickle.PickleBuffer], bool]:
+    def collect(buf: pickle.PickleBuffer) -> bool:
+        if _keep_oob(buf):
+            return True
+        buffers.append(buf)
+        return False
+
+    return collect
+
+
+def loads(data: bytes, buffers: Buffers = (), deps: Mapping[int, Any] | None = None) -> Any:
+    """Inverse of `dumps`; ``deps`` gives the values of referenced input tasks."""
+    if deps is None:
+        return pickle.loads(data, buffers=buffers)
+    return _DepUnpickler(io.BytesIO(data), deps, buffers=buffers).load()
+
+
+def frame_nbytes(frame: Frame) -> int:
+    """Bytes a frame puts on the wire."""
+    return len(frame[0]) + sum(memoryview(b).nbytes for b in frame[1])
+
+
+class FunctionCache:
+    """Function -> (digest, dill bytes), computed once per function object.
+
+    Functions with closures are serialized anew each time (a closure cell can
+    change between submits); everything else is cached weakly by identity, so
+    a module-level function is dill-ed once per executor however many tasks
+    use it.  Like multiprocessing, later changes to the globals a function
+    reads are not seen by workers.
+    """
+
+    def __init__(self) -> None:
+        self._cache: weakref.WeakKeyDictionary[Any, tuple[bytes, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self, fn: Callable[..., Any]) -> tuple[bytes, bytes]:
+        try:
+            return self._cache[fn]
+        except (KeyError, TypeError):
+            pass
+        try:
+            payload = dill.dumps(fn, PROTOCOL, recurse=True)
+        except Exception as exc:
+            if not _is_serializer_failure(exc):
+                raise
+            raise _failure(exc, fn, "function") from None
+        entry = (hashlib.blake2b(payload, digest_size=DIGEST_SIZE).digest(), payload)
+        if getattr(fn, "__closure__", None) is None:
+            try:
+                self._cache[fn] = entry
+            except TypeError:  # not weak-referenceable (e.g. a builtin)
+                pass
+        return entry
+
+
+def dumps_exception(exc: BaseException) -> Frame:
+    """Serialize an exception so that it also loads back on the other side.
+
+    Many exception classes pickle but fail to unpickle (an ``__init__`` with
+    other arguments); such an exception is replaced by a `SerializationError`
+    naming its type and message, so one bad exception fails only its task.
+    """
+    try:
+        frame = dumps(exc, "exception")
+        loads(*frame)
+        return frame
+    except Exception as err:  # noqa: BLE001 - any failure to round-trip means: use a stand-in
+        text = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+        stand_in = SerializationError(
+            f"cannot serialize exception {text} ({err})",
+            where="exception",
+            type_name=type(exc).__qualname__,
+        )
+        return dumps(stand_in, "exception")

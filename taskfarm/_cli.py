@@ -1,8 +1,12 @@
-"""``python -m taskfarm``: run a script, a module or a task file on a farm.
+"""``python -m taskfarm``: run a script, a module or a task file on a farm; read a journal.
 
 Every rank parses the same command line; rank 0 runs the user's program and
 ranks 1..N-1 serve as workers until it ends.  Bad usage is caught on every
-rank before MPI does anything, so a typo never leaves ranks waiting.
+rank before MPI starts, so a typo never leaves ranks waiting; bad input found
+later (a malformed task file) ends the workers cleanly before exiting 2.
+
+Exit codes are `ExitCode`: 0 all done, 1 script raised or a task failed,
+2 bad usage or input, 3 farm broken, 75 stopped early and resumable.
 """
 
 from __future__ import annotations
@@ -10,16 +14,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import runpy
+import signal
 import sys
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
-from ._errors import ExitCode, TaskfarmError
+from ._errors import BrokenFarmError, ExitCode, FarmStopped, JournalError, TaskfarmError
 
 #: environment variables that give a process its rank before MPI starts
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+#: signals that make rank 0 drain the farm (Slurm sends USR1 early with --signal=B:USR1@T)
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+#: seconds kept between the end of a drain and a deadline, to save the journal and stop ranks
+TEARDOWN_MARGIN = 10.0
+#: task-file tasks in flight at once per worker (the rest wait unread in the list)
+TASKS_WINDOW_PER_WORKER = 64
+#: failed commands listed by name at the end of a task-file run
+FAILURES_SHOWN = 10
 
 
 def _env_rank() -> int:
@@ -54,28 +69,81 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _slice(text: str) -> tuple[int, int]:
+    from .slurm import parse_slice
+
+    try:
+        return parse_slice(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="taskfarm",
         description="An MPI task farm for Python: rank 0 runs your program, the other ranks run its tasks.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    codes = (
+        f"Exit codes: {ExitCode.OK} all done, {ExitCode.FAILED} script raised or a task failed, "
+        f"{ExitCode.USAGE} bad usage or input, {ExitCode.BROKEN} farm broken (no workers), "
+        f"{ExitCode.INCOMPLETE} stopped early (signal or deadline), resumable with --resume."
+    )
     run = sub.add_parser(
         "run",
         help="run a script, a module (-m) or a task file (--tasks) on the farm",
         description=(
             "Run SCRIPT (or -m MODULE, or --tasks FILE) on rank 0 with sys.argv set as usual; "
             "ranks 1..N-1 serve as workers for taskfarm.FarmExecutor() inside it. "
-            "Options go before SCRIPT; everything after SCRIPT goes to the script. "
-            f"Exit codes: {ExitCode.OK} all done, {ExitCode.FAILED} script raised or a task failed, "
-            f"{ExitCode.USAGE} bad usage, {ExitCode.BROKEN} farm broken (no workers), "
-            f"{ExitCode.INCOMPLETE} stopped early, resumable with --resume."
+            "Options go before SCRIPT; everything after SCRIPT goes to the script. " + codes
         ),
     )
     what = run.add_mutually_exclusive_group()
     what.add_argument("-m", dest="module", metavar="MODULE", help="run a module as __main__ (like python -m)")
     what.add_argument("--tasks", metavar="FILE", help="a file of shell commands, one task per line")
     run.add_argument("--stats-json", metavar="PATH", help="write the farm's statistics here at the end")
+    journal = run.add_argument_group("journal (resume after the job dies)")
+    journal.add_argument("--journal", metavar="PATH", help="record every task and result here")
+    journal.add_argument("--resume", action="store_true", help="reuse the journal's results, run the rest")
+    journal.add_argument("--retry-failed", action="store_true", help="with --resume: rerun failed tasks too")
+    journal.add_argument(
+        "--force-resume", action="store_true", help="resume even if the journal seems to hold other work"
+    )
+    stop = run.add_argument_group("stopping in time")
+    stop.add_argument(
+        "--deadline",
+        type=_positive_float,
+        metavar="T",
+        help="the job must end by T (seconds from now, or a Unix time); default: the Slurm job's end",
+    )
+    stop.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT/SIGUSR1 or near the deadline, running tasks get this long (default 30)",
+    )
+    tasks = run.add_argument_group("task files (--tasks) and per-task defaults")
+    tasks.add_argument("--run-dir", metavar="DIR", help="per-task logs go under DIR/logs (default ./taskfarm-run)")
+    tasks.add_argument("--slice", type=_slice, metavar="I/K", help="run only slice I of K of the task file")
+    tasks.add_argument("--max-retries", type=_count, default=0, metavar="N", help="retries of a failed command")
+    tasks.add_argument(
+        "--retry-backoff", type=float, default=0.0, metavar="SECONDS", help="first retry delay, doubling"
+    )
+    tasks.add_argument("--time-limit", type=_positive_float, metavar="SECONDS", help="limit per command")
+    tasks.add_argument(
+        "-n", "--workers", type=int, metavar="K", help="without mpiexec: spawn K workers (default: CPU count)"
+    )
     run.add_argument(
         "--heartbeat-timeout",
         type=_positive_float,
@@ -85,40 +153,79 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no summary at the end")
     run.add_argument("script", nargs="?", metavar="SCRIPT", help="the Python script to run on rank 0")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
+
+    status = sub.add_parser(
+        "status",
+        help="counts by state, failed tasks and per-rank figures of a journal",
+        description="Read a journal (also while its farm runs). Exit 0: all done; 1: some failed; 75: unfinished.",
+    )
+    status.add_argument("journal", metavar="JOURNAL")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.command == "run":
-        if ns.module is None and ns.tasks is None and ns.script is None:
-            parser.error("run needs a SCRIPT, -m MODULE or --tasks FILE")
-        if ns.module is not None and ns.script is not None:
-            ns.args = [ns.script, *ns.args]
-            ns.script = None
-        if ns.script is not None and not os.path.isfile(ns.script):
-            parser.error(f"no such script: {ns.script}")
-        return _run(ns)
-    parser.error(f"unknown command {ns.command}")
+    if ns.command == "status":
+        return _status(ns)
+    if ns.module is None and ns.tasks is None and ns.script is None:
+        parser.error("run needs a SCRIPT, -m MODULE or --tasks FILE")
+    if ns.module is not None and ns.script is not None:
+        ns.args = [ns.script, *ns.args]
+        ns.script = None
+    if ns.tasks is not None and ns.script is not None:
+        parser.error("--tasks takes no SCRIPT")
+    for flag, path in (("script", ns.script), ("--tasks", ns.tasks)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{flag}: no such file: {path}")
+    if (ns.resume or ns.retry_failed or ns.force_resume) and not ns.journal:
+        parser.error("--resume, --retry-failed and --force-resume need --journal")
+    if ns.resume and not os.path.exists(ns.journal):
+        parser.error(f"--resume: no journal at {ns.journal}")
+    if ns.journal and not ns.resume and os.path.exists(ns.journal) and os.path.getsize(ns.journal) > 0:
+        parser.error(f"--journal {ns.journal} exists: add --resume to continue it, or remove it")
+    return _run(ns)
 
 
+def _status(ns: argparse.Namespace) -> int:
+    from ._journal import format_status, read_journal, status_exit_code, status_report
+
+    try:
+        state = read_journal(ns.journal, results=False)
+    except JournalError as exc:
+        sys.stderr.write(f"taskfarm: {exc}\n")
+        return ExitCode.USAGE
+    if ns.json:
+        json.dump(status_report(state), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_status(state) + "\n")
+    return status_exit_code(state)
+
+
+# -- run ------------------------------------------------------------------------
 def _run(ns: argparse.Namespace) -> int:
     from . import _executor, _transport
     from ._worker import serve
 
     if _transport.world_size() > 1 and _transport.world_rank() != 0:
+        # the launcher forwards Slurm's signals to every rank: rank 0 decides
+        for sig in DRAIN_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         serve(_transport.world())
         return ExitCode.OK
-    if ns.heartbeat_timeout is not None:
-        _executor.configure_world(heartbeat_timeout=ns.heartbeat_timeout)
+    _setup_farms(ns)
     code: int = ExitCode.OK
     try:
-        code = _run_program(ns)
+        code = _run_tasks(ns) if ns.tasks else _run_program(ns)
     finally:
-        farm_ = _executor.close_world_farm() if _transport.world_size() > 1 else _executor.last_farm()
-        stats = farm_.statistics().as_dict() if farm_ is not None else None
-        if stats is not None:
+        farm_ = _executor.close_world_farm() if _transport.world_size() > 1 else None
+        farm_ = farm_ or _executor.last_farm()
+        if farm_ is not None and farm_.drained:
+            code = ExitCode.INCOMPLETE
+        if farm_ is not None:
+            stats = farm_.statistics().as_dict()
             stats["exit_code"] = int(code)
             if ns.stats_json:
                 with open(ns.stats_json, "w") as out:
@@ -127,7 +234,58 @@ def _run(ns: argparse.Namespace) -> int:
                 from ._report import format_summary
 
                 sys.stderr.write(format_summary(stats))
+        _executor.abort_if_stuck(farm_)
     return code
+
+
+def _setup_farms(ns: argparse.Namespace) -> None:
+    """Options, journal, deadline and signal handling for every farm this run starts."""
+    from . import _executor
+    from .slurm import Allocation
+
+    options: dict[str, Any] = {}
+    if ns.heartbeat_timeout is not None:
+        options["heartbeat_timeout"] = ns.heartbeat_timeout
+    if ns.journal:
+        try:
+            options["journal"], options["resume"] = _executor.open_journal(
+                ns.journal, resume=ns.resume, retry_failed=ns.retry_failed, force_resume=ns.force_resume
+            )
+        except JournalError as exc:
+            sys.stderr.write(f"taskfarm: {exc}\n")
+            raise SystemExit(ExitCode.USAGE) from None
+        options["run_meta"] = {"argv": sys.argv, "resume": ns.resume}
+    _executor.configure_world(**options)
+
+    deadline = ns.deadline
+    if deadline is not None and deadline < 1e9:  # seconds from now, not a Unix time
+        deadline = time.time() + deadline
+    if deadline is None:
+        allocation = Allocation.from_environ()
+        deadline = allocation.end_time if allocation is not None else None
+    drain_requested: list[float] = []
+
+    def on_farm(farm_: Any) -> None:
+        if deadline is not None:
+            start = time.monotonic() + (deadline - time.time()) - ns.grace - TEARDOWN_MARGIN
+            farm_.drain_at(start, ns.grace)
+        if drain_requested:
+            farm_.drain(ns.grace)
+
+    _executor.on_new_farm(on_farm)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        farm_ = _executor.last_farm()
+        if drain_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        drain_requested.append(time.monotonic())
+        sys.stderr.write(f"taskfarm: {name}: draining (running tasks get {ns.grace:g} s)\n")
+        if farm_ is not None:
+            farm_.drain(ns.grace)
+
+    for sig in DRAIN_SIGNALS:
+        signal.signal(sig, on_signal)
 
 
 def _run_program(ns: argparse.Namespace) -> int:
@@ -145,10 +303,13 @@ def _run_program(ns: argparse.Namespace) -> int:
         return ExitCode.OK
     except SystemExit as exc:
         return _exit_status(exc.code)
+    except FarmStopped:
+        return ExitCode.INCOMPLETE
+    except JournalError:
+        traceback.print_exc()
+        return ExitCode.USAGE
     except TaskfarmError as exc:
         traceback.print_exc()
-        from ._errors import BrokenFarmError
-
         return ExitCode.BROKEN if isinstance(exc, BrokenFarmError) else ExitCode.FAILED
     except BaseException:  # noqa: BLE001 - any failure of the script is reported, then the farm ends
         traceback.print_exc()
@@ -165,3 +326,76 @@ def _exit_status(code: object) -> int:
         return code
     sys.stderr.write(f"{code}\n")
     return 1
+
+
+def _run_tasks(ns: argparse.Namespace) -> int:
+    """Run a task file: one farm task per command line."""
+    from ._commands import TaskFileError, parse_task_file, run_command, write_run_manifest
+    from ._executor import FarmExecutor
+    from ._task import Task
+    from .slurm import array_slice
+
+    try:
+        specs = parse_task_file(ns.tasks)
+    except TaskFileError as exc:
+        sys.stderr.write(f"taskfarm: {exc}\n")
+        return ExitCode.USAGE
+    if ns.slice is not None:
+        index, count = ns.slice
+        specs = [specs[i] for i in array_slice(len(specs), index, count)]
+    run_dir = os.path.abspath(ns.run_dir or "taskfarm-run")
+    os.makedirs(run_dir, exist_ok=True)
+    write_run_manifest(run_dir, specs, ns.tasks)
+    tasks = (
+        Task(
+            run_command,
+            (spec, run_dir),
+            key=spec.key(),
+            label=spec.label(),
+            max_retries=ns.max_retries,
+            retry_backoff=ns.retry_backoff,
+            time_limit=ns.time_limit,
+        )
+        for spec in specs
+    )
+    with FarmExecutor(ns.workers) as executor:
+        window = TASKS_WINDOW_PER_WORKER * max(1, executor.workers)
+        try:
+            failures = _submit_bounded(executor.submit_task, tasks, window)
+        except FarmStopped:
+            return ExitCode.INCOMPLETE
+    for future in failures[:FAILURES_SHOWN]:
+        sys.stderr.write(f"taskfarm: failed: {future.label}: {future.exception()}\n")
+    if len(failures) > FAILURES_SHOWN:
+        sys.stderr.write(f"taskfarm: ... and {len(failures) - FAILURES_SHOWN} more failed (see the journal)\n")
+    if any(isinstance(f.exception(), FarmStopped) for f in failures):
+        return ExitCode.INCOMPLETE
+    return ExitCode.FAILED if failures else ExitCode.OK
+
+
+def _submit_bounded(submit: Callable[[Any], Any], items: Iterable[Any], window: int) -> list[Any]:
+    """Submit ``items`` keeping at most ``window`` in flight; returns the failed futures.
+
+    Completions arrive through a queue fed by done-callbacks, so each task
+    costs O(1) however large the window.
+    """
+    done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    failures: list[Any] = []
+    in_flight = 0
+
+    def collect() -> None:
+        nonlocal in_flight
+        future = done.get()
+        in_flight -= 1
+        if future.cancelled() or future.exception() is not None:
+            failures.append(future)
+
+    for item in items:
+        while in_flight >= window:
+            collect()
+        future = submit(item)
+        in_flight += 1
+        future.add_done_callback(done.put)
+    while in_flight:
+        collect()
+    return failures

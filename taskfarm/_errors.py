@@ -56,6 +56,13 @@ class BrokenFarmError(TaskfarmError, concurrent.futures.BrokenExecutor):
     """The farm cannot run tasks any more (every worker lost, or start-up failed)."""
 
 
+class FarmStopped(BrokenFarmError):
+    """The farm stopped early (SIGTERM/SIGUSR1/SIGINT or its deadline).
+
+    What finished is in the journal; rerunning with ``--resume`` does the rest.
+    """
+
+
 class WorkerLostError(TaskfarmError):
     """The process running a task died (crash, ``os._exit``, OOM kill, lost rank)."""
 

@@ -24,10 +24,12 @@ from typing import Any
 
 from . import _serialization as ser
 from . import _transport
-from ._errors import BrokenFarmError
-from ._future import FarmFuture
+from ._errors import BrokenFarmError, ExitCode, JournalError, RemoteTraceback
+from ._future import FarmFuture, _Encoded
+from ._journal import JournalWriter, read_journal
 from ._master import DEFAULT_HEARTBEAT_TIMEOUT, Farm, FarmStatistics, Submission
 from ._protocol import FnRef, Initializer
+from ._resume import Recorded, ResumeIndex, content_key, label_for
 from ._task import Task, TaskPolicy, wall_time_of
 from ._worker import serve
 
@@ -40,6 +42,20 @@ _world_farm: Farm | None = None
 _world_lock = threading.Lock()
 _world_options: dict[str, Any] = {}
 _last_farm: Farm | None = None
+_farm_hooks: list[Callable[[Farm], None]] = []
+
+
+def on_new_farm(hook: Callable[[Farm], None]) -> None:
+    """Call ``hook`` with every farm started from now on (the CLI's deadline and signals)."""
+    _farm_hooks.append(hook)
+
+
+def _started(farm_: Farm) -> Farm:
+    global _last_farm
+    _last_farm = farm_
+    for hook in _farm_hooks:
+        hook(farm_)
+    return farm_
 
 
 def last_farm() -> Farm | None:
@@ -58,26 +74,64 @@ def world_farm(**options: Any) -> Farm:
     with _world_lock:
         if _world_farm is None:
             merged = {**options, **_world_options}
-            _world_farm = Farm(_transport.world(), **merged)
-            atexit.register(close_world_farm)
-            global _last_farm
-            _last_farm = _world_farm
+            _world_farm = _started(Farm(_transport.world(), **merged))
+            atexit.register(_close_world_at_exit)
         return _world_farm
 
 
 def close_world_farm() -> Farm | None:
-    """End the world farm: workers leave their loop.  Returns the closed farm."""
+    """End the world farm: workers leave their loop.  Returns the closed farm.
+
+    Workers stuck inside a task are left to `abort_if_stuck`, so the caller
+    can save statistics first.
+    """
     global _world_farm
     with _world_lock:
         farm_, _world_farm = _world_farm, None
     if farm_ is not None:
-        stuck = farm_.close()
-        if stuck:
-            sys.stderr.write(
-                f"taskfarm: worker rank(s) {stuck} did not stop; aborting the job\n"
-            )
-            farm_.transport.abort(int(os.environ.get("TASKFARM_ABORT_CODE", "3")))
+        farm_.close()
     return farm_
+
+
+def abort_if_stuck(farm_: Farm | None) -> None:
+    """End the whole MPI job when workers did not stop (a hung task, a stopped rank).
+
+    The exit code says why: 75 (incomplete, resumable) after a drain, else 3.
+    """
+    if farm_ is None or not farm_.unanswered:
+        return
+    code = ExitCode.INCOMPLETE if farm_.drained else ExitCode.BROKEN
+    sys.stderr.write(
+        f"taskfarm: worker rank(s) {farm_.unanswered} did not stop; ending the job (exit {int(code)})\n"
+    )
+    farm_.transport.abort(int(code))
+
+
+def _close_world_at_exit() -> None:
+    abort_if_stuck(close_world_farm())
+
+
+def open_journal(
+    path: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    retry_failed: bool = False,
+    force_resume: bool = False,
+) -> tuple[JournalWriter, ResumeIndex | None]:
+    """Open a journal for writing; with ``resume``, index what it already holds.
+
+    A journal that exists is never reused without ``resume`` (that would mix
+    two runs), and ``resume`` without a journal is an error, not a fresh start.
+    """
+    index = None
+    if resume:
+        index = ResumeIndex(read_journal(path), retry_failed=retry_failed, force=force_resume)
+    elif os.path.exists(path) and os.path.getsize(path) > 0:
+        raise JournalError(
+            f"journal {os.fspath(path)!r} exists: pass --resume (resume=True) to continue it, "
+            "or remove it to start over"
+        )
+    return JournalWriter(path), index
 
 
 def _persistent_for(farm_: Farm, inputs: list[FarmFuture]) -> ser.Persistent:
@@ -117,6 +171,10 @@ class FarmExecutor(concurrent.futures.Executor):
         time_limit: float | None = None,
         max_crashes: int | None = None,
         heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        journal: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        retry_failed: bool = False,
+        force_resume: bool = False,
     ) -> None:
         if max_workers is not None and max_workers < 1:
             raise ValueError("max_workers must be at least 1")
@@ -143,15 +201,33 @@ class FarmExecutor(concurrent.futures.Executor):
                 # as a worker and leaves when the farm on rank 0 ends
                 serve(_transport.world())
                 sys.exit(0)
-            self._farm = world_farm(heartbeat_timeout=heartbeat_timeout, max_workers=max_workers)
+            options: dict[str, Any] = {"heartbeat_timeout": heartbeat_timeout, "max_workers": max_workers}
+            if journal is not None and _world_farm is None and "journal" not in _world_options:
+                options["journal"], options["resume"] = open_journal(
+                    journal, resume=resume, retry_failed=retry_failed, force_resume=force_resume
+                )
+            self._farm = world_farm(**options)
+            if journal is not None and (
+                self._farm.journal is None
+                or os.path.abspath(self._farm.journal.path) != os.path.abspath(journal)
+            ):
+                raise JournalError(
+                    "this farm already runs without that journal; give it to the first executor "
+                    "or to taskfarm run --journal"
+                )
             self._owned = False
         else:
             nworkers = max_workers or os.cpu_count() or 1
+            writer, index = (None, None)
+            if journal is not None:
+                writer, index = open_journal(
+                    journal, resume=resume, retry_failed=retry_failed, force_resume=force_resume
+                )
             transport = _transport.spawn(nworkers, ["-m", "taskfarm._spawned"])
-            self._farm = Farm(transport, heartbeat_timeout=heartbeat_timeout)
+            self._farm = _started(
+                Farm(transport, heartbeat_timeout=heartbeat_timeout, journal=writer, resume=index)
+            )
             self._owned = True
-            global _last_farm
-            _last_farm = self._farm
         self._executor_id = self._farm.new_executor_id()
         init = None
         if initializer is not None:
@@ -192,6 +268,16 @@ class FarmExecutor(concurrent.futures.Executor):
             future.set_running_or_notify_cancel()
             future.set_exception(exc)
             return future
+        key = None
+        if farm_.journal is not None:
+            content = content_key(fn_entry[0], call[0], call[1])
+            key = task.key if task is not None and task.key else content
+            name = task.label if task is not None and task.label else future.label
+            future.key, future.label = key, label_for(name, key, content)
+            if farm_.resume is not None:
+                recorded = farm_.resume.lookup(key, future.label)
+                if recorded is not None:
+                    return _from_journal(future, recorded)
         policy = self._policy
         priority = 0
         not_before = None
@@ -225,6 +311,7 @@ class FarmExecutor(concurrent.futures.Executor):
                 not_before,
                 expires,
                 policy.time_limit,
+                key,
             )
         )
         return future
@@ -326,6 +413,24 @@ class FarmExecutor(concurrent.futures.Executor):
     def workers(self) -> int:
         """Number of worker ranks this executor's farm can use."""
         return len(self._farm.transport.peers())
+
+
+def _from_journal(future: FarmFuture, recorded: Recorded) -> FarmFuture:
+    """Resolve a future with the outcome an earlier run recorded."""
+    future.set_running_or_notify_cancel()
+    if recorded.ok:
+        assert recorded.frame is not None
+        future.set_result(_Encoded(recorded.frame))
+        return future
+    try:
+        error = ser.loads(*recorded.frame) if recorded.frame is not None else None
+    except Exception:  # noqa: BLE001 - the recorded exception's class may be gone
+        error = None
+    if not isinstance(error, BaseException):
+        error = JournalError(f"task {future.key} failed in an earlier run: {recorded.error_text}")
+    error.__cause__ = RemoteTraceback(recorded.error_text) if recorded.error_text else None
+    future.set_exception(error)
+    return future
 
 
 def _batched(iterable: Iterable[Any], n: int) -> Iterator[list[Any]]:

@@ -34,6 +34,7 @@ from . import _serialization as ser
 from ._errors import (
     BrokenFarmError,
     DependencyFailed,
+    FarmStopped,
     MaxRetriesExceededError,
     RemoteTraceback,
     SerializationError,
@@ -42,6 +43,7 @@ from ._errors import (
     WorkerLostError,
 )
 from ._future import FarmFuture, _Encoded
+from ._journal import JournalWriter
 from ._protocol import (
     PROTOCOL_VERSION,
     Bye,
@@ -57,6 +59,7 @@ from ._protocol import (
     TaskBatch,
     TaskItem,
 )
+from ._resume import ResumeIndex
 from ._scheduler import Decision, Scheduler
 from ._task import TaskPolicy, TaskState
 from ._transport import Backoff, Transport, library
@@ -74,6 +77,8 @@ DEFAULT_HEARTBEAT_TIMEOUT = 300.0
 HEARTBEATS_PER_TIMEOUT = 4
 #: how long close() waits for every worker's Bye before giving up on it
 BYE_TIMEOUT = 30.0
+#: the same after a drain, when workers may still be inside cut-off tasks
+DRAIN_BYE_TIMEOUT = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +121,11 @@ class FarmStatistics:
     prefetch: int
     mpi: str
     ranks: Mapping[int, RankStatistics]
+    #: True when the farm stopped early (signal or deadline)
+    drained: bool = False
+    #: on resume: tasks reused from the journal, new, rerun, not resubmitted
+    resume: Mapping[str, int] | None = None
+    journal_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``--stats-json`` writes)."""
@@ -123,6 +133,11 @@ class FarmStatistics:
         out["lost_ranks"] = list(self.lost_ranks)
         out["ranks"] = {str(r): dataclasses.asdict(s) for r, s in sorted(self.ranks.items())}
         return out
+
+
+#: a listener gets (event, fields); events: worker_joined, submitted, dispatched,
+#: succeeded, failed, retried, rank_lost, drained (see docs/events.md)
+Listener = Callable[[str, dict[str, Any]], None]
 
 
 class Submission(NamedTuple):
@@ -138,6 +153,7 @@ class Submission(NamedTuple):
     not_before: float | None  # monotonic
     expires: float | None  # wall clock
     time_limit: float | None
+    key: str | None  # journal key; None when no journal is kept
 
 
 class _Task:
@@ -164,8 +180,20 @@ class Farm:
         *,
         heartbeat_timeout: float | None = DEFAULT_HEARTBEAT_TIMEOUT,
         max_workers: int | None = None,
+        journal: JournalWriter | None = None,
+        resume: ResumeIndex | None = None,
+        run_meta: Mapping[str, Any] | None = None,
     ) -> None:
         self.transport = transport
+        self.journal = journal
+        self.resume = resume
+        #: set once the farm stopped early (signal, deadline): its work is incomplete
+        self.drained = False
+        self._drain_grace: float | None = None  # set by drain(): seconds for running tasks
+        self._drain_until: float | None = None
+        self._drain_at: float | None = None  # monotonic time to start draining (deadline)
+        if journal is not None:
+            journal.run_started({"time": time.time(), "workers": len(transport.peers()), **(run_meta or {})})
         self.scheduler = Scheduler(heartbeat_timeout=heartbeat_timeout, max_workers=max_workers)
         self.heartbeat_timeout = heartbeat_timeout
         self._peers = transport.peers()
@@ -183,7 +211,9 @@ class Farm:
         self._resolve: list[Callable[[], None]] = []
         self._closing = False
         self._stopped = False
-        self._unanswered: list[int] = []
+        self._submit_lock = threading.Lock()
+        self._listeners: list[Listener] = []
+        self.unanswered: list[int] = []
         self._broken: BaseException | None = None
         self._snapshot: FarmStatistics | None = None
         self._snapshot_wanted = threading.Event()
@@ -211,12 +241,15 @@ class Farm:
         self._wake.set()
 
     def submit(self, sub: Submission) -> None:
-        if self._broken is not None:
-            raise BrokenFarmError(str(self._broken))
-        if self._stopped:
-            raise RuntimeError("cannot schedule new futures after the farm has ended")
         sub.future._cancel_hook = self._cancel
-        self._submissions.append(sub)
+        with self._submit_lock:
+            if self._broken is not None:
+                raise BrokenFarmError(str(self._broken))
+            if self.drained or self._drain_grace is not None:
+                raise FarmStopped("the farm is draining (signal or deadline): no new tasks")
+            if self._stopped:
+                raise RuntimeError("cannot schedule new futures after the farm has ended")
+            self._submissions.append(sub)
         self._wake.set()
 
     def _cancel(self, task_id: int) -> None:
@@ -226,6 +259,40 @@ class Farm:
     @property
     def broken(self) -> BaseException | None:
         return self._broken
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event, fields)`` on the service thread at every state change.
+
+        Listeners must be quick and must not raise; they see events from the
+        moment they are added.
+        """
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        fields["t"] = time.time()
+        for listener in self._listeners:
+            try:
+                listener(event, fields)
+            except Exception:
+                log.exception("taskfarm event listener failed on %s", event)
+
+    def drain(self, grace: float) -> None:
+        """Stop dispatching; give running tasks ``grace`` seconds, then end the farm.
+
+        Safe to call from a signal handler.  Futures still unresolved then fail
+        with `FarmStopped`; the journal keeps what finished, for ``--resume``.
+        """
+        if self._drain_grace is None:
+            self._drain_grace = grace
+        self._wake.set()
+
+    def drain_at(self, when: float, grace: float) -> None:
+        """Start draining by itself at monotonic time ``when`` (a walltime deadline)."""
+        self._drain_at = when
+        self._deadline_grace = grace
+        self._wake.set()
+
+    _deadline_grace = 0.0
 
     def statistics(self) -> FarmStatistics:
         """A consistent snapshot, taken by the service thread."""
@@ -238,17 +305,29 @@ class Farm:
             self._snapshot = self._take_snapshot()
         return self._snapshot
 
-    def close(self, timeout: float = BYE_TIMEOUT) -> list[int]:
+    def close(self) -> list[int]:
         """Finish the tasks, stop every worker and the service thread.
 
-        Returns the worker ranks that did not say Bye in time (stuck or lost).
+        Returns the worker ranks that did not say Bye in time (stuck in a task);
+        the caller ends the job with `Transport.abort` after saving what it must.
         """
         self._closing = True
         self._wake.set()
         self._thread.join()
         if self.transport.intercomm:
             self.transport.close()
-        return self._unanswered
+        if self.journal is not None:
+            s = self._snapshot
+            self.journal.run_ended(
+                {
+                    "time": time.time(),
+                    "status": "drained" if self.drained else ("broken" if self._broken else "complete"),
+                    "done": s.done if s else None,
+                    "failed": s.failed if s else None,
+                }
+            )
+            self.journal.close()
+        return self.unanswered
 
     # -- the service thread ------------------------------------------------
     def _serve(self) -> None:
@@ -260,7 +339,12 @@ class Farm:
                 self._commit()
                 progressed |= self._take_submissions()
                 progressed |= self._notice_lost()
-                progressed |= self._dispatch()
+                if self._draining():
+                    if self.scheduler.in_flight() == 0 or time.monotonic() > (self._drain_until or 0):
+                        self._end_drain()
+                        break
+                else:
+                    progressed |= self._dispatch()
                 sending = self.transport.progress()
                 if self._snapshot_wanted.is_set():
                     self._service_cpu = time.thread_time() - cpu0
@@ -284,10 +368,48 @@ class Farm:
             self._break(BrokenFarmError(f"the farm's service thread failed: {exc!r}"))
             self._commit()
         finally:
+            with self._submit_lock:
+                self._stopped = True
+                late = [s for s in self._submissions if type(s) is not tuple]
+                self._submissions.clear()
+            error = RuntimeError("the farm ended before this task could be scheduled")
+            for sub in late:
+                _failer(sub.future, FarmStopped(str(error)) if self.drained else error)()
             self._service_cpu = time.thread_time() - cpu0
             self._snapshot = self._take_snapshot()
-            self._stopped = True
             self._snapshot_ready.set()
+
+    def _draining(self) -> bool:
+        if self._drain_grace is None and self._drain_at is not None and time.monotonic() >= self._drain_at:
+            log.warning("deadline near: draining the farm")
+            self._drain_grace = self._deadline_grace
+        if self._drain_grace is not None and self._drain_until is None:
+            self._drain_until = time.monotonic() + self._drain_grace
+            log.warning(
+                "draining: no new tasks; %d running get %.0f s to finish",
+                self.scheduler.in_flight(),
+                self._drain_grace,
+            )
+        return self._drain_grace is not None
+
+    def _end_drain(self) -> None:
+        """Fail what did not finish; the journal lets a rerun complete it."""
+        self.drained = True
+        if self._listeners:
+            self._emit("drained", unfinished=len(self._tasks))
+        error = FarmStopped(
+            "the farm stopped early (signal or deadline); finished results are in the journal, "
+            "rerun with --resume for the rest"
+        )
+        for task_id in list(self._tasks):
+            task = self._tasks.pop(task_id)
+            self._resolve.append(_failer(task.sub.future, error))
+        while self._submissions:
+            sub = self._submissions.popleft()
+            if type(sub) is not tuple:
+                self._resolve.append(_failer(sub.future, error))
+        self._commit()
+        self._closing = True
 
     def _wait(self, backoff: Backoff) -> None:
         """Step 7: sleep until the next poll, a submission, or a timed task."""
@@ -297,6 +419,10 @@ class Farm:
             time.sleep(0)
             return
         wakeup = self.scheduler.next_wakeup()
+        if self._drain_at is not None:
+            wakeup = self._drain_at if wakeup is None else min(wakeup, self._drain_at)
+        if self._drain_until is not None:
+            wakeup = self._drain_until if wakeup is None else min(wakeup, self._drain_until)
         if wakeup is not None:
             delay = max(0.0, min(delay, wakeup - time.monotonic()))
         if self._wake.wait(delay):
@@ -330,18 +456,18 @@ class Farm:
         if hello.version != PROTOCOL_VERSION:
             log.error(
                 "rank %d speaks protocol %d, this master %d: mixed taskfarm versions; rank not used",
-                peer, hello.version, PROTOCOL_VERSION,
+                peer,
+                hello.version,
+                PROTOCOL_VERSION,
             )
             self.transport.send(peer, Kind.STOP, Stop("protocol version mismatch"))
             return
         if self._closing and not self.scheduler.has_work():
             return  # Stop follows
         if self.scheduler.add_worker(peer, hello.slots, now):
-            interval = (
-                self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT
-                if self.heartbeat_timeout
-                else 60.0
-            )
+            if self._listeners:
+                self._emit("worker_joined", rank=peer, host=hello.host, pid=hello.pid, slots=hello.slots)
+            interval = self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT if self.heartbeat_timeout else 60.0
             self.transport.send(peer, Kind.CONFIG, Config(interval))
 
     def _on_results(self, peer: int, batch: ResultBatch, now: float) -> None:
@@ -365,11 +491,57 @@ class Farm:
             if task is None or decision is Decision.DISCARD:
                 continue
             future = task.sub.future
+            key = task.sub.key
             if decision is Decision.ACCEPT:
                 self._finish_task(item.task_id)
                 frame = (item.payload, item.buffers)
+                if self.journal is not None and key is not None:
+                    self.journal.succeeded(
+                        key,
+                        rank=peer,
+                        attempt=item.attempt,
+                        t_start=item.t_start,
+                        t_end=item.t_end,
+                        result=frame,
+                    )
                 self._resolve.append(_setter(future, _Encoded(frame)))
-            elif decision is Decision.RETRY:
+                if self._listeners:
+                    self._emit(
+                        "succeeded",
+                        task=item.task_id,
+                        key=key,
+                        label=future.label,
+                        rank=peer,
+                        attempt=item.attempt,
+                        start=item.t_start,
+                        end=item.t_end,
+                    )
+                continue
+            if self._listeners:
+                self._emit(
+                    "retried" if decision is Decision.RETRY else "failed",
+                    task=item.task_id,
+                    key=key,
+                    label=future.label,
+                    rank=peer,
+                    attempt=item.attempt,
+                    start=item.t_start,
+                    end=item.t_end,
+                    error=f"{type(error).__name__}: {error}",
+                    crashed=item.crashed,
+                )
+            if self.journal is not None and key is not None:
+                self.journal.failed(
+                    key,
+                    rank=peer,
+                    attempt=item.attempt,
+                    t=item.t_end,
+                    error=(item.payload, item.buffers),
+                    error_text=item.traceback or repr(error),
+                    final=decision is not Decision.RETRY,
+                    counts_as_attempt=not item.crashed,
+                )
+            if decision is Decision.RETRY:
                 future._task_state = TaskState.RETRY
             else:
                 assert error is not None
@@ -382,8 +554,7 @@ class Farm:
                     error = outer
                 elif decision is Decision.QUARANTINE:
                     outer = WorkerLostError(
-                        f"task {item.task_id} was quarantined: it killed "
-                        f"{task.sub.policy.max_crashes} worker processes"
+                        f"task {item.task_id} was quarantined: it killed {task.sub.policy.max_crashes} worker processes"
                     )
                     outer.__cause__ = error
                     error = outer
@@ -406,14 +577,35 @@ class Farm:
     def _finish_task(self, task_id: int) -> None:
         self._tasks.pop(task_id, None)
 
-    def _fail(self, task_id: int, error: BaseException) -> None:
+    def _fail(self, task_id: int, error: BaseException, *, journaled: bool = True) -> None:
         task = self._tasks.pop(task_id, None)
+        if task is not None and not journaled and self._listeners:
+            self._emit(
+                "failed",
+                task=task_id,
+                key=task.sub.key,
+                label=task.sub.future.label,
+                rank=None,
+                error=f"{type(error).__name__}: {error}",
+                crashed=False,
+            )
         if task is not None:
+            if self.journal is not None and task.sub.key is not None and not journaled:
+                self.journal.failed(
+                    task.sub.key,
+                    rank=-1,
+                    attempt=0,
+                    t=time.time(),
+                    error=None,
+                    error_text=f"{type(error).__name__}: {error}",
+                    final=True,
+                )
             self._resolve.append(_failer(task.sub.future, error))
         for dependent, failed in self.scheduler.fail_dependents(task_id):
             self._fail(
                 dependent,
                 DependencyFailed(f"input task {failed} of task {dependent} failed or was cancelled"),
+                journaled=False,
             )
 
     # step 2
@@ -421,6 +613,8 @@ class Farm:
         """Make outcomes durable (journal), then resolve their futures."""
         if not self._resolve:
             return
+        if self.journal is not None:
+            self.journal.sync()  # group commit: one fsync for this round's outcomes
         resolve, self._resolve = self._resolve, []
         for action in resolve:
             action()
@@ -436,6 +630,8 @@ class Farm:
                 what, arg = sub
                 if what == "cancel" and self.scheduler.cancel(arg):
                     task = self._tasks.pop(arg, None)
+                    if task is not None and self.journal is not None and task.sub.key is not None:
+                        self.journal.cancelled(task.sub.key, t=time.time())
                     if task is not None:
                         task.sub.future.set_running_or_notify_cancel()  # lets wait() see it
                     self._fail_dependents_of_cancelled(arg)
@@ -467,14 +663,16 @@ class Farm:
                 self._resolve.append(
                     _failer(
                         future,
-                        DependencyFailed(
-                            f"input task {dep.task_id} of task {future.task_id} failed or was cancelled"
-                        ),
+                        DependencyFailed(f"input task {dep.task_id} of task {future.task_id} failed or was cancelled"),
                     )
                 )
                 return
         task_id = future.task_id
         self._tasks[task_id] = _Task(sub)
+        if self.journal is not None and sub.key is not None:
+            self.journal.submitted(sub.key, label=future.label, t=time.time())
+        if self._listeners:
+            self._emit("submitted", task=task_id, key=sub.key, label=future.label)
         self.scheduler.submit(
             task_id,
             now,
@@ -497,6 +695,8 @@ class Farm:
 
     def _lose(self, rank: int, now: float, why: str) -> None:
         requeued = self.scheduler.rank_lost(rank, now)
+        if self._listeners:
+            self._emit("rank_lost", rank=rank, reason=why, resubmitted=list(requeued))
         log.warning("rank %d lost: %s; %d task(s) resubmitted", rank, why, len(requeued))
         self.transport.forget(rank)
         for task_id in self.scheduler.quarantined(requeued):
@@ -515,7 +715,7 @@ class Farm:
         for rank in actions.lost_ranks:
             self._lose(rank, now, f"silent for more than {self.heartbeat_timeout:g} s")
         for task_id in actions.expired:
-            self._fail(task_id, TaskExpired(f"task {task_id} expired before it could start"))
+            self._fail(task_id, TaskExpired(f"task {task_id} expired before it could start"), journaled=False)
         for rank, task_ids in actions.steal.items():
             self.transport.send(rank, Kind.STEAL, Steal(tuple(task_ids)))
         for rank, task_ids in actions.dispatch.items():
@@ -538,6 +738,11 @@ class Farm:
                 continue
             future._task_state = TaskState.RUNNING
             future.rank = rank
+            if self.journal is not None and sub.key is not None:
+                attempt = self.scheduler.attempt(task_id)
+                self.journal.dispatched(sub.key, rank=rank, attempt=attempt, t=time.time())
+            if self._listeners:
+                self._emit("dispatched", task=task_id, key=sub.key, rank=rank, attempt=self.scheduler.attempt(task_id))
             digest, payload = sub.fn
             if digest in sent_fns:
                 fn = FnRef(digest, None)
@@ -581,7 +786,7 @@ class Farm:
             log.error("%s", error)
         self._broken = error
         for task_id in list(self._tasks):
-            self._fail(task_id, BrokenFarmError(str(error)))
+            self._fail(task_id, BrokenFarmError(str(error)), journaled=False)
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
@@ -594,7 +799,8 @@ class Farm:
         targets = [p for p in self._peers if not self.scheduler.is_lost(p)]
         for peer in targets:
             self.transport.send(peer, Kind.STOP, Stop("farm closed"))
-        deadline = time.monotonic() + BYE_TIMEOUT
+        # after a drain, a worker still busy is cut off by the walltime anyway
+        deadline = time.monotonic() + (DRAIN_BYE_TIMEOUT if self.drained else BYE_TIMEOUT)
         backoff = Backoff(BUSY_POLL_CAP)
         while time.monotonic() < deadline:
             self._receive()
@@ -604,7 +810,7 @@ class Farm:
             if not missing:
                 break
             time.sleep(backoff.next())
-        self._unanswered = [p for p in targets if p not in self._byes]
+        self.unanswered = [p for p in targets if p not in self._byes]
         self.transport.flush(timeout=5.0)
 
     def _take_snapshot(self) -> FarmStatistics:
@@ -644,6 +850,9 @@ class Farm:
             prefetch=self.scheduler.prefetch,
             mpi=self._mpi,
             ranks=ranks,
+            drained=self.drained,
+            resume=None if self.resume is None else self.resume.summary(),
+            journal_bytes=None if self.journal is None else self.journal.bytes_written,
         )
 
 

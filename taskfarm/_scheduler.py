@@ -457,6 +457,10 @@ class Scheduler:
     def has_ready(self) -> bool:
         return bool(self._ready)
 
+    def in_flight(self) -> int:
+        """Tasks held by live ranks (running or queued there)."""
+        return sum(len(r.inflight) for r in self._ranks.values() if r.alive)
+
     def statistics(self) -> SchedulerStats:
         running = sum(1 for e in self._entries.values() if e.state is TaskState.RUNNING)
         return SchedulerStats(

@@ -216,12 +216,19 @@ def _run(ns: argparse.Namespace) -> int:
         serve(_transport.world())
         return ExitCode.OK
     _setup_farms(ns)
+    if _transport.world_size() > 1:
+        # now, not at the first executor: the workers wait in a collective call
+        # for it, and must hear Stop even if the script never uses the farm
+        _executor.world_farm()
     code: int = ExitCode.OK
     try:
         code = _run_tasks(ns) if ns.tasks else _run_program(ns)
     finally:
-        farm_ = _executor.close_world_farm() if _transport.world_size() > 1 else None
-        farm_ = farm_ or _executor.last_farm()
+        farm_ = _executor.last_farm()
+        if farm_ is not None and code not in (ExitCode.OK, ExitCode.INCOMPLETE):
+            farm_.abandon()  # the program failed: do not wait for its leftover tasks
+        if _transport.world_size() > 1:
+            _executor.close_world_farm()
         if farm_ is not None and farm_.drained:
             code = ExitCode.INCOMPLETE
         if farm_ is not None:
@@ -305,18 +312,29 @@ def _run_program(ns: argparse.Namespace) -> int:
         return _exit_status(exc.code)
     except FarmStopped:
         return ExitCode.INCOMPLETE
-    except JournalError:
-        traceback.print_exc()
+    except JournalError as exc:
+        _print_user_traceback(exc)
         return ExitCode.USAGE
     except TaskfarmError as exc:
-        traceback.print_exc()
+        _print_user_traceback(exc)
         return ExitCode.BROKEN if isinstance(exc, BrokenFarmError) else ExitCode.FAILED
-    except BaseException:  # noqa: BLE001 - any failure of the script is reported, then the farm ends
-        traceback.print_exc()
+    except BaseException as exc:  # noqa: BLE001 - any failure of the script is reported, then the farm ends
+        _print_user_traceback(exc)
         return ExitCode.FAILED
     finally:
         sys.argv = saved_argv
         sys.path[:] = saved_path
+
+
+def _print_user_traceback(exc: BaseException) -> None:
+    """The script's traceback, without the frames of taskfarm's launcher and runpy."""
+    tb = exc.__traceback__
+    while tb is not None and (
+        tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__)
+        or tb.tb_frame.f_code.co_filename.startswith("<frozen")
+    ):
+        tb = tb.tb_next
+    traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
 
 
 def _exit_status(code: object) -> int:

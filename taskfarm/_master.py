@@ -286,6 +286,17 @@ class Farm:
             self._drain_grace = grace
         self._wake.set()
 
+    def abandon(self) -> None:
+        """End the farm without waiting for its remaining tasks (the program failed).
+
+        Unlike `drain`, the run is not marked resumable-incomplete: the
+        program's own error is the outcome.
+        """
+        self._abandoned = True
+        self.drain(0.0)
+
+    _abandoned = False
+
     def drain_at(self, when: float, grace: float) -> None:
         """Start draining by itself at monotonic time ``when`` (a walltime deadline)."""
         self._drain_at = when
@@ -385,16 +396,19 @@ class Farm:
             self._drain_grace = self._deadline_grace
         if self._drain_grace is not None and self._drain_until is None:
             self._drain_until = time.monotonic() + self._drain_grace
-            log.warning(
-                "draining: no new tasks; %d running get %.0f s to finish",
-                self.scheduler.in_flight(),
-                self._drain_grace,
-            )
+            if self._abandoned:
+                log.info("abandoning the farm's %d unfinished task(s)", len(self._tasks))
+            else:
+                log.warning(
+                    "draining: no new tasks; %d running get %.0f s to finish",
+                    self.scheduler.in_flight(),
+                    self._drain_grace,
+                )
         return self._drain_grace is not None
 
     def _end_drain(self) -> None:
         """Fail what did not finish; the journal lets a rerun complete it."""
-        self.drained = True
+        self.drained = not self._abandoned
         if self._listeners:
             self._emit("drained", unfinished=len(self._tasks))
         error = FarmStopped(

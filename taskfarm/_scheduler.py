@@ -45,6 +45,10 @@ MAX_PREFETCH = 32
 DURATION_EWMA = 0.05
 
 
+#: states a dispatched task is in after being put back in the queue
+_REQUEUED = (TaskState.PENDING, TaskState.SCHEDULED, TaskState.RETRY)
+
+
 class Decision(enum.Enum):
     """What the master does with a result or failure that arrived."""
 
@@ -206,11 +210,11 @@ class Scheduler:
             if position < info.slots:
                 entry.crashes += 1  # it was running: it may be what killed the rank
             entry.avoid_rank = rank
-            self._resubmitted += 1
             if entry.crashes >= entry.policy.max_crashes:
                 # leave it RUNNING with no holder; the master fails it via `quarantined`
                 requeued.append(task_id)
                 continue
+            self._resubmitted += 1
             self._make_ready(entry, now)
             requeued.append(task_id)
         info.inflight.clear()
@@ -336,9 +340,16 @@ class Scheduler:
         entry = self._entries.get(task_id)
         if entry is not None:
             entry.holders.discard(rank)
-        if info is not None and not info.alive:
+        zombie = info is not None and not info.alive
+        if zombie:
             self._zombies += 1
-        if entry is None or entry.state is not TaskState.RUNNING:
+        if entry is None:
+            if ok:
+                self._duplicates += 1
+            return Decision.DISCARD
+        # a rank declared lost that finished a requeued task after all: the first success wins
+        late_success = ok and zombie and entry.attempt > 0 and entry.state in _REQUEUED
+        if entry.state is not TaskState.RUNNING and not late_success:
             if ok:
                 self._duplicates += 1
             return Decision.DISCARD
@@ -497,7 +508,8 @@ class Scheduler:
                 if child is not None and child.state is TaskState.SCHEDULED:
                     child.deps_left -= 1
                     if child.deps_left == 0:
-                        self._make_ready(child, child.not_before)
+                        # `poll` releases it once its own not_before has come
+                        self._push_timed(child)
         else:
             if state is TaskState.FAILURE:
                 self._failed += 1
@@ -546,19 +558,23 @@ class Scheduler:
             self._free.append({})
         self._free[free][info.rank] = None
 
-    def _pick_rank(self, avoid: int | None) -> _Rank | None:
+    def _pick_rank(
+        self, avoid: int | None, filling: dict[int, list[int]], skip: list[int]
+    ) -> _Rank | None:
         """The rank with the most free capacity, not ``avoid`` if another is free.
 
         A rank is refilled only once half its pipeline is free, so tasks go
         out in batches (one message for many tiny tasks) while it still has
-        the other half queued.
+        the other half queued; a refill started in this poll (``filling``)
+        goes on up to full capacity.  Ranks in ``skip`` get nothing.
         """
         fallback = None
-        low_water = max(1, (1 + self._prefetch) // 2)
-        for free in range(len(self._free) - 1, low_water - 1, -1):
+        for free in range(len(self._free) - 1, 0, -1):
             for rank in self._free[free]:
                 info = self._ranks[rank]
-                if free < max(1, self._capacity(info) // 2) and info.inflight:
+                if free < max(1, self._capacity(info) // 2) and info.inflight and rank not in filling:
+                    continue
+                if rank in skip:
                     continue
                 if rank != avoid:
                     return info
@@ -577,7 +593,7 @@ class Scheduler:
                 self._finish(entry, TaskState.FAILURE)
                 actions.expired.append(task_id)
                 continue
-            info = self._pick_rank(entry.avoid_rank)
+            info = self._pick_rank(entry.avoid_rank, actions.dispatch, actions.lost_ranks)
             if info is None:
                 return
             heapq.heappop(self._ready)
@@ -593,12 +609,16 @@ class Scheduler:
         idle = sum(
             1 for r in self._ranks.values() if r.alive and not r.inflight and r.rank not in actions.dispatch
         )
-        if idle == 0:
+        # a steal still under way already serves an idle rank: do not take more
+        idle -= sum(len(r.stealing) for r in self._ranks.values() if r.alive)
+        if idle <= 0:
             return
         # the longest queues first
         for info in sorted(self._ranks.values(), key=lambda r: -len(r.inflight)):
-            if idle == 0 or not info.alive:
+            if idle <= 0 or not info.alive:
                 return
+            if info.rank in actions.lost_ranks:
+                continue  # all its tasks go back to the queue anyway
             queued = [t for t in list(info.inflight)[info.slots :] if t not in info.stealing]
             if not queued:
                 continue

@@ -520,30 +520,11 @@ class Farm:
                     )
                 self._resolve.append(_setter(future, _Encoded(frame)))
                 if self._listeners:
-                    self._emit(
-                        "succeeded",
-                        task=item.task_id,
-                        key=key,
-                        label=future.label,
-                        rank=peer,
-                        attempt=item.attempt,
-                        start=item.t_start,
-                        end=item.t_end,
-                    )
+                    self._emit_outcome("succeeded", item, peer, key, future.label)
                 continue
             if self._listeners:
-                self._emit(
-                    "retried" if decision is Decision.RETRY else "failed",
-                    task=item.task_id,
-                    key=key,
-                    label=future.label,
-                    rank=peer,
-                    attempt=item.attempt,
-                    start=item.t_start,
-                    end=item.t_end,
-                    error=f"{type(error).__name__}: {error}",
-                    crashed=item.crashed,
-                )
+                event = "retried" if decision is Decision.RETRY else "failed"
+                self._emit_outcome(event, item, peer, key, future.label, error)
             if self.journal is not None and key is not None:
                 self.journal.failed(
                     key,
@@ -573,6 +554,28 @@ class Farm:
                     outer.__cause__ = error
                     error = outer
                 self._fail(item.task_id, error)
+
+    def _emit_outcome(
+        self,
+        event: str,
+        item: ResultItem,
+        peer: int,
+        key: str | None,
+        label: str,
+        error: BaseException | None = None,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "task": item.task_id,
+            "key": key,
+            "label": label,
+            "rank": peer,
+            "attempt": item.attempt,
+            "start": item.t_start,
+            "end": item.t_end,
+        }
+        if error is not None:
+            fields.update(error=f"{type(error).__name__}: {error}", crashed=item.crashed)
+        self._emit(event, **fields)
 
     def _decode_error(self, item: ResultItem, peer: int) -> BaseException:
         try:

@@ -7,6 +7,7 @@ by its walltime resume without redoing finished work.
 
 from __future__ import annotations
 
+from ._canvas import GroupResult, Signature, chain, chord, group, signature
 from ._errors import (
     BrokenFarmError,
     DependencyFailed,
@@ -20,9 +21,10 @@ from ._errors import (
     TimeLimitExceeded,
     WorkerLostError,
 )
-from ._executor import FarmExecutor, farm
+from ._executor import FarmExecutor, as_completed_async, farm
 from ._future import FarmFuture
 from ._master import FarmStatistics, RankStatistics
+from ._periodic import PeriodicTask
 from ._task import Task, TaskState
 
 __version__ = "0.1.0"
@@ -34,11 +36,14 @@ __all__ = [
     "FarmExecutor",
     "FarmFuture",
     "FarmStatistics",
+    "GroupResult",
     "JournalError",
     "MaxRetriesExceededError",
+    "PeriodicTask",
     "RankStatistics",
     "RemoteTraceback",
     "SerializationError",
+    "Signature",
     "Task",
     "TaskExpired",
     "TaskState",
@@ -46,5 +51,10 @@ __all__ = [
     "TimeLimitExceeded",
     "WorkerLostError",
     "__version__",
+    "as_completed_async",
+    "chain",
+    "chord",
     "farm",
+    "group",
+    "signature",
 ]

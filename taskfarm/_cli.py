@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import queue
 import runpy
@@ -29,6 +30,9 @@ from ._errors import BrokenFarmError, ExitCode, FarmStopped, JournalError, Taskf
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 #: signals that make rank 0 drain the farm (Slurm sends USR1 early with --signal=B:USR1@T)
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+#: seconds running tasks get to finish when the farm drains; with the teardown it
+#: fits inside Slurm's default KillWait (30 s between SIGTERM and SIGKILL)
+DEFAULT_GRACE = 20.0
 #: seconds kept between the end of a drain and a deadline, to save the journal and stop ranks
 TEARDOWN_MARGIN = 10.0
 #: task-file tasks in flight at once per worker (the rest wait unread in the list)
@@ -50,8 +54,9 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if _env_rank() == 0:
-            command = self.prog.split()[-1]
-            sys.stderr.write(f"taskfarm: error: {message} (see python -m taskfarm {command} --help)\n")
+            words = self.prog.split()  # "taskfarm" or "taskfarm run"
+            command = f" {words[-1]}" if len(words) > 1 else ""
+            sys.stderr.write(f"taskfarm: error: {message} (see python -m taskfarm{command} --help)\n")
         raise SystemExit(ExitCode.USAGE)
 
     def print_help(self, file: Any = None) -> None:
@@ -77,6 +82,15 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
     return value
+
+
+def _size(text: str) -> int:
+    from ._pools import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _slice(text: str) -> tuple[int, int]:
@@ -129,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument(
         "--grace",
         type=_positive_float,
-        default=30.0,
+        default=DEFAULT_GRACE,
         metavar="SECONDS",
-        help="on SIGTERM/SIGINT/SIGUSR1 or near the deadline, running tasks get this long (default 30)",
+        help=f"on SIGTERM/SIGINT/SIGUSR1 or near the deadline, running tasks get this long (default {DEFAULT_GRACE:g})",
     )
     tasks = run.add_argument_group("task files (--tasks) and per-task defaults")
     tasks.add_argument("--run-dir", metavar="DIR", help="per-task logs go under DIR/logs (default ./taskfarm-run)")
@@ -150,7 +164,48 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="declare a worker lost after this long without a word while it holds tasks",
     )
-    run.add_argument("-q", "--quiet", action="store_true", help="no summary at the end")
+    pools = run.add_argument_group("how workers run tasks (docs/pools.md, docs/faults.md)")
+    pools.add_argument(
+        "--pool",
+        choices=("solo", "threads", "processes"),
+        help="solo: one task at a time on the rank's main thread (default); threads: K at once in threads; "
+        "processes: K child processes per rank (a task that crashes fails alone)",
+    )
+    pools.add_argument(
+        "--concurrency", type=_count, metavar="K", help="task slots per worker rank (default 1; >1 implies threads)"
+    )
+    pools.add_argument(
+        "--master-works", action="store_true", default=None, help="rank 0 runs tasks too, in one slot"
+    )
+    pools.add_argument(
+        "--max-tasks-per-child", type=_count, metavar="N", help="start a fresh child process after N tasks"
+    )
+    pools.add_argument(
+        "--max-memory-per-child",
+        type=_size,
+        metavar="SIZE",
+        help="start a fresh child process once one uses more than SIZE resident memory (2G, 500M, bytes)",
+    )
+    shown = run.add_argument_group("progress, summary, event log and logging (docs/events.md)")
+    shown.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show progress on stderr: a bar on a terminal (with tqdm), else a line every "
+        "--progress-interval seconds (default: on, off with -q)",
+    )
+    shown.add_argument(
+        "--progress-interval",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (default 30)",
+    )
+    shown.add_argument("--events", metavar="PATH", help="write every task state change here, one JSON per line")
+    shown.add_argument(
+        "-v", "--verbose", action="count", default=0, help="debug logging (default: $TASKFARM_LOG_LEVEL or WARNING)"
+    )
+    shown.add_argument("-q", "--quiet", action="store_true", help="errors only: no summary, no progress, no warnings")
     run.add_argument("script", nargs="?", metavar="SCRIPT", help="the Python script to run on rank 0")
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments for the script")
 
@@ -161,7 +216,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("journal", metavar="JOURNAL")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    report = sub.add_parser(
+        "report",
+        help="summary of a journal or event log (--events); --plot draws a per-rank timeline",
+        description="Summarise a journal or an event log; with --plot, draw a per-rank timeline "
+        "(failures marked, lost ranks shaded) and a histogram of task durations (needs taskfarm[plot]).",
+    )
+    report.add_argument("file", metavar="JOURNAL|EVENTS")
+    report.add_argument("--plot", metavar="PNG", help="draw the timeline into this PNG file")
+    report.add_argument("--plot-size", type=_plot_size, default=None, metavar="WxH", help="pixels (default 1000x620)")
+    report.add_argument("--json", action="store_true", help="machine-readable summary")
     return parser
+
+
+def _plot_size(text: str) -> tuple[int, int]:
+    from ._report import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.command == "status":
         return _status(ns)
+    if ns.command == "report":
+        from ._report import DEFAULT_PLOT_SIZE, report_command
+
+        return report_command(ns.file, plot=ns.plot, size=ns.plot_size or DEFAULT_PLOT_SIZE, as_json=ns.json)
     if ns.module is None and ns.tasks is None and ns.script is None:
         parser.error("run needs a SCRIPT, -m MODULE or --tasks FILE")
     if ns.module is not None and ns.script is not None:
@@ -183,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--resume, --retry-failed and --force-resume need --journal")
     if ns.resume and not os.path.exists(ns.journal):
         parser.error(f"--resume: no journal at {ns.journal}")
-    if ns.journal and not ns.resume and os.path.exists(ns.journal) and os.path.getsize(ns.journal) > 0:
-        parser.error(f"--journal {ns.journal} exists: add --resume to continue it, or remove it")
+    # whether the journal exists NOW is rank 0's question only: rank 0 creates it
+    # while slower ranks may still be parsing (see _setup_farms / open_journal)
+    if ns.events and not os.path.isdir(os.path.dirname(os.path.abspath(ns.events))):
+        parser.error(f"--events: no such directory: {os.path.dirname(os.path.abspath(ns.events))}")
     return _run(ns)
 
 
@@ -207,15 +288,39 @@ def _status(ns: argparse.Namespace) -> int:
 # -- run ------------------------------------------------------------------------
 def _run(ns: argparse.Namespace) -> int:
     from . import _executor, _transport
+    from ._report import RunReporting, setup_logging
     from ._worker import serve
 
-    if _transport.world_size() > 1 and _transport.world_rank() != 0:
+    worker = _transport.world_size() > 1 and _transport.world_rank() != 0
+    setup_logging(-1 if ns.quiet else ns.verbose, rank0=not worker)
+    if worker:
         # the launcher forwards Slurm's signals to every rank: rank 0 decides
         for sig in DRAIN_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         serve(_transport.world())
         return ExitCode.OK
-    _setup_farms(ns)
+    try:
+        _setup_farms(ns)
+        try:
+            ns.reporting = RunReporting(
+                events=ns.events,
+                progress=ns.progress if ns.progress is not None else not ns.quiet,
+                interval=ns.progress_interval,
+                meta={"argv": sys.argv},
+            )
+        except OSError as exc:
+            sys.stderr.write(f"taskfarm: --events: {exc}\n")
+            raise SystemExit(ExitCode.USAGE) from None
+    except SystemExit as exc:
+        # bad input found on rank 0 after MPI started: the workers are waiting for
+        # rank 0 in a collective call; let them in and stop them, then leave
+        if _transport.world_size() > 1:
+            _executor.world_farm()
+            _executor.close_world_farm()
+        return _exit_status(exc.code)
+    if _transport.world_size() > 1:
+        _fault_tolerance_hint()
+    _executor.on_new_farm(ns.reporting.attach)
     if _transport.world_size() > 1:
         # now, not at the first executor: the workers wait in a collective call
         # for it, and must hear Stop even if the script never uses the farm
@@ -231,9 +336,12 @@ def _run(ns: argparse.Namespace) -> int:
             _executor.close_world_farm()
         if farm_ is not None and farm_.drained:
             code = ExitCode.INCOMPLETE
+        stats = None
         if farm_ is not None:
             stats = farm_.statistics().as_dict()
             stats["exit_code"] = int(code)
+        ns.reporting.finish(stats)  # progress ends; slowest tasks go into stats; event log closes
+        if stats is not None:
             if ns.stats_json:
                 with open(ns.stats_json, "w") as out:
                     json.dump(stats, out, indent=1)
@@ -241,8 +349,23 @@ def _run(ns: argparse.Namespace) -> int:
                 from ._report import format_summary
 
                 sys.stderr.write(format_summary(stats))
+        if farm_ is not None and farm_.resume is not None and not ns.quiet:
+            sys.stderr.write(f"taskfarm: {farm_.resume.describe()}\n")
         _executor.abort_if_stuck(farm_)
+        _transport.set_exit_code(int(code))  # if MPI_Finalize hangs under ULFM, leave with it
     return code
+
+
+def _fault_tolerance_hint() -> None:
+    """Say, once on rank 0, when a dead rank would end the job though it need not."""
+    from ._transport import library, ulfm_enabled
+
+    info = library()
+    if "Open MPI" in str(info["library"]) and not ulfm_enabled():
+        logging.getLogger("taskfarm").warning(
+            "taskfarm: Open MPI without ULFM: if one rank dies the whole job ends; start with "
+            "'mpiexec --with-ft ulfm ...' so the farm resubmits its tasks and carries on (docs/faults.md)"
+        )
 
 
 def _setup_farms(ns: argparse.Namespace) -> None:
@@ -262,6 +385,17 @@ def _setup_farms(ns: argparse.Namespace) -> None:
             sys.stderr.write(f"taskfarm: {exc}\n")
             raise SystemExit(ExitCode.USAGE) from None
         options["run_meta"] = {"argv": sys.argv, "resume": ns.resume}
+    pool_args = (ns.pool, ns.concurrency, ns.max_tasks_per_child, ns.max_memory_per_child)
+    if pool_args != (None, None, None, None):
+        from ._pools import PoolSpec
+
+        try:
+            options["pool"] = PoolSpec.make(*pool_args)
+        except ValueError as exc:
+            sys.stderr.write(f"taskfarm: error: {exc}\n")
+            raise SystemExit(ExitCode.USAGE) from None
+    if ns.master_works:
+        options["master_works"] = True
     _executor.configure_world(**options)
 
     deadline = ns.deadline
@@ -312,8 +446,8 @@ def _run_program(ns: argparse.Namespace) -> int:
         return _exit_status(exc.code)
     except FarmStopped:
         return ExitCode.INCOMPLETE
-    except JournalError as exc:
-        _print_user_traceback(exc)
+    except JournalError as exc:  # other work's journal, or a damaged one: one line says it all
+        sys.stderr.write(f"taskfarm: {exc}\n")
         return ExitCode.USAGE
     except TaskfarmError as exc:
         _print_user_traceback(exc)
@@ -364,6 +498,8 @@ def _run_tasks(ns: argparse.Namespace) -> int:
     run_dir = os.path.abspath(ns.run_dir or "taskfarm-run")
     os.makedirs(run_dir, exist_ok=True)
     write_run_manifest(run_dir, specs, ns.tasks)
+    if getattr(ns, "reporting", None) is not None:
+        ns.reporting.set_total(len(specs))  # the progress display's total
     tasks = (
         Task(
             run_command,
@@ -382,6 +518,10 @@ def _run_tasks(ns: argparse.Namespace) -> int:
             failures = _submit_bounded(executor.submit_task, tasks, window)
         except FarmStopped:
             return ExitCode.INCOMPLETE
+        except JournalError as exc:  # the journal holds other work (see _resume)
+            executor.shutdown(wait=False, cancel_futures=True)
+            sys.stderr.write(f"taskfarm: {exc}\n")
+            return ExitCode.USAGE
     for future in failures[:FAILURES_SHOWN]:
         sys.stderr.write(f"taskfarm: failed: {future.label}: {future.exception()}\n")
     if len(failures) > FAILURES_SHOWN:

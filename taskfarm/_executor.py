@@ -14,29 +14,43 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import datetime as _dt
 import itertools
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
+from . import _periodic, _transport
 from . import _serialization as ser
-from . import _transport
 from ._errors import BrokenFarmError, ExitCode, JournalError, RemoteTraceback
 from ._future import FarmFuture, _Encoded
-from ._journal import JournalWriter, read_journal
+from ._journal import JournalNotFoundError, JournalWriter, read_journal
 from ._master import DEFAULT_HEARTBEAT_TIMEOUT, Farm, FarmStatistics, Submission
+from ._pools import PoolSpec
 from ._protocol import FnRef, Initializer
-from ._resume import Recorded, ResumeIndex, content_key, label_for
-from ._task import Task, TaskPolicy, wall_time_of
+from ._resume import Recorded, ResumeIndex, content_key, function_digest, label_for
+from ._task import Task, TaskPolicy, TaskState, wall_time_of
 from ._worker import serve
 
 #: tasks ``map`` keeps submitted ahead of the result being consumed, per worker
 MAP_WINDOW_PER_WORKER = 64
 #: but never fewer than this many (small farms still need a deep pipeline)
 MAP_WINDOW_MIN = 1024
+#: map(chunksize=None): seconds of work per chunk, once items have been timed;
+#: long enough that the ~0.1 ms a task costs the farm is noise, short enough
+#: that chunks still balance (and guided self-scheduling shrinks them at the end)
+MAP_CHUNK_SECONDS = 0.005
+#: map(chunksize=None): largest chunk, and most items held in flight at once
+MAP_CHUNK_MAX = 16384
+MAP_ITEMS_IN_FLIGHT = 1 << 16
+#: map(chunksize=None): guided self-scheduling, a chunk is at most the
+#: remaining items / (this * workers) when the input's length is known
+MAP_GUIDED_FACTOR = 2
+#: weight of the newest chunk in map's running mean of seconds per item
+MAP_TIME_EWMA = 0.3
 
 _world_farm: Farm | None = None
 _world_lock = threading.Lock()
@@ -123,18 +137,28 @@ def open_journal(
     A journal that exists is never reused without ``resume`` (that would mix
     two runs), and ``resume`` without a journal is an error, not a fresh start.
     """
-    index = None
-    if resume:
-        index = ResumeIndex(read_journal(path), retry_failed=retry_failed, force=force_resume)
-    elif os.path.exists(path) and os.path.getsize(path) > 0:
+    if resume and not os.path.exists(path):
+        raise JournalNotFoundError(os.fspath(path))
+    if not resume and os.path.exists(path) and os.path.getsize(path) > 0:
         raise JournalError(
             f"journal {os.fspath(path)!r} exists: pass --resume (resume=True) to continue it, "
             "or remove it to start over"
         )
-    return JournalWriter(path), index
+    # the lock first, then the index: no other farm can add to what was read
+    writer = JournalWriter(path)
+    try:
+        index = ResumeIndex(read_journal(path), retry_failed=retry_failed, force=force_resume) if resume else None
+    except BaseException:
+        writer.close()
+        raise
+    return writer, index
 
 
 def _persistent_for(farm_: Farm, inputs: list[FarmFuture]) -> ser.Persistent:
+    # each input once: a future used twice, or met again when dumps retries with
+    # dill, must not send its value twice nor count twice as a dependency
+    seen: set[int] = set()
+
     def persistent(obj: Any) -> Any:
         if isinstance(obj, FarmFuture):
             if obj._farm is not farm_ and not obj.done():
@@ -142,7 +166,9 @@ def _persistent_for(farm_: Farm, inputs: list[FarmFuture]) -> ser.Persistent:
                     f"task {obj.task_id} belongs to another farm and is not done; "
                     "a future can be an input only within its own farm"
                 )
-            inputs.append(obj)
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                inputs.append(obj)
             return ("dep", obj.task_id)
         return None
 
@@ -175,9 +201,21 @@ class FarmExecutor(concurrent.futures.Executor):
         resume: bool = False,
         retry_failed: bool = False,
         force_resume: bool = False,
+        pool: str | None = None,
+        concurrency: int | None = None,
+        isolation: str | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+        master_works: bool | None = None,
     ) -> None:
         if max_workers is not None and max_workers < 1:
             raise ValueError("max_workers must be at least 1")
+        # the pool is the farm's (docs/pools.md): None = as the farm already runs, or the default
+        pool_spec = None
+        if (pool, concurrency, max_tasks_per_child, max_memory_per_child) != (None, None, None, None):
+            pool_spec = PoolSpec.make(pool, concurrency, max_tasks_per_child, max_memory_per_child)
+        if isolation not in (None, "inline", "process"):
+            raise ValueError(f"isolation must be 'process', 'inline' or None, not {isolation!r}")
         self._policy = TaskPolicy().merged(
             {
                 "max_retries": max_retries,
@@ -187,6 +225,7 @@ class FarmExecutor(concurrent.futures.Executor):
                 "retry_jitter": retry_jitter,
                 "time_limit": time_limit,
                 "max_crashes": max_crashes,
+                "isolation": isolation,
             }
         )
         self._functions = ser.FunctionCache()
@@ -207,6 +246,7 @@ class FarmExecutor(concurrent.futures.Executor):
                     journal, resume=resume, retry_failed=retry_failed, force_resume=force_resume
                 )
             self._farm = world_farm(**options)
+            self._farm.configure(pool_spec, master_works)
             if journal is not None and (
                 self._farm.journal is None
                 or os.path.abspath(self._farm.journal.path) != os.path.abspath(journal)
@@ -225,7 +265,14 @@ class FarmExecutor(concurrent.futures.Executor):
                 )
             transport = _transport.spawn(nworkers, ["-m", "taskfarm._spawned"])
             self._farm = _started(
-                Farm(transport, heartbeat_timeout=heartbeat_timeout, journal=writer, resume=index)
+                Farm(
+                    transport,
+                    heartbeat_timeout=heartbeat_timeout,
+                    journal=writer,
+                    resume=index,
+                    pool=pool_spec or _world_options.get("pool") or PoolSpec(),
+                    master_works=master_works if master_works is not None else _world_options.get("master_works"),
+                )
             )
             self._owned = True
         self._executor_id = self._farm.new_executor_id()
@@ -246,7 +293,7 @@ class FarmExecutor(concurrent.futures.Executor):
         return self._submit(task.fn, task.args, task.kwargs, task)
 
     def _submit(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any, task: Task | None
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any, task: Task | None, *, journal: bool = True
     ) -> FarmFuture:
         with self._shutdown_lock:
             if self._shutdown:
@@ -269,8 +316,8 @@ class FarmExecutor(concurrent.futures.Executor):
             future.set_exception(exc)
             return future
         key = None
-        if farm_.journal is not None:
-            content = content_key(fn_entry[0], call[0], call[1])
+        if farm_.journal is not None and journal:
+            content = content_key(function_digest(fn), call[0], call[1])
             key = task.key if task is not None and task.key else content
             name = task.label if task is not None and task.label else future.label
             future.key, future.label = key, label_for(name, key, content)
@@ -294,27 +341,74 @@ class FarmExecutor(concurrent.futures.Executor):
             if delay > 0:
                 not_before = time.monotonic() + delay
             expires = wall_time_of(task.expires)
-            if task.label:
+            if task.label and key is None:  # with a journal, label_for already used it
                 future.label = task.label
+        if not_before is not None or any(not dep.done() for dep in inputs):
+            future._task_state = TaskState.SCHEDULED  # waiting for its ETA or its inputs
         with self._pending_lock:
             self._pending.add(future)
         future.add_done_callback(self._forget)
-        farm_.submit(
-            Submission(
-                future,
-                self._executor_id,
-                fn_entry,
-                call,
-                tuple(inputs),
-                policy,
-                priority,
-                not_before,
-                expires,
-                policy.time_limit,
-                key,
+        try:
+            farm_.submit(
+                Submission(
+                    future,
+                    self._executor_id,
+                    fn_entry,
+                    call,
+                    tuple(inputs),
+                    policy,
+                    priority,
+                    not_before,
+                    expires,
+                    policy.time_limit,
+                    key,
+                )
             )
-        )
+        except BaseException:
+            # refused (draining, broken, ended): no one will ever resolve this
+            # future, so shutdown(wait=True) must not wait for it
+            self._forget(future)
+            raise
         return future
+
+    def every(
+        self,
+        interval: float,
+        fn: Callable[..., Any] | Task,
+        /,
+        *args: Any,
+        start: _dt.datetime | float | None = None,
+        stop: _dt.datetime | float | None = None,
+        on_result: Callable[[Any], object] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
+        **kwargs: Any,
+    ) -> _periodic.PeriodicTask:
+        """Run ``fn(*args, **kwargs)`` every ``interval`` seconds while the farm runs.
+
+        The first run is at ``start`` (a datetime or Unix time; default now),
+        none starts at or after ``stop``.  Never two runs at once: ticks missed
+        while a run is going (or queued behind other work) are skipped, not
+        piled up.  Results go to ``on_result(value)`` and to the handle's
+        iterator; failures to ``on_error(exc)``.  ``fn`` may be a `Task` to set
+        per-run options (priority, time_limit, retries).  Returns a
+        `PeriodicTask` handle with ``cancel()``; ``shutdown`` cancels it too.
+        See docs/celery.md for the exact rules.
+        """
+        if isinstance(fn, Task):
+            if args or kwargs:
+                raise TypeError("every(interval, Task): put the arguments into the Task")
+            if fn.countdown or fn.eta is not None:
+                raise ValueError("a periodic Task takes no countdown/eta: use every(..., start=...)")
+            task = fn
+        else:
+            task = Task(fn, args, kwargs)
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            handle = _periodic.PeriodicTask(
+                self, interval, task, start=start, stop=stop, on_result=on_result, on_error=on_error
+            )
+            return handle.start()
 
     def _forget(self, future: concurrent.futures.Future[Any]) -> None:
         with self._pending_lock:
@@ -325,17 +419,27 @@ class FarmExecutor(concurrent.futures.Executor):
         fn: Callable[..., Any],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
     ) -> Iterator[Any]:
         """Like `concurrent.futures.Executor.map`, but lazy over its input.
 
         At most a bounded window of tasks is in flight, so an input of 10^7
-        items never sits in memory; results come in input order.
+        items never sits in memory; results come in input order.  With
+        ``chunksize=None`` (the default) the farm picks chunk sizes itself:
+        one item per task until the first items have been timed, then chunks
+        of about `MAP_CHUNK_SECONDS` of work, shrinking towards the end of an
+        input whose length is known (guided self-scheduling).  With a journal,
+        the default is one item per task, so that task keys stay the same from
+        run to run (resume).
         """
-        if chunksize < 1:
+        if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         deadline = None if timeout is None else time.monotonic() + timeout
         calls: Iterator[Any] = zip(*iterables)
+        if chunksize is None:
+            if self._farm.journal is None:
+                return self._map_auto(fn, calls, _known_length(iterables), deadline)
+            chunksize = 1
         if chunksize > 1:
             calls = ((fn, chunk) for chunk in _batched(calls, chunksize))
             submit_one: Callable[[Any], FarmFuture] = lambda c: self.submit(_run_chunk, *c)  # noqa: E731
@@ -344,6 +448,65 @@ class FarmExecutor(concurrent.futures.Executor):
         window = max(MAP_WINDOW_MIN, MAP_WINDOW_PER_WORKER * max(1, len(self._farm.transport.peers())))
         queue: list[FarmFuture] = [submit_one(c) for c in itertools.islice(calls, window)]
         return self._map_results(queue, calls, submit_one, deadline, chunksize > 1)
+
+    def _map_auto(
+        self, fn: Callable[..., Any], calls: Iterator[Any], length: int | None, deadline: float | None
+    ) -> Iterator[Any]:
+        """map with chunk sizes from measured item times (see `map`)."""
+        import collections
+
+        workers = max(1, len(self._farm.transport.peers()))
+        window = max(MAP_WINDOW_MIN, MAP_WINDOW_PER_WORKER * workers)
+        per_item: float | None = None  # seconds per item on a worker (running mean)
+        remaining = length
+        pending: collections.deque[tuple[FarmFuture, int]] = collections.deque()
+        in_flight = 0  # items in pending
+        exhausted = False
+
+        def top_up() -> None:
+            nonlocal in_flight, remaining, exhausted
+            while not exhausted and len(pending) < window and in_flight < MAP_ITEMS_IN_FLIGHT:
+                if per_item is None:
+                    if len(pending) >= 2 * workers:
+                        return  # probing: wait for the first timings
+                    size = 1
+                else:
+                    size = int(MAP_CHUNK_SECONDS / per_item) if per_item > 0 else MAP_CHUNK_MAX
+                    if remaining is not None:
+                        size = min(size, -(-remaining // (MAP_GUIDED_FACTOR * workers)))
+                    size = max(1, min(MAP_CHUNK_MAX, size, MAP_ITEMS_IN_FLIGHT - in_flight))
+                chunk = list(itertools.islice(calls, size))
+                if len(chunk) < size:
+                    exhausted = True
+                    if not chunk:
+                        return
+                pending.append((self.submit(_run_chunk_timed, fn, chunk), len(chunk)))
+                in_flight += len(chunk)
+                if remaining is not None:
+                    remaining = max(0, remaining - len(chunk))
+
+        top_up()
+
+        def results() -> Iterator[Any]:
+            nonlocal per_item, in_flight
+            try:
+                while pending:
+                    future, count = pending.popleft()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise concurrent.futures.TimeoutError()
+                    values, seconds = future.result(left)
+                    in_flight -= count
+                    sample = seconds / count
+                    per_item = sample if per_item is None else per_item + MAP_TIME_EWMA * (sample - per_item)
+                    top_up()
+                    yield from values
+                    del future, values
+            finally:
+                for future, _ in pending:
+                    future.cancel()
+
+        return results()
 
     def _map_results(
         self,
@@ -381,6 +544,7 @@ class FarmExecutor(concurrent.futures.Executor):
         with self._shutdown_lock:
             already = self._shutdown
             self._shutdown = True
+        _periodic.stop_all(self, wait)
         if cancel_futures:
             with self._pending_lock:
                 pending = list(self._pending)
@@ -444,6 +608,21 @@ def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any
     return [fn(*args) for args in chunk]
 
 
+def _run_chunk_timed(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> tuple[list[Any], float]:
+    """`_run_chunk`, and the seconds it took (map's automatic chunking)."""
+    t0 = time.perf_counter()
+    values = [fn(*args) for args in chunk]
+    return values, time.perf_counter() - t0
+
+
+def _known_length(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """Length of zip(*iterables) when every input has a len(), else None."""
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def farm(max_workers: int | None = None, **options: Any) -> Iterator[FarmExecutor | None]:
     """Run a block with a farm, as mpi4py's ``MPICommExecutor`` does.
@@ -467,3 +646,42 @@ def farm(max_workers: int | None = None, **options: Any) -> Iterator[FarmExecuto
         return
     with FarmExecutor(max_workers, **options) as executor:
         yield executor
+
+
+async def as_completed_async(
+    fs: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None
+) -> AsyncIterator[concurrent.futures.Future[Any]]:
+    """Yield the futures as they finish, in asyncio code on rank 0::
+
+        async for future in taskfarm.as_completed_async(futures):
+            print(future.result())
+
+    The asyncio twin of `concurrent.futures.as_completed`: futures already
+    done come first; the loop is never blocked (completions arrive through
+    ``call_soon_threadsafe``).  ``timeout`` (seconds, from the first step)
+    raises `concurrent.futures.TimeoutError` while futures are unfinished.
+    A single future is awaited with ``await asyncio.wrap_future(future)``.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    pending = set(fs)
+    total = len(pending)
+    finished: asyncio.Queue[concurrent.futures.Future[Any]] = asyncio.Queue()
+
+    def on_done(future: concurrent.futures.Future[Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(finished.put_nowait, future)
+        except RuntimeError:  # the loop closed: nobody iterates any more
+            pass
+
+    for future in pending:
+        future.add_done_callback(on_done)
+    deadline = None if timeout is None else loop.time() + timeout
+    for left in range(total, 0, -1):
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        try:
+            future = await asyncio.wait_for(finished.get(), remaining)
+        except asyncio.TimeoutError:
+            raise concurrent.futures.TimeoutError(f"{left} (of {total}) futures unfinished") from None
+        yield future

@@ -14,7 +14,7 @@ joined into one bigger object when large) and come back as a `Frame` whose
 buffers are fresh, writable, malloc-aligned ``bytearray`` objects, so numpy
 arrays rebuilt from them are writable and aligned.
 
-File format (version 1, all integers little-endian)
+File format (version 2, all integers little-endian)
 ---------------------------------------------------
 The file is a sequence of records.  Each record is a 16-byte head, a body,
 and, when the record carries a frame, the raw frame parts::
@@ -40,7 +40,8 @@ type  name         fields
 1     FILE         b"TFJOURNL", format version u16, created f64, host str16
 2     RUN_START    JSON object (argv, resume flag, time, nworkers, ...)
 3     RUN_END      JSON object (exit code, "complete"/"drained", counts, ...)
-4     SUBMIT       t f64, key len u16, label len u16, key, label
+4     SUBMIT       t f64, key len u16, label len u16, key, label;
+                   flag ALIAS: names an id only, not a (re)submission
 5     DISPATCH     task id u32, rank i32, attempt u32, t f64
 6     SUCCESS      task id u32, rank i32, attempt u32, t_start f64, t_end f64;
                    frame = the result
@@ -50,11 +51,18 @@ type  name         fields
 8     CANCEL       task id u32, t f64
 ====  ===========  =========================================================
 
-The first record is always FILE.  A *task id* is the index of the key in
-the order in which keys first appear in SUBMIT records of this file, so a
-key is stored once per submission and every later record costs 4 bytes for
-it.  Reader and writer derive the ids the same way, so they are never
-stored.  A task costs 113 bytes + key + label + result parts (+4 per
+The first record is always FILE.  A *task id* is the number of SUBMIT
+records before the one that defined it: every SUBMIT record defines the next
+id, for its key (a key resubmitted by a resumed run gets a new id; all its
+ids name the same task).  So a key is stored once per submission and every
+later record costs 4 bytes for it.  Reader and writer count the same way, so
+ids are never stored, and the writer only remembers the ids of tasks that
+are not finished: its memory does not grow with the length of the run.
+When it must write about a key it has forgotten (a late duplicate result) it
+first writes a SUBMIT with the ALIAS flag, which defines an id without
+making the task pending again.  Version 1 files (one id per distinct key, in
+order of first appearance, no ALIAS) are still read, and appended to by
+their own rule.  A task costs 113 bytes + key + label + result parts (+4 per
 out-of-band buffer): a no-op with a 32-character key, a 10-character label
 and a 4-byte result takes 166 bytes (SUBMIT 70 + DISPATCH 36 + SUCCESS 60);
 see `BYTES_PER_TASK_BOUND`.
@@ -122,7 +130,7 @@ import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self, TypeAlias
+from typing import TypeAlias
 
 from taskfarm._errors import ExitCode, JournalError
 
@@ -169,7 +177,9 @@ CANCELLED = "CANCELLED"
 STATES = (PENDING, RUNNING, RETRY, SUCCESS, FAILURE, CANCELLED)
 
 #: Version written into the FILE record; readers refuse newer versions.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Version 1 gave one id per distinct key (the writer had to remember every key).
+_V1 = 1
 #: Starts every record; lets the reader tell a journal from any other file.
 RECORD_MAGIC = b"Tj"
 #: Starts the FILE record's body; names the file type for humans and tools.
@@ -192,9 +202,10 @@ _KNOWN_TYPES = frozenset(range(T_FILE, T_CANCEL + 1))
 # Head flag bits.
 F_HAS_FRAME = 0x01  # the body starts with a frame table; parts follow the body
 F_WIDE = 0x02  # the frame table's lengths are u64 (some part >= 4 GiB)
+F_ALIAS = 0x04  # SUBMIT: defines an id for the key, does not resubmit it
 F_FINAL = 0x10  # FAIL: no retry will follow
 F_COUNTS = 0x20  # FAIL: the attempt counts against the task's retries
-_KNOWN_FLAGS = F_HAS_FRAME | F_WIDE | F_FINAL | F_COUNTS
+_KNOWN_FLAGS = F_HAS_FRAME | F_WIDE | F_ALIAS | F_FINAL | F_COUNTS
 
 # Binary layouts (see the module docstring).
 _HEAD12 = struct.Struct("<2sBBII")  # magic, type, flags, body_len, body_crc
@@ -462,6 +473,8 @@ class JournalState:
     host: str | None = None
     #: rank -> {"done", "failed", "busy_s"}, accumulated during replay
     rank_stats: dict[int, dict[str, float]] = field(default_factory=dict)
+    #: task ids defined so far (the next SUBMIT defines this one)
+    task_ids: int = 0
 
     def counts(self) -> dict[str, int]:
         """Number of tasks in each state (every state present, zeros too)."""
@@ -672,13 +685,16 @@ class _Replay:
             t, klen, llen = _SUBMIT.unpack_from(body)
             if _SUBMIT.size + klen + llen != len(body):
                 raise ValueError("lengths do not match the body")
+            if rec.flags & F_ALIAS and st.format_version == _V1:
+                raise ValueError("ALIAS flag in a version 1 journal")
             key = _decode_text(body[_SUBMIT.size : _SUBMIT.size + klen])
             label = _decode_text(body[_SUBMIT.size + klen :])
             entry = st.tasks.get(key)
+            if entry is None or st.format_version != _V1:
+                self.keys.append(key)  # version 2: every SUBMIT defines an id
             if entry is None:
-                self.keys.append(key)
                 st.tasks[key] = TaskEntry(key=key, label=label, t_submit=t)
-            else:
+            elif not rec.flags & F_ALIAS:
                 if not entry.label:
                     entry.label = label
                 if entry.state != SUCCESS:
@@ -773,6 +789,7 @@ def _replay(path: str, *, parts: str) -> JournalState:
             scanner = _Scanner(path, f, size, parts)
             for rec in scanner:
                 replay.apply(rec)
+            state.task_ids = len(replay.keys)
     except FileNotFoundError:
         raise JournalNotFoundError(path) from None
     except IsADirectoryError as exc:
@@ -885,7 +902,11 @@ class JournalWriter:
         self._dirty = False  # data handed to the kernel since the last fsync
         self._closed = True  # until fully open
         self._broken: str | None = None
-        self._ids: dict[str, int] = {}
+        # key -> [task id, submissions not yet finished]: unfinished tasks only
+        # (version 1 files: every key ever seen, never dropped)
+        self._live: dict[str, list[int]] = {}
+        self._next_id = 0  # the id the next SUBMIT record defines
+        self._v1 = False  # appending to a version 1 file, by its rule
         self._lock_fd = _acquire_lock(self._path)
         try:
             self._fd = self._open_file()
@@ -897,6 +918,7 @@ class JournalWriter:
         _OPEN_WRITERS.add(self)
         try:
             if self._end == 0:
+                self._v1 = FORMAT_VERSION == _V1  # (tests write version 1 files this way)
                 self._append(T_FILE, 0, self._file_body())
                 self._flush()
                 if self._fsync:
@@ -906,6 +928,7 @@ class JournalWriter:
         except BaseException:
             self._release()
             raise
+        self._start = self._end  # where this writer's records begin (see discard)
 
     def _open_file(self) -> int:
         """Open for append; check what is there, truncate a torn tail; the fd.
@@ -921,7 +944,10 @@ class JournalWriter:
             raise JournalError(f"cannot open journal {path!r}: {exc.strerror or exc}") from exc
         try:
             state = _replay(path, parts=_VERIFY)
-            self._ids = {key: i for i, key in enumerate(state.tasks)}
+            self._v1 = state.format_version == _V1
+            self._next_id = state.task_ids
+            if self._v1:
+                self._live = {key: [i, 0] for i, key in enumerate(state.tasks)}
             if state.torn_tail_bytes:
                 os.ftruncate(fd, state.valid_bytes)
                 if self._fsync:
@@ -993,6 +1019,7 @@ class JournalWriter:
             task_id = self._task_id(key, t_end)
             fields = _pack(_SUCCESS, task_id, rank, attempt, t_start, t_end)
             self._append(T_SUCCESS, fflags, table + fields, parts, nbytes)
+            self._finished(key)
 
     def failed(
         self,
@@ -1024,12 +1051,15 @@ class JournalWriter:
             task_id = self._task_id(key, t)
             fields = _pack(_FAIL, task_id, rank, attempt, t, len(text)) + text
             self._append(T_FAIL, flags, table + fields, parts, nbytes)
+            if final:
+                self._finished(key)
 
     def cancelled(self, key: str, *, t: float) -> None:
         """Record that ``key`` was cancelled before it produced a result."""
         with self._mutex:
             task_id = self._task_id(key, t)
             self._append(T_CANCEL, 0, _pack(_CANCEL, task_id, t))
+            self._finished(key)
 
     # -- commit and close ---------------------------------------------------
 
@@ -1054,6 +1084,27 @@ class JournalWriter:
                 self._broken = f"fsync failed: {exc.strerror or exc}"
                 raise JournalError(f"journal {self._path!r}: {self._broken}") from exc
 
+    def discard(self) -> None:
+        """Drop every record this writer appended, then release the file and lock.
+
+        For a run that must leave no trace (a resume refused because the
+        journal holds other work): the file is cut back to what it was when
+        this writer opened it (plus the file header, if it created the file).
+        """
+        if self._closed:
+            return
+        try:
+            with self._mutex:
+                self._buf = bytearray()
+                if self._end > self._start:
+                    os.ftruncate(self._fd, self._start)
+                    self._end = self._start
+                    _sync_fd(self._fd)
+        except OSError as exc:
+            raise JournalError(f"journal {self._path!r}: cannot drop this run's records: {exc}") from exc
+        finally:
+            self._release()
+
     def close(self) -> None:
         """Sync, then release the file and the lock.  Safe to call twice."""
         if self._closed:
@@ -1064,7 +1115,7 @@ class JournalWriter:
         finally:
             self._release()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> JournalWriter:
         return self
 
     def __exit__(
@@ -1100,23 +1151,41 @@ class JournalWriter:
         if self._closed:
             raise JournalError(f"journal {self._path!r} is closed")
 
-    def _submit(self, key: str, label: str, t: float) -> int:
+    def _submit(self, key: str, label: str, t: float, *, alias: bool = False) -> int:
+        """Append a SUBMIT record for ``key``; the task id to use for it."""
         kbytes = _encode_text(key)
         if len(kbytes) > U16_MAX:
             raise ValueError(f"task key is {len(kbytes)} bytes; at most {U16_MAX} allowed")
         lbytes = _encode_text(label[:MAX_LABEL_CHARS])
-        self._append(T_SUBMIT, 0, _pack(_SUBMIT, t, len(kbytes), len(lbytes)) + kbytes + lbytes)
-        task_id = self._ids.get(key)
-        if task_id is None:
-            task_id = self._ids[key] = len(self._ids)
-        return task_id
+        flags = F_ALIAS if alias and not self._v1 else 0
+        self._append(T_SUBMIT, flags, _pack(_SUBMIT, t, len(kbytes), len(lbytes)) + kbytes + lbytes)
+        live = self._live.get(key)
+        if live is None:
+            live = self._live[key] = [self._next_id, 0]
+            self._next_id += 1
+        elif not self._v1:  # version 2: this record defined a new id; use it
+            live[0] = self._next_id
+            self._next_id += 1
+        if not alias:
+            live[1] += 1
+        return live[0]
 
     def _task_id(self, key: str, t: float) -> int:
-        """The id of ``key``; a key never submitted is submitted now (no label)."""
-        task_id = self._ids.get(key)
-        if task_id is None:
-            task_id = self._submit(key, "", t)
-        return task_id
+        """The id of ``key``; a key not known (any more) gets one now, by an ALIAS record."""
+        live = self._live.get(key)
+        if live is None:
+            return self._submit(key, "", t, alias=True)
+        return live[0]
+
+    def _finished(self, key: str) -> None:
+        """A submission of ``key`` has its final outcome: forget the id when none is left."""
+        if self._v1:
+            return
+        live = self._live.get(key)
+        if live is not None:
+            live[1] -= 1
+            if live[1] <= 0:
+                del self._live[key]
 
     def _append(
         self,

@@ -44,10 +44,11 @@ from ._errors import (
 )
 from ._future import FarmFuture, _Encoded
 from ._journal import JournalWriter
+from ._loopback import Loopback
+from ._pools import PoolSpec
 from ._protocol import (
     PROTOCOL_VERSION,
     Bye,
-    Config,
     FnRef,
     Hello,
     Initializer,
@@ -60,15 +61,23 @@ from ._protocol import (
     TaskItem,
 )
 from ._resume import ResumeIndex
-from ._scheduler import Decision, Scheduler
+from ._scheduler import MAX_PREFETCH, PIPELINE_SECONDS, Decision, Scheduler
 from ._task import TaskPolicy, TaskState
-from ._transport import Backoff, Transport, library
+from ._transport import Backoff, Doorbell, Transport, library, ulfm_enabled
+from ._worker import serve_in_thread
 
 log = logging.getLogger("taskfarm.master")
 
 #: longest sleep of the service thread while tasks are out (seconds): bounds
 #: how late a result is noticed against the master's CPU while workers compute
-BUSY_POLL_CAP = 0.005
+#: (the delay doubles from the last activity: a result is noticed at most
+#: about as late as it took to come; see `Farm._poll_cap`)
+BUSY_POLL_CAP = 0.01
+#: shortest such cap (tiny tasks behind a backlog, shallow pipelines)
+BUSY_POLL_MIN = 0.0002
+#: with nothing happening, the scheduler is still consulted this often (seconds):
+#: ready tasks expire while every rank is full
+DISPATCH_PERIOD = 0.05
 #: longest sleep while nothing is out; only Hello/Bye can arrive then
 IDLE_POLL_CAP = 0.05
 #: a worker silent this long while holding tasks is declared lost (seconds)
@@ -79,6 +88,9 @@ HEARTBEATS_PER_TIMEOUT = 4
 BYE_TIMEOUT = 30.0
 #: the same after a drain, when workers may still be inside cut-off tasks
 DRAIN_BYE_TIMEOUT = 2.0
+#: the same for a rank declared lost by its heartbeat: a woken one answers in
+#: milliseconds, one still stopped is not waited for long (the job is aborted)
+LOST_BYE_TIMEOUT = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +105,14 @@ class RankStatistics:
     alive: bool
     #: CPU the rank spent outside tasks, per second of its life (from its Bye)
     overhead_cpu_fraction: float | None
+    #: how the rank ran tasks: "solo", "threads" or "processes" (from its Bye)
+    pool: str | None = None
+    #: time inside tasks per slot-second of the rank's life: busy_time / (slots * life)
+    busy_fraction: float | None = None
+    #: the same for each slot (from its Bye)
+    slot_busy_fraction: tuple[float, ...] | None = None
+    #: child processes started again after a crash, a time limit or recycling
+    child_restarts: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +146,13 @@ class FarmStatistics:
     #: on resume: tasks reused from the journal, new, rerun, not resubmitted
     resume: Mapping[str, int] | None = None
     journal_bytes: int | None = None
+    #: the workers' pool and task slots per worker rank (rank 0's own worker has one)
+    pool: str = "solo"
+    concurrency: int = 1
+    #: True when rank 0 runs tasks too (it appears as rank 0 in ``ranks``)
+    master_works: bool = False
+    #: True when a lost rank leaves the job running (Open MPI with --with-ft ulfm)
+    ulfm: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``--stats-json`` writes)."""
@@ -136,7 +163,7 @@ class FarmStatistics:
 
 
 #: a listener gets (event, fields); events: worker_joined, submitted, dispatched,
-#: succeeded, failed, retried, rank_lost, drained (see docs/events.md)
+#: succeeded, failed, retried, cancelled, rank_lost, drained (see docs/events.md)
 Listener = Callable[[str, dict[str, Any]], None]
 
 
@@ -183,6 +210,8 @@ class Farm:
         journal: JournalWriter | None = None,
         resume: ResumeIndex | None = None,
         run_meta: Mapping[str, Any] | None = None,
+        pool: PoolSpec | None = None,
+        master_works: bool | None = None,
     ) -> None:
         self.transport = transport
         self.journal = journal
@@ -198,7 +227,17 @@ class Farm:
         self.heartbeat_timeout = heartbeat_timeout
         self._peers = transport.peers()
         self._submissions: collections.deque[Any] = collections.deque()
-        self._wake = threading.Event()
+        self._wake = Doorbell()  # set by user threads: work for the service thread
+        self._next_dispatch = 0.0  # monotonic time the scheduler must be polled by
+        self.pool = pool or PoolSpec()
+        self.master_works = bool(master_works)
+        #: pool settings fixed, at construction or by the first executor (`configure`);
+        #: until they apply, workers' Hellos wait (a worker's first word back is Config)
+        self._configured = pool is not None or master_works is not None
+        self._ready = False
+        self._parked: list[tuple[int, Hello]] = []
+        if self._configured:
+            self._apply_configuration()
         self._tasks: dict[int, _Task] = {}
         self._executors: dict[int, _ExecutorInfo] = {}
         self._next_task_id = 0
@@ -234,6 +273,44 @@ class Farm:
         with self._id_lock:
             self._next_executor_id += 1
             return self._next_executor_id
+
+    def configure(self, pool: PoolSpec | None, master_works: bool | None) -> None:
+        """Fix the pool settings if nobody has yet (the first executor does, in world mode).
+
+        Settings given explicitly that differ from the farm's raise ValueError:
+        one farm has one pool (``taskfarm run --pool`` or the first executor sets it).
+        """
+        with self._submit_lock:
+            if self._configured:
+                if pool is not None and pool != self.pool:
+                    raise ValueError(
+                        f"this farm already runs pool={self.pool.kind!r} with concurrency {self.pool.concurrency}; "
+                        "the pool is set once per farm (taskfarm run --pool, or the first executor)"
+                    )
+                if master_works is not None and bool(master_works) != self.master_works:
+                    raise ValueError(
+                        f"this farm already runs with master_works={self.master_works}; it is set once per farm"
+                    )
+                return
+            self._configured = True
+            self.pool = pool or PoolSpec()
+            self.master_works = bool(master_works)
+            self._submissions.append(("configure", None))
+        self._wake.set()
+
+    def _apply_configuration(self) -> None:
+        """Start rank 0's own worker if wanted; answer the Hellos that waited."""
+        if self.master_works and not isinstance(self.transport, Loopback):
+            # rank 0 runs tasks too: peer 0, a worker thread in this process (_loopback)
+            loopback = Loopback(self.transport, self._wake.set)
+            self.transport = loopback
+            self._peers = loopback.peers()
+            serve_in_thread(loopback.local)
+        self._ready = True
+        parked, self._parked = self._parked, []
+        now = time.monotonic()
+        for peer, hello in parked:
+            self._on_hello(peer, hello, now)
 
     def add_executor(self, executor_id: int, initializer: Initializer | None) -> None:
         """Tasks of this executor carry ``initializer`` to each worker's first batch."""
@@ -327,12 +404,15 @@ class Farm:
         self._thread.join()
         if self.transport.intercomm:
             self.transport.close()
-        if self.journal is not None:
+        if self.journal is not None and self.resume is not None and self.resume.refused:
+            self.journal.discard()  # the journal holds other work: leave it as it was
+        elif self.journal is not None:
             s = self._snapshot
+            status = "drained" if self.drained else ("broken" if self._broken else "complete")
             self.journal.run_ended(
                 {
                     "time": time.time(),
-                    "status": "drained" if self.drained else ("broken" if self._broken else "complete"),
+                    "status": "abandoned" if self._abandoned else status,
                     "done": s.done if s else None,
                     "failed": s.failed if s else None,
                 }
@@ -354,20 +434,24 @@ class Farm:
                     if self.scheduler.in_flight() == 0 or time.monotonic() > (self._drain_until or 0):
                         self._end_drain()
                         break
-                else:
-                    progressed |= self._dispatch()
+                elif progressed or time.monotonic() >= self._next_dispatch:
+                    progressed |= self._dispatch()  # else: nothing changed since the last one
                 sending = self.transport.progress()
                 if self._snapshot_wanted.is_set():
                     self._service_cpu = time.thread_time() - cpu0
                     self._snapshot = self._take_snapshot()
                     self._snapshot_wanted.clear()
                     self._snapshot_ready.set()
-                if self._closing and not self.scheduler.has_work() and not self._submissions:
-                    break
-                if self.scheduler.live_workers() == 0 and self._all_peers_gone():
+                if self._closing and not self._submissions and (
+                    not self.scheduler.has_work() or self._broken is not None
+                ):
+                    break  # done; or broken: its tasks have failed, nothing can run them
+                if progressed and self.scheduler.live_workers() == 0 and self._all_peers_gone():
                     self._break(BrokenFarmError("every worker rank of the farm was lost"))
                 if progressed:
-                    backoff.reset()
+                    if not self.scheduler.has_ready() or self.scheduler.prefetch >= MAX_PREFETCH:
+                        backoff.reset()  # results are awaited: poll sooner
+                    # else: every rank holds a deep pipeline (long tasks, a backlog): no hurry
                     time.sleep(0)
                 elif sending:
                     time.sleep(0)
@@ -425,14 +509,25 @@ class Farm:
         self._commit()
         self._closing = True
 
+    def _poll_cap(self) -> float:
+        """How long the service thread may sleep while tasks are out: while
+        ready tasks wait for room, a quarter of the ranks' pipeline depth (they
+        run from their queues meanwhile); else `BUSY_POLL_CAP`."""
+        if not self.scheduler.has_ready():
+            return BUSY_POLL_CAP
+        depth = min(PIPELINE_SECONDS, (1 + self.scheduler.prefetch) * (self.scheduler._mean_duration or 0.0))
+        return min(BUSY_POLL_CAP, max(BUSY_POLL_MIN, depth / 4))
+
     def _wait(self, backoff: Backoff) -> None:
         """Step 7: sleep until the next poll, a submission, or a timed task."""
         busy = self.scheduler.has_work()
+        if busy:
+            backoff.cap = self._poll_cap()
         delay = backoff.next() if busy else IDLE_POLL_CAP
         if delay == 0.0:
             time.sleep(0)
             return
-        wakeup = self.scheduler.next_wakeup()
+        wakeup = self.scheduler.next_wakeup() if self._drain_grace is not None else self._next_dispatch
         if self._drain_at is not None:
             wakeup = self._drain_at if wakeup is None else min(wakeup, self._drain_at)
         if self._drain_until is not None:
@@ -441,7 +536,7 @@ class Farm:
             delay = max(0.0, min(delay, wakeup - time.monotonic()))
         if self._wake.wait(delay):
             self._wake.clear()
-            backoff.reset()
+            backoff.restart()  # fresh work: its results are awaited
 
     # step 1
     def _receive(self) -> bool:
@@ -459,6 +554,8 @@ class Farm:
                 pass
             elif kind is Kind.HELLO:
                 self._on_hello(peer, record, now)
+            elif kind is Kind.LOG:
+                _relay_logs(peer, record.records)
             elif kind is Kind.BYE:
                 self._byes[peer] = record
             else:
@@ -478,11 +575,15 @@ class Farm:
             return
         if self._closing and not self.scheduler.has_work():
             return  # Stop follows
-        if self.scheduler.add_worker(peer, hello.slots, now):
+        if not self._ready:
+            self._parked.append((peer, hello))  # answered once the pool is known
+            return
+        slots = hello.slots or self.pool.concurrency
+        if self.scheduler.add_worker(peer, slots, now):
             if self._listeners:
-                self._emit("worker_joined", rank=peer, host=hello.host, pid=hello.pid, slots=hello.slots)
+                self._emit("worker_joined", rank=peer, host=hello.host, pid=hello.pid, slots=slots)
             interval = self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT if self.heartbeat_timeout else 60.0
-            self.transport.send(peer, Kind.CONFIG, Config(interval))
+            self.transport.send(peer, Kind.CONFIG, self.pool.config(interval))
 
     def _on_results(self, peer: int, batch: ResultBatch, now: float) -> None:
         for item in batch.items:
@@ -649,11 +750,15 @@ class Farm:
                     task = self._tasks.pop(arg, None)
                     if task is not None and self.journal is not None and task.sub.key is not None:
                         self.journal.cancelled(task.sub.key, t=time.time())
+                    if task is not None and self._listeners:
+                        self._emit("cancelled", task=arg, key=task.sub.key, label=task.sub.future.label)
                     if task is not None:
                         task.sub.future.set_running_or_notify_cancel()  # lets wait() see it
                     self._fail_dependents_of_cancelled(arg)
                 elif what == "executor":
                     self._executors[arg.executor_id] = arg
+                elif what == "configure":
+                    self._apply_configuration()
                 continue
             self._admit(sub, now)
         return True
@@ -668,21 +773,23 @@ class Farm:
     def _admit(self, sub: Submission, now: float) -> None:
         future = sub.future
         if future.cancelled():
+            # cancelled before the service thread saw it: wait() and as_completed()
+            # count a cancelled future only once it is marked notified
+            future.set_running_or_notify_cancel()
             return
+        # failures decided here resolve at once, not at the next commit: a later
+        # submission in this same batch may name this future as its input, and
+        # must see it done (nothing here needs the journal's group commit)
         if self._broken is not None:
-            self._resolve.append(_failer(future, BrokenFarmError(str(self._broken))))
+            _failer(future, BrokenFarmError(str(self._broken)))()
             return
         waiting = []
         for dep in sub.inputs:
             if not dep.done():
                 waiting.append(dep.task_id)
             elif dep.cancelled() or dep.exception(0) is not None:
-                self._resolve.append(
-                    _failer(
-                        future,
-                        DependencyFailed(f"input task {dep.task_id} of task {future.task_id} failed or was cancelled"),
-                    )
-                )
+                error = DependencyFailed(f"input task {dep.task_id} of task {future.task_id} failed or was cancelled")
+                _failer(future, error)()
                 return
         task_id = future.task_id
         self._tasks[task_id] = _Task(sub)
@@ -727,6 +834,8 @@ class Farm:
     def _dispatch(self) -> bool:
         now = time.monotonic()
         actions = self.scheduler.poll(now)
+        wakeup = self.scheduler.next_wakeup()
+        self._next_dispatch = now + DISPATCH_PERIOD if wakeup is None else min(wakeup, now + DISPATCH_PERIOD)
         if not actions:
             return False
         for rank in actions.lost_ranks:
@@ -748,6 +857,15 @@ class Farm:
             task = self._tasks[task_id]
             sub = task.sub
             future = sub.future
+            try:
+                deps = tuple(self._dep_value(dep) for dep in sub.inputs)
+            except Exception as exc:
+                log.exception("task %d: cannot prepare its inputs", task_id)
+                self.scheduler.withdraw(task_id, rank)
+                self._tasks.pop(task_id, None)
+                _failer(future, DependencyFailed(f"task {task_id}: an input could not be passed on: {exc!r}"))()
+                self._fail_dependents_of_cancelled(task_id)
+                continue
             if not _mark_running(future):
                 self.scheduler.withdraw(task_id, rank)
                 self._tasks.pop(task_id, None)
@@ -766,7 +884,6 @@ class Farm:
             else:
                 fn = FnRef(digest, payload)
                 sent_fns.add(digest)
-            deps = tuple(self._dep_value(dep) for dep in sub.inputs)
             by_executor.setdefault(sub.executor_id, []).append(
                 TaskItem(
                     task_id,
@@ -776,6 +893,7 @@ class Farm:
                     sub.call[1],
                     deps,
                     sub.time_limit,
+                    sub.policy.isolation,
                 )
             )
         for executor_id, items in by_executor.items():
@@ -784,10 +902,12 @@ class Farm:
             if info is not None and info.initializer is not None and executor_id not in self._init_sent[rank]:
                 init = info.initializer
                 self._init_sent[rank].add(executor_id)
-            self.transport.send(rank, Kind.TASKS, TaskBatch(init, tuple(items)))
+            self.transport.send(rank, Kind.TASKS, TaskBatch(init, tuple(items), executor_id))
 
     @staticmethod
     def _dep_value(dep: FarmFuture) -> tuple[int, bytes, tuple[Any, ...]]:
+        if not dep.done():
+            raise RuntimeError(f"input task {dep.task_id} is not done (a dispatch-order bug)")
         frame = dep.encoded_result()
         if frame is None:
             frame = ser.dumps(dep.result(0), "argument")
@@ -812,22 +932,39 @@ class Farm:
         self._closing = True
 
     def _stop_workers(self) -> None:
-        """Send Stop to every worker not lost, and collect their Byes."""
-        targets = [p for p in self._peers if not self.scheduler.is_lost(p)]
+        """Send Stop to every worker whose process lives, and collect their Byes.
+
+        A rank declared lost by its heartbeat (stopped, hung, or slow and woken
+        since) is told to stop too: left alone it would keep the job from
+        ending.  It gets `LOST_BYE_TIMEOUT` to answer; a rank that does not
+        answer ends up in ``unanswered`` and the caller aborts the job.
+        """
+        failed = self.transport.failed
+        targets = [p for p in self._peers if not failed(p)]
+        silent = {p for p in targets if self.scheduler.is_lost(p)}
         for peer in targets:
+            if peer in silent:
+                self.transport.unforget(peer)
             self.transport.send(peer, Kind.STOP, Stop("farm closed"))
         # after a drain, a worker still busy is cut off by the walltime anyway
-        deadline = time.monotonic() + (DRAIN_BYE_TIMEOUT if self.drained else BYE_TIMEOUT)
-        backoff = Backoff(BUSY_POLL_CAP)
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        deadline = start + (DRAIN_BYE_TIMEOUT if self.drained else BYE_TIMEOUT)
+        silent_deadline = min(deadline, start + LOST_BYE_TIMEOUT)
+        backoff = Backoff(10 * BUSY_POLL_MIN)  # Byes come within milliseconds
+        while True:
             self._receive()
             self._notice_lost()
             self.transport.progress()
-            missing = [p for p in targets if p not in self._byes and not self.scheduler.is_lost(p)]
+            now = time.monotonic()
+            missing = [
+                p
+                for p in targets
+                if p not in self._byes and not failed(p) and now < (silent_deadline if p in silent else deadline)
+            ]
             if not missing:
                 break
             time.sleep(backoff.next())
-        self.unanswered = [p for p in targets if p not in self._byes]
+        self.unanswered = [p for p in targets if p not in self._byes and not failed(p)]
         self.transport.flush(timeout=5.0)
 
     def _take_snapshot(self) -> FarmStatistics:
@@ -837,8 +974,12 @@ class Farm:
         for rank, r in s.ranks.items():
             bye = self._byes.get(rank)
             overhead = None
+            slot_busy = None
+            life = wall
             if bye is not None and bye.wall_time > 0:
                 overhead = max(0.0, bye.cpu_time - bye.task_cpu_time) / bye.wall_time
+                slot_busy = tuple(b / bye.wall_time for b in bye.slot_busy)
+                life = bye.wall_time
             ranks[rank] = RankStatistics(
                 host=self._hosts.get(rank, "?"),
                 slots=r.slots,
@@ -847,6 +988,10 @@ class Farm:
                 busy_time=r.busy_time,
                 alive=r.alive,
                 overhead_cpu_fraction=overhead,
+                pool=bye.pool if bye is not None else None,
+                busy_fraction=r.busy_time / (r.slots * life) if life > 0 else None,
+                slot_busy_fraction=slot_busy,
+                child_restarts=bye.child_restarts if bye is not None else None,
             )
         return FarmStatistics(
             submitted=s.submitted,
@@ -870,7 +1015,24 @@ class Farm:
             drained=self.drained,
             resume=None if self.resume is None else self.resume.summary(),
             journal_bytes=None if self.journal is None else self.journal.bytes_written,
+            pool=self.pool.kind,
+            concurrency=self.pool.concurrency,
+            master_works=self.master_works,
+            ulfm=ulfm_enabled(),
         )
+
+
+def _relay_logs(peer: int, records: Any) -> None:
+    """Hand a worker's log records to rank 0's loggers, the rank in front of the message."""
+    for name, level, message, created in records:
+        logger = logging.getLogger(name)
+        if logger.isEnabledFor(level):
+            record = logging.makeLogRecord(
+                {"name": name, "levelno": level, "levelname": logging.getLevelName(level), "rank": peer}
+            )
+            record.msg = f"[rank {peer}] {message}"
+            record.created, record.msecs = created, (created % 1) * 1000
+            logger.handle(record)
 
 
 def _mark_running(future: FarmFuture) -> bool:

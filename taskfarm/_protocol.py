@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class Kind(enum.IntEnum):
@@ -37,11 +37,17 @@ class Hello(NamedTuple):
     version: int
     host: str
     pid: int
+    #: task slots of this rank; 0 = as the master's Config says (``concurrency``)
     slots: int
 
 
 class Config(NamedTuple):
     heartbeat_interval: float
+    #: how the worker runs tasks: "solo", "threads" or "processes" (see _pools.PoolSpec)
+    pool: str = "solo"
+    concurrency: int = 1
+    max_tasks_per_child: int | None = None
+    max_memory_per_child: int | None = None  # bytes of resident memory
 
 
 class FnRef(NamedTuple):
@@ -61,6 +67,8 @@ class TaskItem(NamedTuple):
     #: results of the task's input futures, by task id: (pickled, buffers)
     deps: tuple[tuple[int, bytes, tuple[Any, ...]], ...]
     time_limit: float | None
+    #: "process" (a child process), "inline" (the worker's own thread) or None (the pool's way)
+    isolation: str | None = None
 
 
 class Initializer(NamedTuple):
@@ -74,6 +82,8 @@ class Initializer(NamedTuple):
 class TaskBatch(NamedTuple):
     init: Initializer | None
     items: tuple[TaskItem, ...]
+    #: the executor the items belong to (its initializer runs before them)
+    executor_id: int = 0
 
 
 class ResultItem(NamedTuple):
@@ -119,6 +129,11 @@ class Bye(NamedTuple):
     cpu_time: float  # process CPU seconds, tasks included
     task_cpu_time: float  # CPU seconds spent inside tasks
     wall_time: float  # seconds from start to Bye
+    pool: str = "solo"
+    #: wall seconds each slot spent inside tasks
+    slot_busy: tuple[float, ...] = ()
+    #: child processes started again (after a crash, a time limit or recycling)
+    child_restarts: int = 0
 
 
 class LogRecords(NamedTuple):

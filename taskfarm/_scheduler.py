@@ -15,7 +15,8 @@ Rules, in the order `poll` applies them:
    rank with a free slot; a retried task avoids the rank it failed on when
    another is free.  Each rank holds up to ``slots + prefetch`` tasks, where
    prefetch grows as tasks get shorter, so tiny tasks never leave a worker
-   waiting for the master.
+   waiting for the master.  A task with an expiry goes only to a free slot,
+   never into a queue behind a running task, where it could start too late.
 4. When nothing is ready and a rank sits idle, tasks queued (not started)
    behind a busy rank's running task are stolen back, so the tail of a skewed
    workload never waits behind one long task.
@@ -38,12 +39,16 @@ from ._task import TaskPolicy, TaskState
 
 #: seconds of queued work each worker slot should hold so it never waits for
 #: the master: about two master round trips under load on a busy node
-PIPELINE_SECONDS = 0.002
+PIPELINE_SECONDS = 0.02
 #: upper bound on prefetched tasks per slot (bounds what a lost rank takes down)
 MAX_PREFETCH = 32
 #: weight of the newest task duration in the running mean
 DURATION_EWMA = 0.05
 
+
+#: tasks with an expiry passed over in one poll while waiting for an idle slot,
+#: at most (bounds the cost of a poll; the rest wait as if every rank were full)
+MAX_DEFERRED = 64
 
 #: states a dispatched task is in after being put back in the queue
 _REQUEUED = (TaskState.PENDING, TaskState.SCHEDULED, TaskState.RETRY)
@@ -582,6 +587,12 @@ class Scheduler:
         return fallback
 
     def _assign(self, now: float, actions: Actions) -> None:
+        deferred: list[tuple[int, int, int]] = []  # tasks with an expiry waiting for an idle slot
+        self._assign_ready(now, actions, deferred)
+        for item in deferred:
+            heapq.heappush(self._ready, item)
+
+    def _assign_ready(self, now: float, actions: Actions, deferred: list[tuple[int, int, int]]) -> None:
         while self._ready:
             _, _, task_id = self._ready[0]
             entry = self._entries.get(task_id)
@@ -593,9 +604,19 @@ class Scheduler:
                 self._finish(entry, TaskState.FAILURE)
                 actions.expired.append(task_id)
                 continue
-            info = self._pick_rank(entry.avoid_rank, actions.dispatch, actions.lost_ranks)
+            if entry.expires is not None:
+                # never queued behind a running task, where it could start after its expiry
+                info = self._pick_idle(entry.avoid_rank, actions.lost_ranks)
+                if info is None:
+                    full = self._pick_rank(None, actions.dispatch, actions.lost_ranks) is None
+                    if full or len(deferred) >= MAX_DEFERRED:
+                        break
+                    deferred.append(heapq.heappop(self._ready))
+                    continue
+            else:
+                info = self._pick_rank(entry.avoid_rank, actions.dispatch, actions.lost_ranks)
             if info is None:
-                return
+                break
             heapq.heappop(self._ready)
             if not info.inflight:
                 info.last_heard = now  # the heartbeat clock starts with its first task
@@ -604,6 +625,17 @@ class Scheduler:
             entry.state = TaskState.RUNNING
             entry.attempt += 1
             actions.dispatch.setdefault(info.rank, []).append(task_id)
+
+    def _pick_idle(self, avoid: int | None, skip: list[int]) -> _Rank | None:
+        """A rank with a free slot (a task sent there starts at once), not ``avoid`` if another."""
+        fallback = None
+        for info in self._ranks.values():
+            if not info.alive or len(info.inflight) >= info.slots or info.rank in skip:
+                continue
+            if info.rank != avoid:
+                return info
+            fallback = info
+        return fallback
 
     def _plan_steals(self, actions: Actions) -> None:
         idle = sum(

@@ -8,6 +8,11 @@
   buffers of 64 KiB and more (numpy data, bytes-like objects) kept out-of-band
   so the transport sends them as raw MPI buffers; dill is the fallback for what
   pickle refuses.
+* Functions and classes of ``__main__`` inside arguments go by value (a
+  worker's ``__main__`` is not the user's script); classes of ``__main__`` in
+  results and exceptions go by name with their value as fallback, so the
+  master gets its own class back (``except MyError`` works).  Locks and open
+  files are refused even where dill would copy them.
 * A future passed as an argument is pickled as a reference to its task
   (``persistent_id``); the worker substitutes the input's value.
 
@@ -19,10 +24,14 @@ was found.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import pickle
 import re
+import sys
+import threading
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -86,7 +95,110 @@ class _RefPickler(pickle.Pickler):
         self.persistent_id = persistent  # type: ignore[method-assign]
 
 
-class _DillRefPickler(dill.Pickler):  # type: ignore[misc]
+_MAIN = b"__main__"
+#: objects of __main__ loaded by value, by digest: one class object per class
+#: however many tasks carry its instances (bounded: closures vary)
+_LOADED_MAX = 256
+_loaded: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
+_loaded_lock = threading.Lock()
+_by_value: weakref.WeakKeyDictionary[Any, tuple[bytes, bytes]] = weakref.WeakKeyDictionary()
+
+
+class _MainPickler(pickle.Pickler):
+    """Pickles the functions and classes of ``__main__`` so the other side can load them.
+
+    Plain pickle names them ``__main__.<name>``, which on a worker is not the
+    user's script.  They go by value (dill) instead; with ``by_name`` (results
+    and exceptions, bound for the master) a class goes as its name with its
+    value as fallback, so the master gets its own class back: ``except
+    MyError`` and ``isinstance`` work on what tasks return and raise.
+    """
+
+    def __init__(self, file: io.BytesIO, persistent: Persistent | None, by_name: bool, **kw: Any) -> None:
+        super().__init__(file, PROTOCOL, **kw)
+        if persistent is not None:
+            self.persistent_id = persistent  # type: ignore[method-assign]
+        self._by_name = by_name
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not (isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__"):
+            return NotImplemented
+        digest, payload = _value_of(obj)
+        if self._by_name and isinstance(obj, type):
+            return _load_main_class, (obj.__qualname__, digest, payload)
+        return _load_value, (digest, payload)
+
+
+def _value_of(obj: Any) -> tuple[bytes, bytes]:
+    try:
+        return _by_value[obj]
+    except (KeyError, TypeError):
+        pass
+    payload = _dill_dumps(obj)
+    entry = (hashlib.blake2b(payload, digest_size=DIGEST_SIZE).digest(), payload)
+    if getattr(obj, "__closure__", None) is None:
+        try:
+            _by_value[obj] = entry
+        except TypeError:
+            pass
+    return entry
+
+
+def _dill_dumps(obj: Any) -> bytes:
+    out = io.BytesIO()
+    _DillPickler(out, PROTOCOL, recurse=True).dump(obj)
+    return out.getvalue()
+
+
+def _load_value(digest: bytes, payload: bytes) -> Any:
+    """Unpickling side of `_MainPickler`: an object of the sender's __main__, by value."""
+    with _loaded_lock:
+        if digest in _loaded:
+            _loaded.move_to_end(digest)
+            return _loaded[digest]
+    obj = pickle.loads(payload)
+    with _loaded_lock:
+        obj = _loaded.setdefault(digest, obj)
+        while len(_loaded) > _LOADED_MAX:
+            _loaded.popitem(last=False)
+    return obj
+
+
+def _load_main_class(qualname: str, digest: bytes, payload: bytes) -> Any:
+    """This process's own ``__main__.<qualname>`` if it has that class, else the sent one."""
+    obj: Any = sys.modules.get("__main__")
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if isinstance(obj, type) and obj.__module__ == "__main__" and obj.__qualname__ == qualname:
+        return obj
+    return _load_value(digest, payload)
+
+
+#: process-bound resources: dill would rebuild them as new, unrelated objects on
+#: the other side (a fresh lock, a reopened file), so they are refused as plain
+#: pickle refuses them; dill is the fallback for code, not for resources
+_RESOURCES: tuple[type, ...] = (
+    type(threading.Lock()),
+    type(threading.RLock()),
+    io.FileIO,
+    io.BufferedReader,
+    io.BufferedWriter,
+    io.BufferedRandom,
+    io.TextIOWrapper,
+)
+
+
+class _DillPickler(dill.Pickler):  # type: ignore[misc]
+    """dill, minus its pickling of locks and open files."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, _RESOURCES):
+            kind = type(obj)
+            raise TypeError(f"cannot pickle '{kind.__module__}.{kind.__qualname__}' object")
+        return NotImplemented
+
+
+class _DillRefPickler(_DillPickler):
     def __init__(self, file: io.BytesIO, persistent: Persistent, **kw: Any) -> None:
         super().__init__(file, PROTOCOL, recurse=True, **kw)
         self._persistent = persistent
@@ -113,12 +225,18 @@ def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:
     own ``__reduce__`` propagate unchanged.
     """
     buffers: list[pickle.PickleBuffer] = []
+    first: BaseException | None = None
     try:
         if persistent is not None:
             out = io.BytesIO()
             _RefPickler(out, persistent, buffer_callback=_collector(buffers)).dump(obj)
-            return out.getvalue(), tuple(buffers)
-        return pickle.dumps(obj, PROTOCOL, buffer_callback=_collector(buffers)), tuple(buffers)
+            data = out.getvalue()
+        else:
+            data = pickle.dumps(obj, PROTOCOL, buffer_callback=_collector(buffers))
+        # a reference to __main__ would name the wrong module on the other side
+        # (a worker's __main__ is not the user's script): redo with _MainPickler
+        if _MAIN not in data:
+            return data, tuple(buffers)
     except Exception as exc:
         if not _is_serializer_failure(exc):
             raise
@@ -126,10 +244,19 @@ def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:
     buffers.clear()
     try:
         out = io.BytesIO()
+        _MainPickler(out, persistent, where != "argument", buffer_callback=_collector(buffers)).dump(obj)
+        return out.getvalue(), tuple(buffers)
+    except Exception as exc:
+        if not _is_serializer_failure(exc):
+            raise
+        first = first or exc
+    buffers.clear()
+    try:
+        out = io.BytesIO()
         if persistent is not None:
             _DillRefPickler(out, persistent, buffer_callback=_collector(buffers)).dump(obj)
         else:
-            dill.Pickler(out, PROTOCOL, recurse=True, buffer_callback=_collector(buffers)).dump(obj)
+            _DillPickler(out, PROTOCOL, recurse=True, buffer_callback=_collector(buffers)).dump(obj)
         return out.getvalue(), tuple(buffers)
     except Exception as exc:
         if not _is_serializer_failure(exc):

@@ -61,6 +61,9 @@ class TaskPolicy:
     #: seconds a single attempt may run; None = unbounded
     time_limit: float | None = None
     max_crashes: int = DEFAULT_MAX_CRASHES
+    #: "process": run in a child process of the worker (a crash fails only the
+    #: attempt); "inline": in the worker itself; None: as the farm's pool does
+    isolation: str | None = None
 
     def merged(self, overrides: Mapping[str, Any]) -> TaskPolicy:
         """This policy with the non-None fields of ``overrides`` applied."""
@@ -101,6 +104,7 @@ class Task:
     retry_jitter: bool | None = None
     time_limit: float | None = None
     max_crashes: int | None = None
+    isolation: str | None = None
     countdown: float | None = None
     eta: _dt.datetime | float | None = None
     expires: _dt.datetime | float | None = None
@@ -114,6 +118,8 @@ class Task:
             raise ValueError("max_retries must be >= 0")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ValueError("time_limit must be > 0")
+        if self.isolation not in (None, "inline", "process"):
+            raise ValueError(f"isolation must be 'process', 'inline' or None, not {self.isolation!r}")
 
     def policy_overrides(self) -> dict[str, Any]:
         """The policy fields this task sets (None = executor default)."""

@@ -25,15 +25,20 @@ ends the whole job and only the journal protects the work.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import pickle
 import struct
 import sys
 import threading
 import time
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
+from . import _protocol
 from ._errors import BrokenFarmError
 from ._protocol import Kind
 
@@ -55,6 +60,11 @@ _U32 = struct.Struct("<I")
 _DATA_TAG = 0
 #: the master's rank in a world communicator
 MASTER = 0
+#: incoming buffers from this size on are allocated without zero-filling, and
+#: outgoing ones this large make `Transport.progress` spin (see there)
+OOB_EMPTY_MIN = 1 << 20
+#: longest a single `Transport.progress` call keeps pushing a large send (seconds)
+LARGE_SEND_SPIN = 0.005
 
 
 def require_mpi() -> Any:
@@ -71,6 +81,107 @@ def _chunks(size: int) -> list[int]:
     if size == 0:
         return [0]
     return [min(MAX_CHUNK, size - start) for start in range(0, size, MAX_CHUNK)]
+
+
+# -- records on the wire -------------------------------------------------------
+# Pickling a NamedTuple costs a Python-level __reduce__ on the way out and a
+# Python-level __new__ on the way in: ~10 us for a one-task message, 5x the
+# price of the same fields as plain tuples.  So a record travels as
+# ``(class number, plain nested tuples)`` and is rebuilt with the C-level
+# ``tuple.__new__``.  Which fields hold records (``FnRef``, ``Initializer |
+# None``, ``tuple[TaskItem, ...]``) is read from `_protocol`'s annotations;
+# a record nested any other way simply travels as a pickled NamedTuple.
+
+_tuple_new = tuple.__new__
+#: how a field holds records: one (or None), or a tuple of them
+_ONE, _SEQ = 1, 2
+
+
+def _record_classes() -> list[type]:
+    found = [
+        c
+        for c in vars(_protocol).values()
+        if isinstance(c, type) and issubclass(c, tuple) and hasattr(c, "_fields") and c.__module__ == _protocol.__name__
+    ]
+    return sorted(found, key=lambda c: c.__name__)
+
+
+def _nesting(hint: Any, records: set[type]) -> tuple[int, type] | None:
+    if hint in records:
+        return _ONE, hint
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and inner[0] in records:
+            return _ONE, inner[0]
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in records:
+        return _SEQ, args[0]
+    return None
+
+
+_CLASSES = _record_classes()
+_CODES = {c: i for i, c in enumerate(_CLASSES)}
+#: per record class: (field index, how, record class) of fields holding records
+_NESTED: dict[type, tuple[tuple[int, int, type], ...]] = {}
+for _cls in _CLASSES:
+    _hints = typing.get_type_hints(_cls)
+    _NESTED[_cls] = tuple(
+        (i, *n) for i, f in enumerate(_cls._fields)  # type: ignore[attr-defined]
+        if (n := _nesting(_hints.get(f), set(_CLASSES))) is not None
+    )
+
+
+def _flatten(record: Any) -> Any:
+    nested = _NESTED.get(type(record))
+    if nested is None:
+        return record  # not a protocol record: pickled as it is
+    if not nested:
+        return tuple(record)
+    out = list(record)
+    for i, how, _ in nested:
+        value = out[i]
+        if value is not None:
+            out[i] = _flatten(value) if how == _ONE else tuple([_flatten(v) for v in value])
+    return tuple(out)
+
+
+def _rebuild(cls: type, flat: Any) -> Any:
+    nested = _NESTED[cls]
+    if nested:
+        flat = list(flat)
+        for i, how, sub in nested:
+            value = flat[i]
+            if value is not None:
+                flat[i] = _rebuild(sub, value) if how == _ONE else tuple([_rebuild(sub, v) for v in value])
+    return _tuple_new(cls, flat)
+
+
+def encode(record: object) -> tuple[int, Any]:
+    """What `send` pickles for ``record``: (class number or -1, plain tuples)."""
+    code = _CODES.get(type(record))
+    return (-1, record) if code is None else (code, _flatten(record))
+
+
+def decode(obj: Any) -> Any:
+    """Inverse of `encode` (anything else, e.g. from an older taskfarm, as it came)."""
+    if type(obj) is tuple and len(obj) == 2 and type(obj[0]) is int:
+        code, flat = obj
+        return flat if code < 0 else _rebuild(_CLASSES[code], flat)
+    return obj
+
+
+def _receive_buffer(size: int) -> Any:
+    """Memory for an incoming out-of-band buffer, not zero-filled first (it is
+    overwritten at once): ``bytearray(16 MB)`` spends 3 ms on a memset that a
+    numpy ``empty`` array skips, reusing freed memory.  The buffer becomes the
+    received object's memory (a numpy array is rebuilt over it, no copy)."""
+    if size < OOB_EMPTY_MIN:
+        return bytearray(size)
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return bytearray(size)
+    return numpy.empty(size, dtype=numpy.uint8)
 
 
 class Transport:
@@ -97,7 +208,8 @@ class Transport:
             self.rank = 0 if parent_side else int(comm.Get_rank()) + 1
         self._sends: list[tuple[Any, Any]] = []  # (request, keep-alive)
         self._lost: set[int] = set()
-        self._dead: set[int] = set()
+        self._dead: set[int] = set()  # processes that failed (ULFM)
+        self._forgotten: set[int] = set()  # declared lost by the farm's heartbeat
         self._status = mpi.Status()
         self._lock = threading.Lock()
         self.bytes_sent = 0
@@ -119,10 +231,10 @@ class Transport:
     # -- sending -----------------------------------------------------------
     def send(self, peer: int, kind: Kind, record: object) -> None:
         """Queue ``record`` for ``peer``; returns at once (see `progress`)."""
-        if peer in self._dead:
+        if peer in self._dead or peer in self._forgotten:
             return
         buffers: list[pickle.PickleBuffer] = []
-        body = pickle.dumps(record, 5, buffer_callback=buffers.append)
+        body = pickle.dumps(encode(record), 5, buffer_callback=buffers.append)
         raws = [b.raw() for b in buffers]
         head = _U32.pack(len(raws)) + struct.pack(f"<{len(raws)}Q", *(m.nbytes for m in raws)) + body
         dest = self._to_mpi(peer)
@@ -141,9 +253,23 @@ class Transport:
         self.bytes_sent += len(head) + sum(m.nbytes for m in raws)
 
     def progress(self) -> bool:
-        """Advance sends in flight; True while any remains."""
+        """Advance sends in flight; True while any remains.
+
+        While a large buffer is on its way this keeps calling MPI for up to
+        `LARGE_SEND_SPIN` seconds: MPICH moves it only during MPI calls, and a
+        caller that yields between calls (``sleep(0)``) on an oversubscribed
+        node hands the core to the receiver, which spins in its wait, for a
+        whole time slice: 16 MB echoes took 15-230 ms instead of ~10."""
         if not self._sends:
             return False
+        if self._test_sends() and any(len(k) >= OOB_EMPTY_MIN for _, k in self._sends):
+            deadline = time.monotonic() + LARGE_SEND_SPIN
+            while self._test_sends() and time.monotonic() < deadline:
+                if not any(len(k) >= OOB_EMPTY_MIN for _, k in self._sends):
+                    break
+        return bool(self._sends)
+
+    def _test_sends(self) -> bool:
         mpi = self._mpi
         try:
             done = mpi.Request.Testsome([r for r, _ in self._sends])
@@ -172,6 +298,13 @@ class Transport:
         status = self._status
         try:
             msg = self.comm.Improbe(mpi.ANY_SOURCE, mpi.ANY_TAG, status)
+            if msg is None:
+                # MPICH (ch4 ucx/ofi) matches a message only on the probe after
+                # the progress that pulled it in: after a sleep, the first probe
+                # misses what arrived meanwhile, which made every wake-up of a
+                # sleeping rank late by one whole poll period (3.5 ms instead of
+                # 0.6 ms at a 2 ms cap).  A second probe costs a microsecond.
+                msg = self.comm.Improbe(mpi.ANY_SOURCE, mpi.ANY_TAG, status)
         except mpi.Exception as exc:
             self._failed(exc, None)
             return None
@@ -186,7 +319,7 @@ class Transport:
             (nbufs,) = _U32.unpack_from(view, 0)
             sizes = struct.unpack_from(f"<{nbufs}Q", view, _U32.size)
             body = view[_U32.size + 8 * nbufs :]
-            bufs = [bytearray(size) for size in sizes]
+            bufs = [_receive_buffer(size) for size in sizes]
             requests = []
             for buf in bufs:
                 start = 0
@@ -202,7 +335,7 @@ class Transport:
             self._failed(exc, self._from_mpi(source))
             return None
         self.bytes_received += len(head) + sum(sizes)
-        return self._from_mpi(source), Kind(tag), pickle.loads(body, buffers=bufs)
+        return self._from_mpi(source), Kind(tag), decode(pickle.loads(body, buffers=bufs))
 
     # -- failures ----------------------------------------------------------
     def _failed(self, exc: Any, peer: int | None) -> None:
@@ -240,7 +373,15 @@ class Transport:
 
     def forget(self, peer: int) -> None:
         """Stop talking to ``peer`` (declared lost by the farm's own heartbeat)."""
-        self._dead.add(peer)
+        self._forgotten.add(peer)
+
+    def unforget(self, peer: int) -> None:
+        """Talk to a forgotten peer again (to tell a woken, lost rank to stop)."""
+        self._forgotten.discard(peer)
+
+    def failed(self, peer: int) -> bool:
+        """True when ULFM reported ``peer``'s process dead (not merely silent)."""
+        return peer in self._dead
 
     def abort(self, code: int) -> None:
         """End every process of the job; last resort when a rank is stuck."""
@@ -264,18 +405,28 @@ class Transport:
 
 
 class Backoff:
-    """Delays for a polling loop: spin a little after activity, then sleep longer.
+    """Delays for a polling loop that cannot block (MPI has no doorbell).
 
-    The first few idle rounds only yield the GIL (latency of a busy farm stays
-    in microseconds); after that the delay doubles from `FIRST` up to ``cap``,
-    so an idle rank wakes a few hundred times a second at most.
+    Idle rounds grow the delay by `GROWTH` from `FIRST` up to ``cap``, so an
+    idle rank wakes a few hundred times a second at most, and a message that
+    arrives after t seconds of quiet is seen within about t * (GROWTH - 1).  Activity does not start over
+    from zero (`reset`): it divides the delay by `DECAY`, so under a steady
+    stream of messages the loop settles near the interval between them (a few
+    wake-ups per message) instead of spinning and climbing the whole ladder
+    after each one.  Only `restart` (fresh work from the user, when the
+    answer is awaited) goes back to a few GIL-yielding spins.
     """
 
-    #: idle rounds that only yield the GIL after activity; few, because on an
+    #: idle rounds that only yield the GIL after a restart; few, because on an
     #: oversubscribed node every spin is CPU taken from a worker
-    SPINS = 4
+    SPINS = 2
     #: first real sleep, seconds
     FIRST = 20e-6
+    #: activity divides the current delay by this
+    DECAY = 4.0
+    #: each idle round multiplies the delay by this (2 would notice a message up
+    #: to 100% late, 1.5 up to 50%, for a few more wake-ups on the way to the cap)
+    GROWTH = 1.5
 
     def __init__(self, cap: float) -> None:
         self.cap = cap
@@ -283,15 +434,55 @@ class Backoff:
         self._delay = 0.0
 
     def reset(self) -> None:
+        """Something happened: poll sooner, in proportion to how long it was quiet."""
+        self._delay /= self.DECAY
+        if self._delay < self.FIRST:
+            self._delay = 0.0
+            self._idle = self.SPINS  # no spins: straight to FIRST
+
+    def restart(self) -> None:
+        """Work that someone waits for: poll at once, spinning a little first."""
         self._idle = 0
         self._delay = 0.0
 
     def next(self) -> float:
-        self._idle += 1
-        if self._idle <= self.SPINS:
-            return 0.0
-        self._delay = min(self.cap, self._delay * 2 if self._delay else self.FIRST)
+        if self._delay == 0.0:
+            self._idle += 1
+            if self._idle <= self.SPINS:
+                return 0.0
+            self._delay = self.FIRST
+            return self._delay
+        self._delay = min(self.cap, self._delay * self.GROWTH)
         return self._delay
+
+
+class Doorbell:
+    """`threading.Event`'s set/clear/wait/is_set on one bare lock, for a single
+    waiting thread: a wait is one C call (no Condition, no waiter lock built
+    per wait), which is most of the cost of an idle poll round.  A set before
+    the wait is not lost: the wait returns at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # locked: not set
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # already set
+            pass
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()  # stays set until clear(), as an Event
+            return True
+        return False
 
 
 # -- setting up ---------------------------------------------------------------
@@ -314,6 +505,7 @@ def world() -> Transport:
         if _world is None:
             mpi = require_mpi()
             _world = Transport(mpi.COMM_WORLD.Dup(), intercomm=False)
+            atexit.register(finalize_guarded)
         return _world
 
 
@@ -352,6 +544,74 @@ def parent() -> Transport | None:
 
 def host() -> str:
     return os.uname().nodename
+
+
+def ulfm_enabled() -> bool:
+    """True when a dead rank leaves the job running: Open MPI started with
+    ``mpiexec --with-ft ulfm`` (which sets ``OMPI_MCA_mpi_ft_enable=1`` in every
+    rank).  Without it Open MPI ends the whole job when one rank dies, and so
+    does MPICH (see docs/faults.md)."""
+    if MPI is None or "Open MPI" not in MPI.Get_library_version():
+        return False
+    flag = os.environ.get("OMPI_MCA_mpi_ft_enable", "")  # noqa: SIM112 - Open MPI's own spelling
+    return flag.strip().lower() in ("1", "true", "yes", "on")
+
+
+# -- leaving ------------------------------------------------------------------
+#: seconds MPI_Finalize may take under ULFM before the process leaves without it
+#: ($TASKFARM_FINALIZE_TIMEOUT overrides)
+FINALIZE_TIMEOUT = 10.0
+_exit_code: int | None = None
+
+
+def set_exit_code(code: int) -> None:
+    """The code this process exits with if MPI_Finalize hangs (the CLI knows it)."""
+    global _exit_code
+    _exit_code = code
+
+
+def finalize_guarded() -> None:
+    """MPI_Finalize with a deadline, under Open MPI with ULFM only (an atexit hook).
+
+    Open MPI 5's finalize waits in a PMIx fence across COMM_WORLD; after ranks
+    died, that fence sometimes never completes (seen in about a third of the
+    runs that lost ranks, on Open MPI 5.0.11), and the job would hang after
+    all its work was done.  So finalize is called here, before mpi4py's own
+    exit hook, through ctypes (which releases the GIL, so a watchdog thread can
+    run) and the process leaves with its exit code if finalize has not
+    returned in `FINALIZE_TIMEOUT` seconds.  Elsewhere mpi4py finalizes as usual.
+    """
+    if MPI is None or not MPI.Is_initialized() or MPI.Is_finalized() or not ulfm_enabled():
+        return
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next(line.split()[-1] for line in maps if "/libmpi.so" in line)
+        mpi_finalize = ctypes.CDLL(path).MPI_Finalize
+    except (OSError, StopIteration, AttributeError):
+        return
+    code = _exit_code
+    if code is None:
+        code = 1 if getattr(sys, "last_value", None) is not None else 0  # an uncaught exception
+    try:
+        timeout = float(os.environ.get("TASKFARM_FINALIZE_TIMEOUT", FINALIZE_TIMEOUT))
+    except ValueError:
+        timeout = FINALIZE_TIMEOUT
+
+    def leave() -> None:
+        sys.stderr.write(
+            f"taskfarm: MPI_Finalize did not return in {timeout:g} s (Open MPI ULFM after a lost rank); "
+            f"leaving without it, exit {code}\n"
+        )
+        sys.stderr.flush()
+        os._exit(code)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    watchdog = threading.Timer(timeout, leave)
+    watchdog.daemon = True
+    watchdog.start()
+    mpi_finalize()
+    watchdog.cancel()
 
 
 def library() -> dict[str, object]:

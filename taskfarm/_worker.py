@@ -1,41 +1,46 @@
 """The loop on a worker rank: receive tasks, run them, send results back.
 
-Two threads share the work::
+One comm thread and the rank's task slots share the work::
 
-    comm thread (owns every MPI call)          main thread (runs the tasks)
+    comm thread (owns every MPI call)          slots (run the tasks; see _pools)
       Hello ->                                    |
-      <- Config / TaskBatch / Steal / Stop        |
+      <- Config (pool, concurrency)  --------->  solo: the main thread is the one slot
+      <- TaskBatch / Steal / Stop                 threads/processes: K slot threads
       TaskBatch: queue the items  ------------>  queue --> run --> outbox
       Steal: hand back queued, unstarted items    |                  |
       results in the outbox: send at once  <--------------------------+
       heartbeat while any task is held
-      Stop: Bye (own figures), leave
+      log records: forward to rank 0
+      Stop: cut off child processes still busy (a drain gave up on them);
+            the slots leave, then Bye (own figures)
 
-Tasks run on the main thread so that an inline ``time_limit`` can interrupt
-Python code with SIGALRM, and libraries that insist on the main thread work.
-The comm thread sleeps on a condition variable between polls (with bounded
-backoff), so an idle worker costs a fraction of a percent of a core and a
-finished result is sent without waiting for the next poll.
+How a slot runs a task (inline, in a thread, in a child process; time limits;
+``async def``) is `taskfarm._pools`' business.  The pool comes from the
+master's `Config`, the first message a worker receives: in world mode workers
+start before any executor exists, so the master is the one place that knows.
+
+In the solo pool tasks run on the main thread, so that an inline
+``time_limit`` can interrupt Python code with SIGALRM and libraries that
+insist on the main thread work.  The comm thread sleeps on a condition
+variable between polls (with bounded backoff), so an idle worker costs a
+fraction of a percent of a core and a finished result is sent without
+waiting for the next poll.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
-import inspect
+import dataclasses
 import logging
 import os
-import signal
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _serialization as ser
-from ._errors import BrokenFarmError, TimeLimitExceeded
+from ._errors import BrokenFarmError
+from ._pools import Child, EventLoop, Library, Outcome, PoolSpec, execute, lost, traceback_head
 from ._protocol import (
     PROTOCOL_VERSION,
     Bye,
@@ -43,6 +48,7 @@ from ._protocol import (
     Heartbeat,
     Hello,
     Kind,
+    LogRecords,
     Released,
     ResultBatch,
     ResultItem,
@@ -62,38 +68,53 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 RESULT_BATCH = 64
 #: how long a finished result may wait for company while more tasks are queued
 RESULT_LINGER = 0.0005
+#: environment variable that tells a task (and its child processes) its worker's rank
+RANK_ENV = "TASKFARM_RANK"
 #: GIL switch interval on workers, so the comm thread sends a finished result
 #: within this many seconds even while the next task holds the GIL
 WORKER_SWITCH_INTERVAL = 0.001
 
 
-class _Stop(Exception):
-    pass
+class _LogForwarder(logging.Handler):
+    """Queues this rank's log records; the comm thread sends them to rank 0 (Kind.LOG)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: collections.deque[tuple[str, int, str, float]] = collections.deque(maxlen=10000)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.records.append((record.name, record.levelno, self.format(record), record.created))
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+    def take(self) -> LogRecords:
+        out = []
+        while self.records:
+            out.append(self.records.popleft())
+        return LogRecords(tuple(out))
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise TimeLimitExceeded in the running task after ``seconds`` (main thread only)."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Slot:
+    """One place a task runs; in process isolation it owns a child process."""
 
-    def on_alarm(signum: int, frame: Any) -> None:
-        raise TimeLimitExceeded(f"task exceeded its time limit of {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.busy = 0.0  # wall seconds inside tasks
+        self.child: Child | None = None
+        self.children_started = 0
+        #: the child while it runs a task (the comm thread kills it at a cut-off Stop)
+        self.busy_child: Child | None = None
 
 
 class Worker:
-    """One worker rank's state: its queue, outbox, function cache and figures."""
+    """One worker rank's state: its queue, outbox, slots, functions and figures.
 
-    def __init__(self, transport: Transport) -> None:
+    ``slots`` fixes the number of slots (rank 0's own worker with
+    ``master_works`` has one); 0 takes the master's ``concurrency``.
+    """
+
+    def __init__(self, transport: Transport, *, slots: int = 0, forward_logs: bool = True) -> None:
         self.transport = transport
         self.rank = transport.rank
         self.host = host()
@@ -103,18 +124,27 @@ class Worker:
         self._outbox_since = 0.0  # when the oldest unsent result was made, 0 if none waits
         self._running: set[int] = set()
         self._stopping = False
-        self._functions: dict[bytes, Callable[..., Any]] = {}
-        self._inits_done: dict[int, BaseException | None] = {}
+        self._fixed_slots = slots
+        self._spec: PoolSpec | None = None
+        self._slots: list[_Slot] = []
+        self._library = Library()
+        self._loop: EventLoop | None = None
+        self._loop_lock = threading.Lock()
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self.tasks = 0
-        self.busy_time = 0.0
         self.task_cpu_time = 0.0
+        self.child_restarts = 0
         self._started = time.monotonic()
+        # CPU from here on: start-up (interpreter, imports, MPI_Init) is no farm overhead
+        self._cpu_started = time.process_time()
+        self._logs = _LogForwarder() if forward_logs else None
+        # tasks (and their child processes) can tell where they run
+        os.environ[RANK_ENV] = str(self.rank)
 
     # -- comm thread -------------------------------------------------------
     def _comm_loop(self) -> None:
         t = self.transport
-        t.send(MASTER, Kind.HELLO, Hello(PROTOCOL_VERSION, self.host, os.getpid(), 1))
+        t.send(MASTER, Kind.HELLO, Hello(PROTOCOL_VERSION, self.host, os.getpid(), self._fixed_slots))
         backoff = Backoff(IDLE_POLL_CAP)
         last_beat = time.monotonic()
         try:
@@ -133,6 +163,8 @@ class Worker:
                         running = tuple(self._running)
                     t.send(MASTER, Kind.HEARTBEAT, Heartbeat(running))
                     last_beat = time.monotonic()
+                if self._logs is not None and self._logs.records:
+                    t.send(MASTER, Kind.LOG, self._logs.take())
                 while (message := t.poll()) is not None:
                     active = True
                     self._handle(*message)
@@ -157,137 +189,233 @@ class Worker:
     def _handle(self, peer: int, kind: Kind, record: Any) -> None:
         if kind is Kind.TASKS:
             batch: TaskBatch = record
+            executor_id = batch.executor_id or (batch.init.executor_id if batch.init else 0)
+            if batch.init is not None:
+                self._library.add_initializer(batch.init)
+            for item in batch.items:
+                self._library.learn(item.fn)
             with self._cv:
-                if batch.init is not None and batch.init.executor_id not in self._inits_done:
-                    self._queue.append((batch.init, -1))  # type: ignore[arg-type]
-                for item in batch.items:
-                    self._queue.append((item, batch.init.executor_id if batch.init else 0))
+                self._queue.extend((item, executor_id) for item in batch.items)
                 self._cv.notify_all()
         elif kind is Kind.STEAL:
             wanted = set(record.task_ids)
             with self._cv:
-                kept = collections.deque(q for q in self._queue if q[0].task_id not in wanted or q[1] < 0)
-                given = [q[0].task_id for q in self._queue if q[0].task_id in wanted and q[1] >= 0]
-                self._queue = kept
+                given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
+                self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
             self.transport.send(MASTER, Kind.RELEASED, Released(tuple(given)))
         elif kind is Kind.CONFIG:
             config: Config = record
             self._heartbeat_interval = config.heartbeat_interval
+            spec = PoolSpec.from_config(config)
+            if self._fixed_slots:
+                spec = dataclasses.replace(spec, concurrency=self._fixed_slots)
+            with self._cv:
+                self._spec = spec
+                self._cv.notify_all()
         elif kind is Kind.STOP:
             self._stopping = True
+            # tasks still running were given up by the master (a drain's grace ran
+            # out): a child process can be cut off, so the rank says Bye in time
+            for slot in list(self._slots):
+                child = slot.busy_child
+                if child is not None:
+                    child.kill(close=False)  # its slot sees the socket close and moves on
         else:
             log.warning("rank %d: unexpected message %s from %d", self.rank, kind.name, peer)
 
-    # -- main thread -------------------------------------------------------
+    # -- the slots -----------------------------------------------------------
     def run(self) -> None:
         """Serve until the master says stop; returns after Bye is sent."""
         previous_interval = sys.getswitchinterval()
         sys.setswitchinterval(WORKER_SWITCH_INTERVAL)
         comm = threading.Thread(target=self._comm_loop, name="taskfarm-comm", daemon=True)
         comm.start()
+        if self._logs is not None:
+            logging.getLogger().addHandler(self._logs)
         try:
-            while True:
-                with self._cv:
-                    while not self._queue and not self._stopping:
-                        self._cv.wait()
-                    if self._stopping:
-                        break
-                    item, executor_id = self._queue.popleft()
-                    if executor_id >= 0:
-                        self._running.add(item.task_id)
-                if executor_id < 0:
-                    self._run_initializer(item)
-                    continue
-                result = self._execute(item, executor_id)
-                with self._cv:
-                    self._running.discard(item.task_id)
-                    self._outbox.append(result)
-                    if not self._outbox_since:
-                        self._outbox_since = time.monotonic()
-                    # send now when nothing else is queued or the batch is old or big;
-                    # otherwise results ride together in one message
-                    if (
-                        not self._queue
-                        or len(self._outbox) >= RESULT_BATCH
-                        or time.monotonic() - self._outbox_since > RESULT_LINGER
-                    ):
-                        self._outbox_since = 0.0
-                        self._cv.notify_all()
-                        wake = True
-                    else:
-                        wake = False
-                if wake:
-                    time.sleep(0)  # let the comm thread take the GIL and send them
+            with self._cv:
+                while self._spec is None and not self._stopping:
+                    self._cv.wait()
+                spec = self._spec
+            if spec is not None and not self._stopping:
+                self._slots = [_Slot(i) for i in range(spec.concurrency)]
+                if spec.kind == "solo":
+                    self._serve_slot(self._slots[0])
+                else:
+                    threads = [
+                        threading.Thread(target=self._serve_slot, args=(slot,), name=f"taskfarm-slot-{slot.index}")
+                        for slot in self._slots
+                    ]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
         finally:
             comm.join()
+            self._close_children()
+            if self._loop is not None:
+                self._loop.close()
+            if self._logs is not None:
+                logging.getLogger().removeHandler(self._logs)
             sys.setswitchinterval(previous_interval)
-        cpu = time.process_time()
-        bye = Bye(self.tasks, self.busy_time, cpu, self.task_cpu_time, time.monotonic() - self._started)
+        if self._logs is not None and self._logs.records:
+            self.transport.send(MASTER, Kind.LOG, self._logs.take())
+        slot_busy = tuple(slot.busy for slot in self._slots)
+        bye = Bye(
+            self.tasks,
+            sum(slot_busy),
+            time.process_time() - self._cpu_started,
+            self.task_cpu_time,
+            time.monotonic() - self._started,
+            spec.kind if spec is not None else "solo",
+            slot_busy,
+            self.child_restarts,
+        )
         self.transport.send(MASTER, Kind.BYE, bye)
         self.transport.flush(timeout=10.0)
 
-    def _run_initializer(self, init: Any) -> None:
-        try:
-            fn = self._function(init.fn)
-            args, _ = ser.loads(init.call)
-            fn(*args)
-            self._inits_done[init.executor_id] = None
-        except BaseException as exc:  # noqa: BLE001 - reported to the master per task
-            self._inits_done[init.executor_id] = exc
+    def _serve_slot(self, slot: _Slot) -> None:
+        spec = self._spec
+        assert spec is not None
+        if spec.kind == "processes":
+            self._replace_child(slot)  # every slot starts its child at once, in parallel
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                item, executor_id = self._queue.popleft()
+                self._running.add(item.task_id)
+            result = self._run(slot, item, executor_id)
+            with self._cv:
+                self._running.discard(item.task_id)
+                self._outbox.append(result)
+                if not self._outbox_since:
+                    self._outbox_since = time.monotonic()
+                # send now when nothing else is queued or the batch is old or big;
+                # otherwise results ride together in one message
+                if (
+                    not self._queue
+                    or len(self._outbox) >= RESULT_BATCH
+                    or time.monotonic() - self._outbox_since > RESULT_LINGER
+                ):
+                    self._outbox_since = 0.0
+                    self._cv.notify_all()
+                    wake = True
+                else:
+                    wake = False
+            if wake:
+                time.sleep(0)  # let the comm thread take the GIL and send them
+            self._maintain(slot)
 
-    def _function(self, ref: Any) -> Callable[..., Any]:
-        fn = self._functions.get(ref.digest)
-        if fn is None:
-            if ref.payload is None:
-                raise BrokenFarmError("worker lost its function cache entry")  # a protocol bug
-            fn = ser.loads(ref.payload)
-            self._functions[ref.digest] = fn
-        return fn  # type: ignore[no-any-return]
-
-    def _execute(self, item: TaskItem, executor_id: int) -> ResultItem:
-        t_start = time.time()
-        cpu0 = time.thread_time()
-        try:
-            init_error = self._inits_done.get(executor_id)
-            if init_error is not None:
-                raise BrokenFarmError(
-                    f"the executor's initializer failed on rank {self.rank}: {init_error!r}"
-                ) from init_error
-            fn = self._function(item.fn)
-            deps = None
-            if item.deps:
-                deps = {task_id: ser.loads(data, bufs) for task_id, data, bufs in item.deps}
-            args, kwargs = ser.loads(item.call, item.buffers, deps)
-            with _time_limit(item.time_limit):
-                value = fn(*args, **kwargs)
-                if inspect.isawaitable(value):
-                    value = asyncio.run(_await(value))
-            payload, buffers = ser.dumps(value, "result")
-            ok, tb = True, ""
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a task's failure is its result
-            ok = False
-            tb = self._traceback(exc, item.attempt)
-            payload, buffers = ser.dumps_exception(exc)
-        t_end = time.time()
-        self.tasks += 1
-        self.busy_time += t_end - t_start
-        self.task_cpu_time += time.thread_time() - cpu0
+    def _run(self, slot: _Slot, item: TaskItem, executor_id: int) -> ResultItem:
+        spec = self._spec
+        assert spec is not None
+        isolation = item.isolation or ("process" if spec.kind == "processes" else "inline")
+        if isolation == "process":
+            head = traceback_head(self.rank, self.host, item.attempt, ", in a child process")
+            outcome = self._run_in_child(slot, item, executor_id, head)
+        else:
+            head = traceback_head(self.rank, self.host, item.attempt)
+            library = self._library
+            outcome = execute(
+                lambda: library.function(item.fn.digest),
+                item.call,
+                item.buffers,
+                item.deps,
+                item.time_limit,
+                head,
+                init_error=library.init_error(executor_id),
+                loop=self._event_loop() if spec.kind == "threads" else None,
+            )
+        slot.busy += outcome.t_end - outcome.t_start
+        with self._cv:
+            self.tasks += 1
+            if isolation != "process":
+                self.task_cpu_time += outcome.cpu
         return ResultItem(
-            item.task_id, item.attempt, ok, payload, buffers, tb, t_start, t_end, False
+            item.task_id,
+            item.attempt,
+            outcome.ok,
+            outcome.payload,
+            outcome.buffers,
+            outcome.traceback,
+            outcome.t_start,
+            outcome.t_end,
+            outcome.crashed,
         )
 
-    def _traceback(self, exc: BaseException, attempt: int) -> str:
-        head = (
-            f"Traceback on rank {self.rank} (host {self.host}, pid {os.getpid()}), "
-            f"attempt {attempt}:\n"
-        )
-        return head + "".join(traceback.format_exception(exc))
+    def _event_loop(self) -> EventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = EventLoop()
+            return self._loop
 
+    # -- child processes ---------------------------------------------------
+    def _run_in_child(self, slot: _Slot, item: TaskItem, executor_id: int, head: str) -> Outcome:
+        child = slot.child
+        if child is None or not child.alive():
+            try:
+                child = self._replace_child(slot)
+            except BrokenFarmError as exc:
+                return lost(f"{exc}", head, time.time())
+        slot.busy_child = child
+        try:
+            outcome = child.run(item, executor_id, head)
+        finally:
+            slot.busy_child = None
+        if not child.alive():  # crashed, or killed at its time limit
+            slot.child = None
+        return outcome
 
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
+    def _replace_child(self, slot: _Slot) -> Child:
+        if slot.child is not None:
+            slot.child.close()
+            slot.child = None
+        if slot.children_started:
+            with self._cv:
+                self.child_restarts += 1
+        slot.children_started += 1
+        slot.child = Child(self._library, self.rank, self.host)
+        return slot.child
+
+    def _maintain(self, slot: _Slot) -> None:
+        """Between tasks: recycle a child that reached its limits; replace a dead one."""
+        spec = self._spec
+        assert spec is not None
+        if self._stopping:
+            return
+        child = slot.child
+        if child is not None and (
+            (spec.max_tasks_per_child is not None and child.tasks >= spec.max_tasks_per_child)
+            or (spec.max_memory_per_child is not None and child.rss > spec.max_memory_per_child)
+        ):
+            child.close()
+            slot.child = None  # the next isolated task starts a fresh one (counted as a restart)
+        if slot.child is None and spec.kind == "processes":
+            try:
+                self._replace_child(slot)
+            except BrokenFarmError as exc:
+                log.warning("rank %d: %s", self.rank, exc)
+
+    def _close_children(self) -> None:
+        children = [slot.child for slot in self._slots if slot.child is not None]
+        for child in children:
+            with contextlib.suppress(OSError):
+                child.conn.close()
+        for child in children:
+            child.close()
 
 
 def serve(transport: Transport) -> None:
     """Run the worker loop on this rank until the master ends the farm."""
     Worker(transport).run()
+
+
+def serve_in_thread(transport: Transport) -> threading.Thread:
+    """Rank 0's own worker (``master_works``): one slot, in a thread of the master's process."""
+    worker = Worker(transport, slots=1, forward_logs=False)
+    thread = threading.Thread(target=worker.run, name="taskfarm-rank0-worker", daemon=True)
+    thread.start()
+    return thread

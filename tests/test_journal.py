@@ -400,7 +400,7 @@ def test_newer_format_version_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(jr, "FORMAT_VERSION", jr.FORMAT_VERSION + 1)
     JournalWriter(path).close()
     monkeypatch.undo()
-    with pytest.raises(JournalVersionError, match="version 2"):
+    with pytest.raises(JournalVersionError, match=f"version {jr.FORMAT_VERSION + 1}"):
         read_journal(path)
 
 

@@ -251,9 +251,9 @@ class TestPrefetch:
         s = farm()
         observe(s, PIPELINE_SECONDS / 2)  # mean = 1 ms -> wants 2
         assert s.prefetch == 2
-        # one 100 ms task moves the mean by DURATION_EWMA of the difference only
-        observe(s, 0.1)
-        mean = PIPELINE_SECONDS / 2 + DURATION_EWMA * (0.1 - PIPELINE_SECONDS / 2)
+        # one long task moves the mean by DURATION_EWMA of the difference only
+        observe(s, 50 * PIPELINE_SECONDS)
+        mean = PIPELINE_SECONDS / 2 + DURATION_EWMA * (50 * PIPELINE_SECONDS - PIPELINE_SECONDS / 2)
         assert s.prefetch == max(1, math.ceil(PIPELINE_SECONDS / mean)) == 1
 
     def test_rebucketing_keeps_dispatch_consistent(self) -> None:

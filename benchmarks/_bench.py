@@ -1,0 +1,346 @@
+"""One measurement: one engine, one workload, one process tree.
+
+Started by ``benchmarks/run.py``, never by hand (but it works by hand too)::
+
+    mpiexec -n 5 python benchmarks/_bench.py --engine taskfarm --workload noop --params '{...}'
+    mpiexec -n 5 python -m mpi4py.futures benchmarks/_bench.py --engine mpi4py ...
+    python benchmarks/_bench.py --engine pool --workers 4 ...
+
+Rank 0 (or the Pool's parent) warms the engine up (every worker has run a
+task), times the workload with ``time.perf_counter`` and prints one line
+``BENCH_RESULT {json}``.  Start-up and shut-down are not timed: they are the
+launcher's business, not the farm's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _tasks
+
+
+# -- engines -----------------------------------------------------------------
+class Engine:
+    """The few calls a workload needs, the same on every engine."""
+
+    name = "?"
+    workers = 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        raise NotImplementedError
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> Iterable[Any]:
+        """``chunksize=None``: the engine's own default."""
+        raise NotImplementedError
+
+    @staticmethod
+    def result(future: Any) -> Any:
+        return future.result()
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+
+class _Executor(Engine):
+    def __init__(self, name: str, executor: Any, workers: int) -> None:
+        self.name = name
+        self.ex = executor
+        self.workers = workers
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.ex.submit(fn, *args)
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> Iterable[Any]:
+        if chunksize is None:
+            return self.ex.map(fn, items)
+        return self.ex.map(fn, items, chunksize=chunksize)
+
+    def info(self) -> dict[str, Any]:
+        if self.name != "taskfarm":
+            return {}
+        stats = self.ex.statistics()
+        return {
+            "master_cpu_fraction": stats.master_cpu_fraction,
+            "prefetch": stats.prefetch,
+        }
+
+
+class _PoolFuture:
+    def __init__(self, res: Any) -> None:
+        self._res = res
+
+    def result(self) -> Any:
+        return self._res.get()
+
+
+class _Pool(Engine):
+    name = "pool"
+
+    def __init__(self, pool: Any, workers: int) -> None:
+        self.pool = pool
+        self.workers = workers
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return _PoolFuture(self.pool.apply_async(fn, args))
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> Iterable[Any]:
+        # Pool.map's default (None) picks len/(4*workers) by itself
+        return self.pool.map(fn, items, chunksize)
+
+
+def _mpi_library() -> str:
+    from mpi4py import MPI
+
+    return str(MPI.Get_library_version().strip().splitlines()[0])
+
+
+@contextlib.contextmanager
+def engine(name: str, workers: int) -> Iterator[Engine | None]:
+    """The engine on rank 0 (None on worker ranks, which serve inside)."""
+    if name == "taskfarm":
+        import taskfarm
+
+        with taskfarm.farm() as ex:
+            if ex is None:
+                yield None
+                return
+            yield _Executor("taskfarm", ex, ex.workers)
+    elif name == "mpi4py":
+        from mpi4py import MPI
+        from mpi4py.futures import MPIPoolExecutor
+
+        with MPIPoolExecutor() as ex:
+            yield _Executor("mpi4py", ex, MPI.COMM_WORLD.Get_size() - 1)
+    elif name == "pool":
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            yield _Pool(pool, workers)
+    else:
+        raise SystemExit(f"unknown engine {name!r}")
+
+
+def warm_up(eng: Engine) -> None:
+    """Every worker has started, joined and run something (functions cached)."""
+    futures = [eng.submit(_tasks.sleep_cpu, 0.02) for _ in range(eng.workers)]
+    for f in futures:
+        eng.result(f)
+    futures = [eng.submit(_tasks.noop, i) for i in range(20 * eng.workers)]
+    for f in futures:
+        eng.result(f)
+    for f in [eng.submit(_tasks.spin, 0.0), eng.submit(_tasks.echo, b"")]:
+        eng.result(f)
+
+
+# -- workloads ---------------------------------------------------------------
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _drain(eng: Engine, futures: list[Any]) -> None:
+    for f in futures:
+        eng.result(f)
+
+
+def noop(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
+    """Tasks per second: submit, map at the default chunk size, map per chunk size."""
+    n = int(p["n"])
+    out: dict[str, Any] = {}
+
+    def by_submit() -> None:
+        _drain(eng, [eng.submit(_tasks.noop, i) for i in range(n)])
+
+    out["submit_tasks_per_s"] = n / _timed(by_submit)
+
+    def by_map(chunksize: int | None) -> Callable[[], None]:
+        def run() -> None:
+            count = 0
+            for _ in eng.map(_tasks.noop, range(n), chunksize):
+                count += 1
+            assert count == n, count
+
+        return run
+
+    out["map_default_tasks_per_s"] = n / _timed(by_map(None))
+    for c in p["chunks"]:
+        if eng.name == "mpi4py" and c == 1:
+            out["map_c1_tasks_per_s"] = None  # its default is 1: measured above
+            continue
+        out[f"map_c{c}_tasks_per_s"] = n / _timed(by_map(int(c)))
+    if eng.name == "mpi4py" and 1 in p["chunks"]:
+        out["map_c1_tasks_per_s"] = out["map_default_tasks_per_s"]
+    return out
+
+
+def busy(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
+    """Efficiency on equal CPU-bound tasks: ideal / measured makespan, with one
+    submit per task and with map at the engine's default chunk size."""
+    n, d = int(p["n"]), float(p["seconds"])
+    ideal = n * d / eng.workers
+    elapsed = _timed(lambda: _drain(eng, [eng.submit(_tasks.spin, d) for _ in range(n)]))
+    mapped = _timed(lambda: list(eng.map(_tasks.spin, [d] * n, None)))
+    return {"efficiency": ideal / elapsed, "efficiency_map": ideal / mapped, "elapsed_s": elapsed, "ideal_s": ideal}
+
+
+def skewed_durations(n: int, mean: float, long: int, long_seconds: float, seed: int) -> list[float]:
+    """Seeded lognormal durations (sigma 1) of the given mean, plus ``long`` long
+    tasks at seeded positions in the first 80% of the list."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sigma = 1.0
+    mu = float(np.log(mean) - sigma**2 / 2)
+    durations = [float(x) for x in rng.lognormal(mu, sigma, size=n)]
+    for pos in rng.choice(int(n * 0.8), size=long, replace=False):
+        durations[int(pos)] = long_seconds
+    return durations
+
+
+def skewed(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
+    """Makespan of skewed durations against max(sum / workers, longest)."""
+    durations = skewed_durations(int(p["n"]), float(p["mean"]), int(p["long"]), float(p["long_seconds"]), 2026)
+    elapsed = _timed(lambda: _drain(eng, [eng.submit(_tasks.spin, d) for d in durations]))
+    bound = max(sum(durations) / eng.workers, max(durations))
+    return {"makespan_over_bound": elapsed / bound, "elapsed_s": elapsed, "bound_s": bound}
+
+
+def echo(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
+    """Bandwidth: arrays sent out and back, bytes both ways per second (GB/s)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for label, nbytes, count in (("1MB", 1 << 20, int(p["n_1mb"])), ("16MB", 16 << 20, int(p["n_16mb"]))):
+        array = np.ones(nbytes // 8)
+        eng.result(eng.submit(_tasks.echo, array))  # first of this size: warm
+        results: list[Any] = []
+
+        def run(array: Any = array, count: int = count, results: list[Any] = results) -> None:
+            futures = [eng.submit(_tasks.echo, array) for _ in range(count)]
+            results.extend(eng.result(f) for f in futures)
+
+        elapsed = _timed(run)
+        assert all(r.nbytes == nbytes for r in results)
+        del results
+        out[f"echo_{label}_GB_per_s"] = 2 * nbytes * count / elapsed / 1e9
+    return out
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """A process's CPU time, all threads: ns precision from each thread's
+    schedstat (the process's own schedstat is its main thread only), else
+    clock ticks from /proc/<pid>/stat."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def idle(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
+    """% of a core burnt by the machinery: (1) while every worker's task
+    sleeps, master and workers; (2) on an idle farm (no task at all)."""
+    seconds = float(p["seconds"])
+    me = os.getpid()
+    cpu0, t0 = _cpu_seconds(me), time.perf_counter()
+    futures = [eng.submit(_tasks.sleep_cpu, seconds) for _ in range(eng.workers)]
+    got = [eng.result(f) for f in futures]
+    cpu1, t1 = _cpu_seconds(me), time.perf_counter()
+    out: dict[str, Any] = {
+        "master_cpu_pct_tasks_sleeping": 100 * (cpu1 - cpu0) / (t1 - t0) if cpu0 is not None and cpu1 else None,
+        "worker_cpu_pct_tasks_sleeping": 100 * statistics.mean(frac for _, frac in got),
+    }
+    pids = sorted({pid for pid, _ in got})
+    time.sleep(0.2)  # let backoffs reach their caps
+    before = {pid: _cpu_seconds(pid) for pid in [me, *pids]}
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    wall = time.perf_counter() - t0
+    after = {pid: _cpu_seconds(pid) for pid in [me, *pids]}
+    pct = {
+        pid: 100 * (after[pid] - before[pid]) / wall  # type: ignore[operator]
+        for pid in before
+        if before[pid] is not None and after[pid] is not None
+    }
+    out["master_cpu_pct_idle_farm"] = pct.get(me)
+    workers = [v for pid, v in pct.items() if pid != me]
+    out["worker_cpu_pct_idle_farm"] = max(workers) if workers else None
+    out["workers_seen"] = len(pids)
+    return out
+
+
+def latency(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
+    """One task's round trip: on an idle farm (after a random pause), and back to back."""
+    rng = random.Random(7)
+    idle_samples = []
+    for _ in range(int(p["samples"])):
+        time.sleep(rng.uniform(0.02, 0.04))
+        t0 = time.perf_counter()
+        eng.result(eng.submit(_tasks.noop, 0))
+        idle_samples.append(time.perf_counter() - t0)
+    hot = []
+    for _ in range(int(p["samples"]) * 5):
+        t0 = time.perf_counter()
+        eng.result(eng.submit(_tasks.noop, 0))
+        hot.append(time.perf_counter() - t0)
+    idle_samples.sort()
+    return {
+        "latency_idle_ms": 1e3 * statistics.median(idle_samples),
+        "latency_idle_p90_ms": 1e3 * idle_samples[int(0.9 * (len(idle_samples) - 1))],
+        "latency_hot_ms": 1e3 * statistics.median(hot),
+    }
+
+
+WORKLOADS: dict[str, Callable[[Engine, dict[str, Any]], dict[str, Any]]] = {
+    "noop": noop,
+    "busy": busy,
+    "skewed": skewed,
+    "echo": echo,
+    "idle": idle,
+    "latency": latency,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", required=True, choices=["taskfarm", "mpi4py", "pool"])
+    parser.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+    parser.add_argument("--workers", type=int, default=4, help="Pool size (MPI engines: ranks - 1)")
+    parser.add_argument("--params", default="{}", help="JSON parameters of the workload")
+    args = parser.parse_args()
+    params = json.loads(args.params)
+    with engine(args.engine, args.workers) as eng:
+        if eng is None:
+            return  # a worker rank: it served inside the context
+        warm_up(eng)
+        result = WORKLOADS[args.workload](eng, params)
+        result["_workers"] = eng.workers
+        result["_info"] = eng.info()
+        if args.engine != "pool":
+            result["_mpi"] = _mpi_library()
+        print("BENCH_RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

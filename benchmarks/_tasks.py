@@ -1,0 +1,38 @@
+"""The task functions every engine runs (an importable module, so every engine
+ships them by reference: taskfarm, mpi4py.futures and multiprocessing alike)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+
+def noop(x: Any = None) -> Any:
+    return x
+
+
+def spin(seconds: float) -> float:
+    """Burn ``seconds`` of this thread's CPU (not wall time: CPU lost to other
+    threads or ranks shows up as lost efficiency, as it should)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    return seconds
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def sleep_cpu(seconds: float) -> tuple[int, float]:
+    """Sleep; return this process's pid and the CPU it used meanwhile (all its
+    threads: whatever the engine's machinery burns while a task waits)."""
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    return os.getpid(), (time.process_time() - cpu0) / (time.perf_counter() - t0)
+
+
+def getpid(_: Any = None) -> int:
+    return os.getpid()

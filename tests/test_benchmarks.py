@@ -1,0 +1,56 @@
+"""The benchmark script works: one tiny no-op round on every engine, valid JSON.
+
+No speed is asserted here (the machine may be busy); benchmarks/run.py is
+run by hand (``make bench``) and docs/performance.md records what it found.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import MPI, ROOT, read_json, run
+
+pytestmark = pytest.mark.mpi
+
+
+def test_quick_noop_round_emits_a_table_and_valid_json(mpich: MPI, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    res = run(
+        [
+            mpich.python,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--only",
+            "noop",
+            "--reps",
+            "1",
+            "--scale",
+            "0.03",
+            "--json",
+            str(out),
+        ],
+        timeout=60,
+        env=mpich.env(),
+        check=0,
+    )
+    assert "taskfarm" in res.stdout and "mpi4py.futures" in res.stdout and "mp.Pool" in res.stdout
+    assert "no-op submit, tasks/s" in res.stdout
+    data = read_json(out)
+    meta = data["meta"]
+    assert meta["mpi"] == "mpich" and "MPICH" in meta["mpi_library"]
+    assert meta["nproc"] >= 1 and meta["ranks"] == {"noop": 5}
+    for engine in ("taskfarm", "mpi4py", "pool"):
+        samples = data["samples"]["noop"][engine]
+        assert len(samples) == 1 and "_error" not in samples[0], samples
+        medians = data["medians"]["noop"][engine]
+        assert medians["submit_tasks_per_s"] > 0
+        assert medians["map_default_tasks_per_s"] > 0
+        assert medians["map_best_tasks_per_s"] >= medians["map_default_tasks_per_s"]
+    assert data["samples"]["noop"]["taskfarm"][0]["_mpi"].startswith("MPICH")
+
+
+def test_usage_errors_are_reported(tmp_path: Path) -> None:
+    res = run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--only", "nonsense"], timeout=30)
+    assert res.returncode == 2 and "unknown workload" in res.stderr

@@ -1,0 +1,871 @@
+"""FarmExecutor under mpiexec, under both MPI wheels.
+
+Each test contributes a section of script that uses the executor and records
+what it saw; the sections of a group run as one script through ``python -m
+taskfarm run`` on 3 ranks (rank 0 plus two workers), one job per group and MPI
+(the machine has two cores: a job start per test would cost minutes), and each
+test asserts on its own section's part of the JSON the job wrote.  A section
+that raises records its traceback and fails only its own test.  Tasks that
+must stay busy wait for a gate file the section creates when it is ready,
+never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import _VENVS, MPI, farm_run, read_json
+
+pytestmark = pytest.mark.mpi
+
+RANKS = 3
+TIMEOUT = 150.0
+
+PRELUDE = '''\
+import concurrent.futures as cf
+import itertools
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+
+import taskfarm
+
+OUT = sys.argv[1]
+GATE = OUT + ".gate"
+results = {}
+
+
+def ident(x):
+    return x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def sq(x):
+    return x * x
+
+
+def wait_for(path, limit=60.0):
+    """Block (in a task) until the script creates ``path``."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+    return "released"
+
+
+def open_gate():
+    with open(GATE, "a"):
+        pass
+
+'''
+
+#: group -> section name -> script text (module level of the group's script)
+GROUPS: dict[str, dict[str, str]] = {}
+
+Results = Callable[[tuple[str, str]], dict[str, Any]]
+
+
+def section(group: str, name: str, text: str) -> tuple[str, str]:
+    """Register a section of a group's script; its ``out`` dict becomes results[name]."""
+    GROUPS.setdefault(group, {})[name] = textwrap.dedent(text).strip("\n")
+    return group, name
+
+
+def group_script(group: str) -> str:
+    """The group's sections, each guarded, at module level (so its functions are __main__'s)."""
+    parts = [PRELUDE]
+    for name, text in GROUPS[group].items():
+        parts.append(
+            f"# ---- {name}\n"
+            f"GATE = OUT + {('.gate-' + name)!r}\n"
+            f"out = results.setdefault({name!r}, {{}})\n"
+            "try:\n"
+            f"{textwrap.indent(text, '    ')}\n"
+            "except BaseException:\n"
+            "    out['__error__'] = traceback.format_exc()\n"
+            "finally:\n"
+            "    open_gate()  # never leave a task of this section waiting\n\n"
+        )
+    parts.append("with open(OUT, 'w') as f:\n    json.dump(results, f)\n")
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module", params=["mpich", "openmpi"])
+def farm_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Results]:
+    """Under one MPI: ``farm_results((group, name))`` is that section's output."""
+    venv = _VENVS[request.param]
+    if not (venv / "bin" / "mpiexec").exists():
+        pytest.skip(f"{request.param} venv not set up ({venv}); run make test")
+    mpi = MPI(request.param, venv)
+    done: dict[str, dict[str, Any]] = {}
+
+    def get(key: tuple[str, str]) -> dict[str, Any]:
+        group, name = key
+        if group not in done:
+            where = tmp_path_factory.mktemp(f"{group}-{mpi.name}")
+            path = where / f"{group}.py"
+            path.write_text(group_script(group))
+            out = where / "out.json"
+            farm_run(mpi, RANKS, ["run", "-q", str(path), str(out)], timeout=TIMEOUT)
+            done[group] = read_json(out)
+        got: dict[str, Any] = done[group][name]
+        if "__error__" in got:
+            pytest.fail(f"section {name} raised:\n{got['__error__']}")
+        return got
+
+    yield get
+
+
+# --------------------------------------------------------------------------
+# submit, map
+# --------------------------------------------------------------------------
+
+
+SUBMIT_AND_RESULT = section(
+    "basics",
+    "submit_and_result",
+    """
+    with taskfarm.FarmExecutor() as ex:
+        f = ex.submit(add, 2, b=3)
+        out["value"] = f.result(timeout=60)
+        out["is_future"] = isinstance(f, cf.Future)
+        out["state"] = f.state.value
+        out["rank"] = f.rank
+        out["many"] = [g.result(60) for g in [ex.submit(add, i, i) for i in range(100)]]
+        out["workers"] = ex.workers
+        out["pids"] = sorted({ex.submit(os.getpid).result(60) for _ in range(4)} | {os.getpid()})
+    """,
+)
+
+
+def test_submit_and_result(farm_results: Results) -> None:
+    got = farm_results(SUBMIT_AND_RESULT)
+    assert got["value"] == 5
+    assert got["is_future"] is True
+    assert got["state"] == "SUCCESS"
+    assert got["rank"] in (1, 2)
+    assert got["many"] == [2 * i for i in range(100)]
+    assert got["workers"] == RANKS - 1
+    assert len(got["pids"]) >= 2  # tasks ran in other processes than the script
+
+
+MAP_RETURNS_RESULTS_IN_INPUT_ORDER = section(
+    "basics",
+    "map_returns_results_in_input_order",
+    """
+    def jitter(x):
+        # later items finish first on the other worker: order must still hold
+        time.sleep(0.002 * (x % 3))
+        return x * x
+
+    with taskfarm.FarmExecutor() as ex:
+        out["sq"] = list(ex.map(jitter, range(300)))
+        out["two"] = list(ex.map(add, range(100), range(100, 250)))  # shortest input wins
+        out["empty"] = list(ex.map(sq, []))
+    """,
+)
+
+
+def test_map_returns_results_in_input_order(farm_results: Results) -> None:
+    got = farm_results(MAP_RETURNS_RESULTS_IN_INPUT_ORDER)
+    assert got["sq"] == [i * i for i in range(300)]
+    assert got["two"] == [2 * i + 100 for i in range(100)]
+    assert got["empty"] == []
+
+
+MAP_WITH_CHUNKSIZE_BATCHES_ITEMS_INTO_FEWER_TASKS = section(
+    "basics",
+    "map_with_chunksize_batches_items_into_fewer_tasks",
+    """
+    with taskfarm.FarmExecutor() as ex:
+        before = ex.statistics().submitted
+        out["chunked"] = list(ex.map(sq, range(300), chunksize=7))
+        out["tasks"] = ex.statistics().submitted - before
+        out["one"] = list(ex.map(add, range(5), range(5), chunksize=1))
+        try:
+            ex.map(sq, range(3), chunksize=0)
+            out["bad_chunksize"] = None
+        except ValueError:
+            out["bad_chunksize"] = "ValueError"
+    """,
+)
+
+
+def test_map_with_chunksize_batches_items_into_fewer_tasks(farm_results: Results) -> None:
+    got = farm_results(MAP_WITH_CHUNKSIZE_BATCHES_ITEMS_INTO_FEWER_TASKS)
+    assert got["chunked"] == [i * i for i in range(300)]
+    assert got["tasks"] == -(-300 // 7)
+    assert got["one"] == [0, 2, 4, 6, 8]
+    assert got["bad_chunksize"] == "ValueError"
+
+
+MAP_IS_LAZY_OVER_AN_INFINITE_INPUT = section(
+    "basics",
+    "map_is_lazy_over_an_infinite_input",
+    """
+    consumed = 0
+
+    def naturals():
+        global consumed
+        for i in itertools.count():
+            consumed = i + 1
+            yield i
+
+    with taskfarm.FarmExecutor() as ex:
+        s0 = ex.statistics()
+        squares = ex.map(sq, naturals())
+        out["first"] = list(itertools.islice(squares, 2000))
+        out["consumed"] = consumed
+        del squares  # closing map's iterator cancels what it submitted ahead
+    s = ex.statistics()
+    out["stats"] = [s.submitted - s0.submitted, s.done - s0.done, s.cancelled - s0.cancelled,
+                    s.failed - s0.failed]
+    """,
+)
+
+
+def test_map_is_lazy_over_an_infinite_input(farm_results: Results) -> None:
+    got = farm_results(MAP_IS_LAZY_OVER_AN_INFINITE_INPUT)
+    assert got["first"] == [i * i for i in range(2000)]
+    assert 2000 <= got["consumed"] < 200_000  # a bounded window ahead, not the input
+    submitted, done, cancelled, failed = got["stats"]
+    assert failed == 0
+    assert done + cancelled == submitted
+
+
+MAP_TIMEOUT_RAISES_TIMEOUT_ERROR = section(
+    "basics",
+    "map_timeout_raises_timeout_error",
+    """
+    with taskfarm.FarmExecutor() as ex:
+        pending = ex.map(wait_for, [GATE, GATE], timeout=0.3)
+        t0 = time.monotonic()
+        try:
+            next(pending)
+            out["raised"] = None
+        except cf.TimeoutError as exc:
+            out["raised"] = type(exc).__name__
+        out["waited"] = time.monotonic() - t0
+        open_gate()
+    """,
+)
+
+
+def test_map_timeout_raises_timeout_error(farm_results: Results) -> None:
+    got = farm_results(MAP_TIMEOUT_RAISES_TIMEOUT_ERROR)
+    assert got["raised"] == "TimeoutError"
+    assert got["waited"] < 10  # it did not wait for the tasks (they wait for the gate)
+
+
+# --------------------------------------------------------------------------
+# as_completed, wait, cancel, shutdown
+# --------------------------------------------------------------------------
+
+
+AS_COMPLETED_AND_WAIT_WORK_ON_FARM_FUTURES = section(
+    "basics",
+    "as_completed_and_wait_work_on_farm_futures",
+    """
+    def fail(x):
+        raise ValueError(x)
+
+    with taskfarm.FarmExecutor() as ex:
+        fs = [ex.submit(ident, i) for i in range(40)]
+        out["as_completed"] = sorted(f.result() for f in cf.as_completed(fs, timeout=60))
+        done, not_done = cf.wait(fs, timeout=60)
+        out["all_completed"] = [len(done), len(not_done)]
+
+        blocker = ex.submit(wait_for, GATE)
+        bad = ex.submit(fail, 1)
+        done, not_done = cf.wait([blocker, bad], timeout=60, return_when=cf.FIRST_EXCEPTION)
+        out["first_exception"] = [bad in done, blocker in not_done]
+        quick = ex.submit(ident, 5)
+        done, not_done = cf.wait([blocker, quick], timeout=60, return_when=cf.FIRST_COMPLETED)
+        out["first_completed"] = [quick in done, blocker in not_done]
+        open_gate()
+        out["blocker"] = blocker.result(60)
+    """,
+)
+
+
+def test_as_completed_and_wait_work_on_farm_futures(farm_results: Results) -> None:
+    got = farm_results(AS_COMPLETED_AND_WAIT_WORK_ON_FARM_FUTURES)
+    assert got["as_completed"] == list(range(40))
+    assert got["all_completed"] == [40, 0]
+    assert got["first_exception"] == [True, True]
+    assert got["first_completed"] == [True, True]
+    assert got["blocker"] == "released"
+
+
+CANCEL_BEFORE_DISPATCH = section(
+    "basics",
+    "cancel_before_dispatch",
+    """
+    with taskfarm.FarmExecutor() as ex:
+        s0 = ex.statistics()
+        blockers = [ex.submit(wait_for, GATE) for _ in range(ex.workers)]
+        fs = [ex.submit(ident, i) for i in range(300)]
+        back = fs[200:]  # far behind what any worker holds
+        out["cancel_returned"] = [f.cancel() for f in back]
+        out["cancelled"] = [f.cancelled() for f in back]
+        out["states"] = sorted({f.state.value for f in back})
+        open_gate()
+        done, not_done = cf.wait(fs + blockers, timeout=60)
+        out["wait"] = [len(done), len(not_done)]
+        out["results"] = [f.result() for f in fs[:200]]
+        try:
+            back[0].result()
+            out["result_of_cancelled"] = None
+        except cf.CancelledError:
+            out["result_of_cancelled"] = "CancelledError"
+        out["cancel_done"] = fs[0].cancel()  # finished: cannot be cancelled
+    s = ex.statistics()
+    out["stats"] = {
+        "done": s.done - s0.done,
+        "cancelled": s.cancelled - s0.cancelled,
+        "submitted": s.submitted - s0.submitted,
+    }
+    """,
+)
+
+
+def test_cancel_before_dispatch(farm_results: Results) -> None:
+    got = farm_results(CANCEL_BEFORE_DISPATCH)
+    assert all(got["cancel_returned"]) and len(got["cancel_returned"]) == 100
+    assert all(got["cancelled"])
+    assert got["states"] == ["CANCELLED"]
+    assert got["wait"] == [300 + RANKS - 1, 0]
+    assert got["results"] == list(range(200))
+    assert got["result_of_cancelled"] == "CancelledError"
+    assert got["cancel_done"] is False
+    # the cancelled tasks never ran (a task cancelled before the farm's thread
+    # took it in is not counted at all; one cancelled later counts as cancelled)
+    stats = got["stats"]
+    assert stats["done"] == 200 + RANKS - 1
+    assert stats["submitted"] == stats["done"] + stats["cancelled"]
+
+
+SHUTDOWN_WITH_CANCEL_FUTURES = section(
+    "basics",
+    "shutdown_with_cancel_futures",
+    """
+    ex = taskfarm.FarmExecutor()
+    blockers = [ex.submit(wait_for, GATE) for _ in range(ex.workers)]
+    fs = [ex.submit(ident, i) for i in range(300)]
+    # the blockers go once shutdown cancels the last task, far back in the queue
+    fs[-1].add_done_callback(lambda f: open_gate())
+    ex.shutdown(wait=True, cancel_futures=True)
+    out["last_cancelled"] = fs[-1].cancelled()
+    out["all_done"] = all(f.done() for f in fs + blockers)
+    out["cancelled"] = sum(f.cancelled() for f in fs)
+    out["ok"] = [f.result() == i for i, f in enumerate(fs) if not f.cancelled()]
+    # a blocker the farm's thread had not dispatched yet is cancelled too (FIFO:
+    # then nothing behind it was dispatched either)
+    out["blockers"] = ["cancelled" if b.cancelled() else b.result() for b in blockers]
+    try:
+        ex.submit(ident, 1)
+        out["after"] = None
+    except RuntimeError:
+        out["after"] = "RuntimeError"
+    """,
+)
+
+
+def test_shutdown_with_cancel_futures(farm_results: Results) -> None:
+    got = farm_results(SHUTDOWN_WITH_CANCEL_FUTURES)
+    assert got["last_cancelled"] is True
+    assert got["all_done"] is True
+    assert got["cancelled"] >= 100  # the queue beyond what workers held was cancelled, not run
+    assert all(got["ok"]) and len(got["ok"]) + got["cancelled"] == 300
+    assert set(got["blockers"]) <= {"released", "cancelled"}
+    assert got["after"] == "RuntimeError"
+
+
+CONTEXT_MANAGER_WAITS_FOR_ITS_FUTURES = section(
+    "basics",
+    "context_manager_waits_for_its_futures",
+    """
+    def slowish(x):
+        time.sleep(0.002)
+        return x
+
+    with taskfarm.FarmExecutor() as ex:
+        out["enter_is_self"] = isinstance(ex, taskfarm.FarmExecutor)
+        fs = [ex.submit(slowish, i) for i in range(100)]
+    out["done_at_exit"] = all(f.done() for f in fs)
+    out["results"] = [f.result(0) for f in fs]
+    """,
+)
+
+
+def test_context_manager_waits_for_its_futures(farm_results: Results) -> None:
+    got = farm_results(CONTEXT_MANAGER_WAITS_FOR_ITS_FUTURES)
+    assert got["enter_is_self"] is True
+    assert got["done_at_exit"] is True
+    assert got["results"] == list(range(100))
+
+
+SUBMIT_AFTER_SHUTDOWN_RAISES_RUNTIME_ERROR = section(
+    "basics",
+    "submit_after_shutdown_raises_runtime_error",
+    """
+    ex = taskfarm.FarmExecutor()
+    out["before"] = ex.submit(ident, 1).result(60)
+    ex.shutdown()
+    ex.shutdown()  # a second call is harmless
+    errors = []
+    for attempt in (lambda: ex.submit(ident, 2), lambda: list(ex.map(ident, [3]))):
+        try:
+            attempt()
+            errors.append(None)
+        except RuntimeError:
+            errors.append("RuntimeError")
+    out["errors"] = errors
+    """,
+)
+
+
+def test_submit_after_shutdown_raises_runtime_error(farm_results: Results) -> None:
+    got = farm_results(SUBMIT_AFTER_SHUTDOWN_RAISES_RUNTIME_ERROR)
+    assert got["before"] == 1
+    assert got["errors"] == ["RuntimeError", "RuntimeError"]
+
+
+# --------------------------------------------------------------------------
+# initializer
+# --------------------------------------------------------------------------
+
+
+INITIALIZER_RUNS_ONCE_PER_WORKER_WITH_ITS_INITARGS = section(
+    "basics",
+    "initializer_runs_once_per_worker_with_its_initargs",
+    """
+    LOG = OUT + ".init"
+
+    def init(tag, log):
+        sys._taskfarm_test_tag = tag
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+
+    def probe(i):
+        time.sleep(0.005)  # long enough that both workers get some
+        return [os.getpid(), getattr(sys, "_taskfarm_test_tag", None)]
+
+    with taskfarm.FarmExecutor(initializer=init, initargs=("hello", LOG)) as ex:
+        out["probes"] = [f.result(60) for f in [ex.submit(probe, i) for i in range(60)]]
+    with open(LOG) as f:
+        out["init_pids"] = [int(line) for line in f]
+    out["master_pid"] = os.getpid()
+    """,
+)
+
+
+def test_initializer_runs_once_per_worker_with_its_initargs(farm_results: Results) -> None:
+    got = farm_results(INITIALIZER_RUNS_ONCE_PER_WORKER_WITH_ITS_INITARGS)
+    task_pids = {pid for pid, _ in got["probes"]}
+    assert {tag for _, tag in got["probes"]} == {"hello"}  # ran before every task, with initargs
+    assert len(got["init_pids"]) == len(set(got["init_pids"]))  # once per worker
+    assert task_pids <= set(got["init_pids"])
+    assert len(task_pids) == RANKS - 1
+    assert got["master_pid"] not in got["init_pids"]
+
+
+FAILING_INITIALIZER_FAILS_ITS_TASKS_WITH_BROKEN_FARM_ERROR = section(
+    "basics",
+    "failing_initializer_fails_its_tasks_with_broken_farm_error",
+    """
+    def bad_init():
+        raise RuntimeError("init failed")
+
+    with taskfarm.FarmExecutor(initializer=bad_init) as ex:
+        errors = [f.exception(60) for f in [ex.submit(ident, i) for i in range(10)]]
+    out["types"] = sorted({type(e).__name__ for e in errors})
+    out["broken_executor"] = all(isinstance(e, cf.BrokenExecutor) for e in errors)
+    with taskfarm.FarmExecutor() as ex:  # the farm itself is fine
+        out["after"] = ex.submit(ident, 7).result(60)
+    """,
+)
+
+
+def test_failing_initializer_fails_its_tasks_with_broken_farm_error(farm_results: Results) -> None:
+    got = farm_results(FAILING_INITIALIZER_FAILS_ITS_TASKS_WITH_BROKEN_FARM_ERROR)
+    assert got["types"] == ["BrokenFarmError"]
+    assert got["broken_executor"] is True
+    assert got["after"] == 7
+
+
+# --------------------------------------------------------------------------
+# exceptions and what can cross the wire
+# --------------------------------------------------------------------------
+
+
+TASK_EXCEPTION_KEEPS_ITS_TYPE_WITH_A_REMOTE_TRACEBACK = section(
+    "wire",
+    "task_exception_keeps_its_type_with_a_remote_traceback",
+    """
+    class MyError(Exception):
+        pass
+
+    def boom(x):
+        raise KeyError(x)
+
+    def my_boom():
+        raise MyError("mine")
+
+    with taskfarm.FarmExecutor() as ex:
+        f = ex.submit(boom, "k")
+        try:
+            f.result(60)
+        except KeyError as exc:
+            out["type"] = type(exc).__name__
+            out["args"] = list(exc.args)
+            out["cause"] = type(exc.__cause__).__name__
+            out["is_remote"] = isinstance(exc.__cause__, taskfarm.RemoteTraceback)
+            out["text"] = str(exc.__cause__)
+        out["rank"] = f.rank
+        try:
+            ex.submit(my_boom).result(60)
+        except MyError as exc:  # a class of the script is caught as itself
+            out["my_error"] = list(exc.args)
+        out["later"] = ex.submit(ident, 1).result(60)
+    """,
+)
+
+
+def test_task_exception_keeps_its_type_with_a_remote_traceback(farm_results: Results) -> None:
+    got = farm_results(TASK_EXCEPTION_KEEPS_ITS_TYPE_WITH_A_REMOTE_TRACEBACK)
+    assert got["type"] == "KeyError" and got["args"] == ["k"]
+    assert got["cause"] == "RemoteTraceback" and got["is_remote"] is True
+    text = got["text"]
+    rank = re.search(r"\brank (\d+)", text)
+    assert rank and int(rank.group(1)) == got["rank"]
+    assert os.uname().nodename in text  # the host (all ranks run on this machine here)
+    attempt = re.search(r"\battempt (\d+)", text)
+    assert attempt and int(attempt.group(1)) == 1
+    assert "boom" in text and "KeyError" in text  # the worker's frames
+    assert got["my_error"] == ["mine"]
+    assert got["later"] == 1
+
+
+LAMBDAS_CLOSURES_AND_MAIN_FUNCTIONS_WORK = section(
+    "wire",
+    "lambdas_closures_and_main_functions_work",
+    """
+    import dataclasses
+
+    OFFSET = 100
+
+    def helper(x):
+        return x + OFFSET
+
+    def uses_helper(x):
+        return helper(x) * 2
+
+    def make_adder(n):
+        def adder(x):
+            return x + n
+        return adder
+
+    def make_cell():
+        value = 1
+        def get():
+            return value
+        def put(v):
+            nonlocal value
+            value = v
+        return get, put
+
+    def apply(fn, x):
+        return fn(x)
+
+    @dataclasses.dataclass
+    class Point:
+        x: int
+
+    def shift(p):
+        return Point(p.x + 1)
+
+    with taskfarm.FarmExecutor() as ex:
+        out["lambda"] = ex.submit(lambda x: x * 3, 5).result(60)
+        out["closure"] = ex.submit(make_adder(10), 5).result(60)
+        out["main_fn"] = ex.submit(uses_helper, 1).result(60)
+        out["map_lambda"] = list(ex.map(lambda x: -x, range(5)))
+        out["map_main_fn"] = list(ex.map(uses_helper, range(5)))
+        out["fn_argument"] = ex.submit(apply, helper, 1).result(60)
+        out["lambda_argument"] = ex.submit(apply, lambda y: y * 7, 6).result(60)
+        get, put = make_cell()
+        first = ex.submit(get).result(60)
+        put(2)  # the closure changed between two submits: the worker sees it
+        out["cell"] = [first, ex.submit(get).result(60)]
+        p = ex.submit(shift, Point(1)).result(60)
+        out["point"] = [p.x, type(p) is Point]
+    """,
+)
+
+
+def test_lambdas_closures_and_main_functions_work(farm_results: Results) -> None:
+    got = farm_results(LAMBDAS_CLOSURES_AND_MAIN_FUNCTIONS_WORK)
+    assert got["lambda"] == 15
+    assert got["closure"] == 15
+    assert got["main_fn"] == 202
+    assert got["map_lambda"] == [0, -1, -2, -3, -4]
+    assert got["map_main_fn"] == [2 * (i + 100) for i in range(5)]
+    assert got["fn_argument"] == 101
+    assert got["lambda_argument"] == 42
+    assert got["cell"] == [1, 2]
+    assert got["point"] == [2, True]
+
+
+UNPICKLABLE_ARGUMENT_FAILS_ONLY_ITS_FUTURE = section(
+    "wire",
+    "unpicklable_argument_fails_only_its_future",
+    """
+    import pickle
+
+    with taskfarm.FarmExecutor() as ex:
+        outcomes = []
+        for f in [
+            ex.submit(ident, threading.Lock()),
+            ex.submit(ident, {"deep": [1, threading.Lock()]}),
+            ex.submit(add, 1, b=threading.Lock()),
+        ]:
+            e = f.exception(60)
+            outcomes.append([
+                type(e).__name__,
+                isinstance(e, taskfarm.SerializationError),
+                isinstance(e, pickle.PicklingError),
+                getattr(e, "where", None),
+                getattr(e, "type_name", ""),
+            ])
+        out["outcomes"] = outcomes
+        out["after"] = [f.result(60) for f in [ex.submit(ident, i) for i in range(20)]]
+    """,
+)
+
+
+def test_unpicklable_argument_fails_only_its_future(farm_results: Results) -> None:
+    got = farm_results(UNPICKLABLE_ARGUMENT_FAILS_ONLY_ITS_FUTURE)
+    for name, is_ser, is_pickling, where, type_name in got["outcomes"]:
+        assert (name, is_ser, is_pickling, where) == ("SerializationError", True, True, "argument")
+        assert "lock" in type_name
+    assert got["after"] == list(range(20))
+
+
+REDUCE_RAISING_PROPAGATES_UNCHANGED = section(
+    "wire",
+    "reduce_raising_propagates_unchanged",
+    """
+    class Bad:
+        def __reduce__(self):
+            raise ValueError("mine")
+
+    def make_bad():
+        return Bad()
+
+    with taskfarm.FarmExecutor() as ex:
+        got = []
+        for f in (ex.submit(ident, Bad()), ex.submit(make_bad)):
+            e = f.exception(60)
+            got.append([type(e).__name__, list(e.args)])
+        out["got"] = got
+        out["after"] = ex.submit(ident, 3).result(60)
+    """,
+)
+
+
+def test_reduce_raising_propagates_unchanged(farm_results: Results) -> None:
+    got = farm_results(REDUCE_RAISING_PROPAGATES_UNCHANGED)
+    assert got["got"] == [["ValueError", ["mine"]], ["ValueError", ["mine"]]]
+    assert got["after"] == 3
+
+
+UNPICKLABLE_RESULT_FAILS_ONLY_ITS_FUTURE = section(
+    "wire",
+    "unpicklable_result_fails_only_its_future",
+    """
+    def make_lock(i):
+        return threading.Lock() if i == 3 else i
+
+    with taskfarm.FarmExecutor() as ex:
+        fs = [ex.submit(make_lock, i) for i in range(8)]
+        e = fs[3].exception(60)
+        out["error"] = [type(e).__name__, e.where, e.type_name]
+        out["others"] = [f.result(60) for i, f in enumerate(fs) if i != 3]
+    """,
+)
+
+
+def test_unpicklable_result_fails_only_its_future(farm_results: Results) -> None:
+    got = farm_results(UNPICKLABLE_RESULT_FAILS_ONLY_ITS_FUTURE)
+    name, where, type_name = got["error"]
+    assert (name, where) == ("SerializationError", "result")
+    assert "lock" in type_name
+    assert got["others"] == [0, 1, 2, 4, 5, 6, 7]
+
+
+EXCEPTION_THAT_CANNOT_BE_UNPICKLED_FAILS_ONLY_ITS_FUTURE = section(
+    "wire",
+    "exception_that_cannot_be_unpickled_fails_only_its_future",
+    """
+    class TwoArgs(Exception):
+        def __init__(self, a, b):
+            super().__init__(f"{a}/{b}")
+
+    def raise_two(i):
+        if i == 2:
+            raise TwoArgs(1, 2)
+        return i
+
+    with taskfarm.FarmExecutor() as ex:
+        fs = [ex.submit(raise_two, i) for i in range(6)]
+        e = fs[2].exception(60)
+        out["error"] = [type(e).__name__, e.where, e.type_name]
+        out["remote"] = isinstance(e.__cause__, taskfarm.RemoteTraceback)
+        out["others"] = [f.result(60) for i, f in enumerate(fs) if i != 2]
+        out["after"] = ex.submit(ident, 9).result(60)
+    """,
+)
+
+
+def test_exception_that_cannot_be_unpickled_fails_only_its_future(farm_results: Results) -> None:
+    got = farm_results(EXCEPTION_THAT_CANNOT_BE_UNPICKLED_FAILS_ONLY_ITS_FUTURE)
+    assert got["error"] == ["SerializationError", "exception", "TwoArgs"]
+    assert got["remote"] is True  # the worker's traceback is still attached
+    assert got["others"] == [0, 1, 3, 4, 5]
+    assert got["after"] == 9
+
+
+NUMPY_ARRAYS_IN_AND_OUT = section(
+    "wire",
+    "numpy_arrays_in_and_out",
+    """
+    import numpy as np
+
+    def double(a):
+        return a * 2
+
+    def make(n):
+        return np.arange(n, dtype=np.float64)
+
+    rng = np.random.default_rng(0)
+    small = np.arange(10, dtype=np.int32)
+    big = rng.random(2 * 1024 * 1024)  # 16 MiB
+    fortran = np.asfortranarray(rng.random((300, 200)).astype(np.float32))
+    with taskfarm.FarmExecutor() as ex:
+        out["small"] = bool(np.array_equal(ex.submit(double, small).result(60), small * 2))
+        back = ex.submit(ident, big).result(60)
+        out["big"] = [bool(np.array_equal(back, big)), back.nbytes, str(back.dtype), back.shape[0]]
+        back[0] = -1.0  # results are writable, like any array
+        out["writable"] = float(back[0])
+        out["strided"] = bool(np.array_equal(ex.submit(ident, big[::3]).result(60), big[::3]))
+        f_back = ex.submit(ident, fortran).result(60)
+        out["fortran"] = [bool(np.array_equal(f_back, fortran)), str(f_back.dtype)]
+        made = ex.submit(make, 2 * 1024 * 1024).result(60)
+        out["made"] = [made.nbytes, float(made[-1])]
+        pair = ex.submit(ident, {"a": big, "b": [small, big]}).result(60)
+        out["nested"] = bool(np.array_equal(pair["b"][1], big) and np.array_equal(pair["b"][0], small))
+    """,
+)
+
+
+def test_numpy_arrays_in_and_out(farm_results: Results) -> None:
+    got = farm_results(NUMPY_ARRAYS_IN_AND_OUT)
+    assert got["small"] is True
+    assert got["big"] == [True, 16 * 1024 * 1024, "float64", 2 * 1024 * 1024]
+    assert got["writable"] == -1.0
+    assert got["strided"] is True
+    assert got["fortran"] == [True, "float32"]
+    assert got["made"] == [16 * 1024 * 1024, float(2 * 1024 * 1024 - 1)]
+    assert got["nested"] is True
+
+
+EXECUTOR_REUSE_AND_TWO_EXECUTORS_IN_SEQUENCE = section(
+    "basics",
+    "executor_reuse_and_two_executors_in_sequence",
+    """
+    with taskfarm.FarmExecutor() as ex:
+        out["one_by_one"] = [ex.submit(add, i, 1).result(60) for i in range(200)]
+        out["batch"] = sum(f.result(60) for f in [ex.submit(add, i, 1) for i in range(300)])
+        out["map_again"] = sum(ex.map(sq, range(100)))
+    with taskfarm.FarmExecutor() as ex2:
+        out["second"] = list(ex2.map(add, range(50), range(50)))
+    ex3 = taskfarm.FarmExecutor()
+    out["third"] = ex3.submit(add, 40, 2).result(60)
+    ex3.shutdown()
+    out["submitted"] = ex3.statistics().submitted
+    """,
+)
+
+
+def test_executor_reuse_and_two_executors_in_sequence(farm_results: Results) -> None:
+    got = farm_results(EXECUTOR_REUSE_AND_TWO_EXECUTORS_IN_SEQUENCE)
+    assert got["one_by_one"] == list(range(1, 201))
+    assert got["batch"] == sum(range(1, 301))
+    assert got["map_again"] == sum(i * i for i in range(100))
+    assert got["second"] == [2 * i for i in range(50)]
+    assert got["third"] == 42
+    assert got["submitted"] >= 200 + 300 + 1 + 2  # every executor used the one farm
+
+
+FUTURES_AS_ARGUMENTS = section(
+    "wire",
+    "futures_as_arguments",
+    """
+    import numpy as np
+
+    def tenfold(x):
+        return 10 * x
+
+    def fail():
+        raise ValueError("input failed")
+
+    def total(values):
+        return sum(values)
+
+    def ones(n):
+        return np.ones(n)
+
+    with taskfarm.FarmExecutor() as ex:
+        out["simple"] = ex.submit(add, ex.submit(tenfold, 1), 2).result(60)
+        x = ex.submit(tenfold, 1)
+        for _ in range(10):
+            x = ex.submit(add, x, 1)
+        out["chain"] = x.result(60)
+        out["nested"] = ex.submit(total, [ex.submit(tenfold, i) for i in range(5)]).result(60)
+        out["kwargs"] = ex.submit(add, a=ex.submit(tenfold, 2), b=ex.submit(tenfold, 3)).result(60)
+        done = ex.submit(tenfold, 4)
+        done.result(60)
+        out["done_input"] = ex.submit(add, done, 1).result(60)
+        twice = ex.submit(tenfold, 5)
+        out["twice"] = ex.submit(add, twice, twice).result(60)
+        out["array_input"] = ex.submit(np.sum, ex.submit(ones, 1 << 20)).result(60)
+        out["lambda_too"] = ex.submit(lambda v, f: f(v), ex.submit(tenfold, 6), lambda y: y + 1).result(60)
+        e = ex.submit(add, ex.submit(fail), 1).exception(60)
+        out["failed_input"] = type(e).__name__
+    """,
+)
+
+
+def test_futures_as_arguments(farm_results: Results) -> None:
+    got = farm_results(FUTURES_AS_ARGUMENTS)
+    assert got["simple"] == 12
+    assert got["chain"] == 20
+    assert got["nested"] == 100
+    assert got["kwargs"] == 50
+    assert got["done_input"] == 41
+    assert got["twice"] == 100
+    assert got["array_input"] == float(1 << 20)
+    assert got["lambda_too"] == 61
+    assert got["failed_input"] == "DependencyFailed"

@@ -1,0 +1,162 @@
+"""Stopping in time: SIGTERM/SIGINT/SIGUSR1, the deadline, cut-off tasks; then ``--resume``.
+
+A drain stops dispatching, lets running tasks finish within ``--grace``,
+flushes the journal, ends every rank and exits 75.  What reaches rank 0
+depends on the launcher, so every test runs under both MPI wheels:
+
+* MPICH's ``mpiexec`` passes SIGTERM, SIGINT and SIGUSR1 on to every rank;
+* Open MPI's passes SIGUSR1 on, but on SIGTERM/SIGINT it ends the job itself
+  within about half a second and exits 1, whatever the ranks do (the journal
+  stays consistent; resume still works).  Hence the batch scripts turn
+  Slurm's signals into SIGUSR1 for the launcher (docs/journal.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MPI, read_json
+from test_resume import TIMEOUT, Job, farm, job_starter, lock_free, status, successes, wait_until
+
+from taskfarm._journal import RUNNING, SUCCESS, read_journal
+
+pytestmark = pytest.mark.mpi
+
+#: seconds a drain may take beyond the grace (teardown, launcher)
+DRAIN_SLACK = 10.0
+
+WORK = """\
+import json
+import os
+import sys
+import time
+
+from taskfarm import FarmExecutor, Task
+
+
+def work(i, pause, flag):
+    if flag and i >= 4 and not os.path.exists(flag):
+        time.sleep(60)  # cut off by the drain
+    time.sleep(pause)
+    return i * i
+
+
+n, pause, flag, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+isolation = sys.argv[5] if len(sys.argv) > 5 else None
+with FarmExecutor() as ex:
+    futures = [ex.submit_task(Task(work, (i, pause, flag), max_retries=0, isolation=isolation)) for i in range(n)]
+    results = [f.result() for f in futures]
+with open(out, "w") as fo:
+    json.dump(results, fo)
+"""
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Job]]:
+    """Start a farm in the background (see test_resume.job_starter)."""
+    yield from job_starter(tmp_path)
+
+
+def check_resume(mpi: MPI, journal: Path, args: list[Any], n: int, out: Path) -> None:
+    """Resume the stopped run: every result, each key with exactly one success."""
+    wait_until(lambda: lock_free(journal), "the stopped job's ranks to be gone", timeout=30)
+    farm(mpi, ["run", "-q", "--resume", "--journal", journal, *args])
+    assert read_json(out) == [i * i for i in range(n)]
+    st = read_journal(journal, results=False)
+    assert len(st.tasks) == n
+    assert all(e.state == SUCCESS and e.successes == 1 for e in st.tasks.values())
+    status(mpi, journal, check=0)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_signal_to_the_launcher_drains_then_resume_completes(
+    mpi: MPI, sig: str, script: Any, start: Callable[..., Job], tmp_path: Path
+) -> None:
+    n, grace = 600, 5
+    path, journal, out = script(WORK), tmp_path / "j", tmp_path / "out.json"
+    args = [path, n, 0.005, "", out]
+    job = start(mpi, 3, ["run", "-q", "--grace", grace, "--journal", journal, *map(str, args)])
+    wait_until(lambda: successes(journal) >= 60, "60 results", job)
+    t0 = time.monotonic()
+    job.proc.send_signal(getattr(signal, sig))
+    res = job.finish(TIMEOUT)
+    assert time.monotonic() - t0 < grace + DRAIN_SLACK, res.explain()
+    forwarded = mpi.name == "mpich" or sig == "SIGUSR1"
+    if forwarded:
+        assert res.returncode == 75, res.explain()
+        assert f"taskfarm: {sig}: draining" in res.stderr
+    else:  # Open MPI's launcher ends the job itself
+        assert res.returncode != 0, res.explain()
+    wait_until(lambda: lock_free(journal), "the stopped job's ranks to be gone", timeout=30)
+    st = read_journal(journal, results=False)
+    assert 0 < st.counts()[SUCCESS] < n
+    if forwarded:
+        assert st.runs[-1]["status"] == "drained"
+        assert st.counts()[RUNNING] == 0  # running tasks had their grace; nothing left half-done
+    status(mpi, journal, check=75)
+    check_resume(mpi, journal, args, n, out)
+
+
+def test_sigterm_to_every_rank_drains(mpi: MPI, script: Any, start: Callable[..., Job], tmp_path: Path) -> None:
+    """What Slurm does at the time limit under srun: every rank gets SIGTERM itself."""
+    n = 600
+    path, journal, out = script(WORK), tmp_path / "j", tmp_path / "out.json"
+    args = [path, n, 0.005, "", out]
+    job = start(mpi, 3, ["run", "-q", "--grace", 5, "--journal", journal, *map(str, args)])
+    wait_until(lambda: successes(journal) >= 60, "60 results", job)
+    ranks = job.ranks()
+    assert len(ranks) == 3, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGTERM)  # workers ignore it, rank 0 drains
+    res = job.finish(TIMEOUT, check=75)
+    assert res.stderr.count("taskfarm: SIGTERM: draining") == 1, res.explain()
+    assert read_journal(journal, results=False).runs[-1]["status"] == "drained"
+    check_resume(mpi, journal, args, n, out)
+
+
+def test_deadline_drains_by_itself(mpi: MPI, script: Any, tmp_path: Path) -> None:
+    # drain starts at deadline - grace - 10 s (teardown margin) = 1.5 s after start
+    n, deadline = 1000, 12.5
+    path, journal, out = script(WORK), tmp_path / "j", tmp_path / "out.json"
+    args = [path, n, 0.005, "", out]
+    t0 = time.monotonic()
+    farm(mpi, ["run", "-q", "--deadline", deadline, "--grace", 1, "--journal", journal, *args], check=75)
+    assert time.monotonic() - t0 < deadline
+    st = read_journal(journal, results=False)
+    assert 0 < st.counts()[SUCCESS] < n and st.runs[-1]["status"] == "drained"
+    check_resume(mpi, journal, args, n, out)
+
+
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_task_cut_off_by_the_drain_runs_again_despite_max_retries_0(
+    mpi: MPI, isolation: str, script: Any, start: Callable[..., Job], tmp_path: Path
+) -> None:
+    n = 8
+    path, journal, out, flag = script(WORK), tmp_path / "j", tmp_path / "out.json", tmp_path / "flag"
+    args = [path, n, 0.0, flag, out, isolation]
+    job = start(mpi, 3, ["run", "-q", "--grace", 0.5, "--journal", journal, *map(str, args)])
+    wait_until(lambda: successes(journal) >= 4, "the quick tasks", job)
+    t0 = time.monotonic()
+    job.proc.send_signal(signal.SIGUSR1)
+    res = job.finish(TIMEOUT)
+    assert time.monotonic() - t0 < 0.5 + DRAIN_SLACK, res.explain()
+    if isolation == "process":  # the workers kill their task processes and stop cleanly
+        assert res.returncode == 75, res.explain()
+    else:
+        # inline tasks cannot be cut off: rank 0 ends the job with MPI_Abort(75), and MPICH's
+        # launcher then reports 75 or, racing with its SIGKILL of the stuck ranks, 9
+        assert res.returncode in ((75, 9) if mpi.name == "mpich" else (75,)), res.explain()
+    wait_until(lambda: lock_free(journal), "the stopped job's ranks to be gone", timeout=30)
+    st = read_journal(journal, results=False)
+    cut = [e for e in st.tasks.values() if e.state != SUCCESS]
+    assert cut and all(e.attempts == 0 and e.state != "FAILURE" for e in cut), cut
+    flag.touch()
+    check_resume(mpi, journal, args, n, out)
+    st = read_journal(journal, results=False)
+    assert all(st.tasks[e.key].attempts == 1 for e in cut)  # the cut-off attempt never counted

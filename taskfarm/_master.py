@@ -755,6 +755,9 @@ class Farm:
                     if task is not None:
                         task.sub.future.set_running_or_notify_cancel()  # lets wait() see it
                     self._fail_dependents_of_cancelled(arg)
+                    # resolve those failures now: a later submission in this batch may
+                    # name one of them as its input and must see it done
+                    self._commit()
                 elif what == "executor":
                     self._executors[arg.executor_id] = arg
                 elif what == "configure":

@@ -358,12 +358,6 @@ def test_dependents_of_inputs_failed_in_the_same_round_fail_too(mpich: MPI, tmp_
 
 
 @pytest.mark.mpi
-@pytest.mark.xfail(
-    strict=True,
-    reason="master: a task failed in _take_submissions as a dependent of a cancelled task resolves only at "
-    "the next commit, so a dependent admitted in that same round is dispatched with an input not done; "
-    "_send_tasks catches it ('a dispatch-order bug') and fails it with DependencyFailed",
-)
 def test_no_dispatch_order_bug_after_a_cancel(mpich: MPI, tmp_path: Path) -> None:
     _, stderr = _run_admission(mpich, tmp_path)
     assert "dispatch-order bug" not in stderr

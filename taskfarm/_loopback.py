@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._protocol import Kind
-from ._transport import MASTER, Transport
+from ._transport import MASTER, Transport, Wakeup
 
 #: the worker number of rank 0's own worker
 LOCAL_PEER = 0
@@ -41,9 +41,14 @@ class LocalEnd(Transport):
         self.intercomm = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.wakeup = Wakeup(LOCAL_PEER, network=False)  # the master pokes it (`Loopback.send`)
+        self._rings = {}
 
     def peers(self) -> list[int]:
         return [MASTER]
+
+    def rings_from(self, peer: int) -> bool:
+        return True  # every message from the master comes with a poke
 
     def send(self, peer: int, kind: Kind, record: object) -> None:
         self._link.to_master.append((LOCAL_PEER, kind, _copy(record)))
@@ -77,7 +82,7 @@ class LocalEnd(Transport):
         self._link.real.abort(code)
 
     def close(self) -> None:
-        pass
+        self.wakeup.close()
 
 
 class Loopback(Transport):
@@ -103,6 +108,16 @@ class Loopback(Transport):
             self.real.send(peer, kind, record)
         elif not self._local_forgotten or kind is Kind.STOP:
             self.to_worker.append((MASTER, kind, _copy(record)))
+            self.local.poke()
+
+    def rings_from(self, peer: int) -> bool:
+        return peer == LOCAL_PEER or self.real.rings_from(peer)
+
+    def wait(self, timeout: float) -> int:
+        return self.real.wait(timeout)
+
+    def poke(self) -> None:
+        self.real.poke()
 
     def poll(self) -> tuple[int, Kind, Any] | None:
         try:

@@ -12,7 +12,7 @@ futures and the submission queue)::
                                      4. notice lost ranks (ULFM)
     Future.result() <-- futures <--- 5. dispatch   --> TaskBatch/Steal -->
                                      6. progress sends
-                                     7. wait       (backoff; a submit wakes it at once)
+                                     7. wait       (backoff; a submit or a worker's ring wakes it at once)
 
 Decisions (who runs what, retries, dependencies) are the scheduler's; this
 module only carries them out.  A result is made durable in the journal before
@@ -63,7 +63,7 @@ from ._protocol import (
 from ._resume import ResumeIndex
 from ._scheduler import MAX_PREFETCH, PIPELINE_SECONDS, Decision, Scheduler
 from ._task import TaskPolicy, TaskState
-from ._transport import Backoff, Doorbell, Transport, library, ulfm_enabled
+from ._transport import DOORBELL_GROWTH, DOORBELL_POLL_CAP, POKED, Backoff, Transport, library, ulfm_enabled
 from ._worker import serve_in_thread
 
 log = logging.getLogger("taskfarm.master")
@@ -113,6 +113,10 @@ class RankStatistics:
     slot_busy_fraction: tuple[float, ...] | None = None
     #: child processes started again after a crash, a time limit or recycling
     child_restarts: int | None = None
+    #: rings of the doorbell arrived both ways between rank 0 and this rank, so
+    #: both sides slept between messages instead of polling (from its Bye; see
+    #: `taskfarm._transport.Wakeup`); False means they polled every few ms
+    doorbell: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +231,8 @@ class Farm:
         self.heartbeat_timeout = heartbeat_timeout
         self._peers = transport.peers()
         self._submissions: collections.deque[Any] = collections.deque()
-        self._wake = Doorbell()  # set by user threads: work for the service thread
+        self._wake = transport.poke  # user threads: work for the service thread (wakes `_wait`)
+        self._ringing = (0, 0, False)  # (ringers, live ranks, all ring) when last counted
         self._next_dispatch = 0.0  # monotonic time the scheduler must be polled by
         self.pool = pool or PoolSpec()
         self.master_works = bool(master_works)
@@ -296,13 +301,13 @@ class Farm:
             self.pool = pool or PoolSpec()
             self.master_works = bool(master_works)
             self._submissions.append(("configure", None))
-        self._wake.set()
+        self._wake()
 
     def _apply_configuration(self) -> None:
         """Start rank 0's own worker if wanted; answer the Hellos that waited."""
         if self.master_works and not isinstance(self.transport, Loopback):
             # rank 0 runs tasks too: peer 0, a worker thread in this process (_loopback)
-            loopback = Loopback(self.transport, self._wake.set)
+            loopback = Loopback(self.transport, self._wake)
             self.transport = loopback
             self._peers = loopback.peers()
             serve_in_thread(loopback.local)
@@ -315,7 +320,7 @@ class Farm:
     def add_executor(self, executor_id: int, initializer: Initializer | None) -> None:
         """Tasks of this executor carry ``initializer`` to each worker's first batch."""
         self._submissions.append(("executor", _ExecutorInfo(executor_id, initializer)))
-        self._wake.set()
+        self._wake()
 
     def submit(self, sub: Submission) -> None:
         sub.future._cancel_hook = self._cancel
@@ -327,11 +332,11 @@ class Farm:
             if self._stopped:
                 raise RuntimeError("cannot schedule new futures after the farm has ended")
             self._submissions.append(sub)
-        self._wake.set()
+        self._wake()
 
     def _cancel(self, task_id: int) -> None:
         self._submissions.append(("cancel", task_id))
-        self._wake.set()
+        self._wake()
 
     @property
     def broken(self) -> BaseException | None:
@@ -361,7 +366,7 @@ class Farm:
         """
         if self._drain_grace is None:
             self._drain_grace = grace
-        self._wake.set()
+        self._wake()
 
     def abandon(self) -> None:
         """End the farm without waiting for its remaining tasks (the program failed).
@@ -378,7 +383,7 @@ class Farm:
         """Start draining by itself at monotonic time ``when`` (a walltime deadline)."""
         self._drain_at = when
         self._deadline_grace = grace
-        self._wake.set()
+        self._wake()
 
     _deadline_grace = 0.0
 
@@ -387,7 +392,7 @@ class Farm:
         if self._thread.is_alive():
             self._snapshot_ready.clear()
             self._snapshot_wanted.set()
-            self._wake.set()
+            self._wake()
             self._snapshot_ready.wait(timeout=5.0)
         if self._snapshot is None:
             self._snapshot = self._take_snapshot()
@@ -400,7 +405,7 @@ class Farm:
         the caller ends the job with `Transport.abort` after saving what it must.
         """
         self._closing = True
-        self._wake.set()
+        self._wake()
         self._thread.join()
         if self.transport.intercomm:
             self.transport.close()
@@ -509,10 +514,23 @@ class Farm:
         self._commit()
         self._closing = True
 
+    def _all_ring(self) -> bool:
+        """True when every live rank's rings arrive: then a result wakes the
+        service thread itself and it need not poll for one."""
+        ringers = len(self.transport.wakeup.ringers)
+        live = self.scheduler.live_workers()
+        if self._ringing[:2] != (ringers, live):
+            ok = live > 0 and all(self.transport.rings_from(r) for r in self.scheduler.live_ranks())
+            self._ringing = (ringers, live, ok)
+        return self._ringing[2]
+
     def _poll_cap(self) -> float:
-        """How long the service thread may sleep while tasks are out: while
+        """How long the service thread may sleep while tasks are out: with
+        every rank ringing, `DOORBELL_POLL_CAP` (a safety net); else, while
         ready tasks wait for room, a quarter of the ranks' pipeline depth (they
         run from their queues meanwhile); else `BUSY_POLL_CAP`."""
+        if self._all_ring():
+            return DOORBELL_POLL_CAP
         if not self.scheduler.has_ready():
             return BUSY_POLL_CAP
         depth = min(PIPELINE_SECONDS, (1 + self.scheduler.prefetch) * (self.scheduler._mean_duration or 0.0))
@@ -523,6 +541,7 @@ class Farm:
         busy = self.scheduler.has_work()
         if busy:
             backoff.cap = self._poll_cap()
+            backoff.growth = DOORBELL_GROWTH if backoff.cap == DOORBELL_POLL_CAP else Backoff.GROWTH
         delay = backoff.next() if busy else IDLE_POLL_CAP
         if delay == 0.0:
             time.sleep(0)
@@ -534,9 +553,11 @@ class Farm:
             wakeup = self._drain_until if wakeup is None else min(wakeup, self._drain_until)
         if wakeup is not None:
             delay = max(0.0, min(delay, wakeup - time.monotonic()))
-        if self._wake.wait(delay):
-            self._wake.clear()
+        woken = self.transport.wait(delay)
+        if woken & POKED:
             backoff.restart()  # fresh work: its results are awaited
+        elif woken:
+            backoff.quick()  # a ring: its message may be a moment behind it
 
     # step 1
     def _receive(self) -> bool:
@@ -583,7 +604,9 @@ class Farm:
             if self._listeners:
                 self._emit("worker_joined", rank=peer, host=hello.host, pid=hello.pid, slots=slots)
             interval = self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT if self.heartbeat_timeout else 60.0
-            self.transport.send(peer, Kind.CONFIG, self.pool.config(interval))
+            self.transport.connect_doorbell(peer, hello.doorbell)  # so Config rings it already
+            config = self.pool.config(interval)._replace(doorbell=self.transport.doorbell())
+            self.transport.send(peer, Kind.CONFIG, config)
 
     def _on_results(self, peer: int, batch: ResultBatch, now: float) -> None:
         for item in batch.items:
@@ -995,6 +1018,7 @@ class Farm:
                 busy_fraction=r.busy_time / (r.slots * life) if life > 0 else None,
                 slot_busy_fraction=slot_busy,
                 child_restarts=bye.child_restarts if bye is not None else None,
+                doorbell=bye.rung and self.transport.rings_from(rank) if bye is not None else None,
             )
         return FarmStatistics(
             submitted=s.submitted,

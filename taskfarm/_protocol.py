@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class Kind(enum.IntEnum):
@@ -39,6 +39,8 @@ class Hello(NamedTuple):
     pid: int
     #: task slots of this rank; 0 = as the master's Config says (``concurrency``)
     slots: int
+    #: (host, UDP port) of the worker's doorbell, None without one (see _transport.Wakeup)
+    doorbell: tuple[str, int] | None = None
 
 
 class Config(NamedTuple):
@@ -48,6 +50,8 @@ class Config(NamedTuple):
     concurrency: int = 1
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None  # bytes of resident memory
+    #: (host, UDP port) of the master's doorbell, None without one
+    doorbell: tuple[str, int] | None = None
 
 
 class FnRef(NamedTuple):
@@ -134,6 +138,8 @@ class Bye(NamedTuple):
     slot_busy: tuple[float, ...] = ()
     #: child processes started again (after a crash, a time limit or recycling)
     child_restarts: int = 0
+    #: the master's doorbell rings reached this worker (it slept instead of polling)
+    rung: bool = False
 
 
 class LogRecords(NamedTuple):

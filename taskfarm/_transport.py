@@ -17,6 +17,15 @@ flight (MPICH moves a large message only while some MPI call runs) and sleeps
 only when nothing moves.  Receives never block on an empty line: `poll`
 returns None at once when no message waits.
 
+Waking a sleeping rank: MPI has no call that sleeps until a message comes
+(MPICH and Open MPI busy-poll in blocking calls), so each side of a link also
+has a `Wakeup`, a UDP socket whose address travels in Hello and Config.  After
+every send, `send` rings the peer's socket; the peer sleeps in ``poll(2)`` on
+it (and on a pipe its own threads poke) instead of waking every millisecond
+to probe.  A rank trusts the doorbell only once it has heard the peer ring;
+until then, or with ``TASKFARM_DOORBELL=0``, it probes on a short backoff as
+before.  A lost ring (UDP) costs at most one `DOORBELL_POLL_CAP` of latency.
+
 Rank loss: with Open MPI's ULFM (``mpiexec --with-ft ulfm``) a dead peer
 surfaces as MPI_ERR_PROC_FAILED; the transport acknowledges it and reports the
 lost peers through `take_lost`.  Under an MPI without it (MPICH) rank death
@@ -26,9 +35,12 @@ ends the whole job and only the journal protects the work.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import pickle
+import select
+import socket
 import struct
 import sys
 import threading
@@ -65,6 +77,21 @@ MASTER = 0
 OOB_EMPTY_MIN = 1 << 20
 #: longest a single `Transport.progress` call keeps pushing a large send (seconds)
 LARGE_SEND_SPIN = 0.005
+#: longest sleep of a rank whose peers ring its doorbell: a safety net for a
+#: lost ring (UDP), at ~20 wake-ups per second
+DOORBELL_POLL_CAP = 0.05
+#: growth of a sleeping rank's delays while its peers ring: a few quick probes
+#: after a ring (its message may become visible a moment later), then straight
+#: to the cap
+DOORBELL_GROWTH = 4.0
+#: set to 0 to do without doorbells (probe on a short backoff instead)
+DOORBELL_ENV = "TASKFARM_DOORBELL"
+#: what woke `Wakeup.wait`: a peer's ring, a local thread's poke (bits)
+RUNG, POKED = 1, 2
+#: a ring's payload: the ringing peer's number
+_RING = struct.Struct("<i")
+#: rings read per wake-up at most (the rest wait for the next one)
+_RINGS_PER_WAKE = 256
 
 
 def require_mpi() -> Any:
@@ -214,6 +241,42 @@ class Transport:
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.wakeup = Wakeup(self.rank)
+        self._rings: dict[int, tuple[str, int]] = {}  # peer -> its doorbell's socket address
+
+    # -- doorbells ---------------------------------------------------------
+    def doorbell(self) -> tuple[str, int] | None:
+        """This side's doorbell address, to tell the peer in Hello / Config."""
+        return self.wakeup.address
+
+    def connect_doorbell(self, peer: int, address: tuple[str, int] | None) -> bool:
+        """Ring ``peer`` at ``address`` after each send to it from now on; False
+        when there is no doorbell here or there, or its host cannot be resolved."""
+        target = self.wakeup.resolve(address)
+        if target is None:
+            self._rings.pop(peer, None)
+            return False
+        self._rings[peer] = target
+        return True
+
+    def ring(self, peer: int) -> None:
+        """Wake ``peer`` if it sleeps on its doorbell (`send` does this itself)."""
+        target = self._rings.get(peer)
+        if target is not None:
+            self.wakeup.ring(target)
+
+    def rings_from(self, peer: int) -> bool:
+        """True once ``peer`` has rung this side's doorbell: its rings arrive."""
+        return peer in self.wakeup.ringers
+
+    def wait(self, timeout: float) -> int:
+        """Sleep until a peer rings, a local thread `poke`s, or ``timeout``
+        passes: 0 on timeout, else the `RUNG` and `POKED` bits of what woke it."""
+        return self.wakeup.wait(timeout)
+
+    def poke(self) -> None:
+        """Wake the thread sleeping in `wait` (from any thread of this process)."""
+        self.wakeup.poke()
 
     # -- identity ----------------------------------------------------------
     def peers(self) -> list[int]:
@@ -251,6 +314,13 @@ class Transport:
             self._failed(exc, peer)
             return
         self.bytes_sent += len(head) + sum(m.nbytes for m in raws)
+        target = self._rings.get(peer)
+        if target is not None:
+            # MPICH may leave a new message in its send queue until the next MPI
+            # call: a ring right after Isend woke the peer ~100 us before its
+            # probe could see the message.  One Testsome pushes it out first.
+            self._test_sends()
+            self.wakeup.ring(target)
 
     def progress(self) -> bool:
         """Advance sends in flight; True while any remains.
@@ -391,6 +461,7 @@ class Transport:
 
     def close(self) -> None:
         """Free the duplicated communicator; for spawned workers, disconnect."""
+        self.wakeup.close()
         if self.intercomm:
             for c in (self.data, self.comm):
                 try:
@@ -405,7 +476,7 @@ class Transport:
 
 
 class Backoff:
-    """Delays for a polling loop that cannot block (MPI has no doorbell).
+    """Delays for a polling loop that cannot block in MPI (see `Wakeup`).
 
     Idle rounds grow the delay by `GROWTH` from `FIRST` up to ``cap``, so an
     idle rank wakes a few hundred times a second at most, and a message that
@@ -428,8 +499,10 @@ class Backoff:
     #: to 100% late, 1.5 up to 50%, for a few more wake-ups on the way to the cap)
     GROWTH = 1.5
 
-    def __init__(self, cap: float) -> None:
+    def __init__(self, cap: float, growth: float | None = None) -> None:
         self.cap = cap
+        #: each idle round multiplies the delay by this (`GROWTH` unless given)
+        self.growth = self.GROWTH if growth is None else growth
         self._idle = 0
         self._delay = 0.0
 
@@ -439,6 +512,12 @@ class Backoff:
         if self._delay < self.FIRST:
             self._delay = 0.0
             self._idle = self.SPINS  # no spins: straight to FIRST
+
+    def quick(self) -> None:
+        """A wake-up found nothing yet (a message may be a moment behind its
+        ring): probe again soon, growing from `FIRST`, without spinning."""
+        self._idle = self.SPINS
+        self._delay = 0.0
 
     def restart(self) -> None:
         """Work that someone waits for: poll at once, spinning a little first."""
@@ -452,37 +531,110 @@ class Backoff:
                 return 0.0
             self._delay = self.FIRST
             return self._delay
-        self._delay = min(self.cap, self._delay * self.GROWTH)
+        self._delay = min(self.cap, self._delay * self.growth)
         return self._delay
 
 
-class Doorbell:
-    """`threading.Event`'s set/clear/wait/is_set on one bare lock, for a single
-    waiting thread: a wait is one C call (no Condition, no waiter lock built
-    per wait), which is most of the cost of an idle poll round.  A set before
-    the wait is not lost: the wait returns at once."""
+class Wakeup:
+    """What a rank sleeps on between polls: a UDP socket its peers ring after
+    sending it a message, and a pipe its own threads poke.
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()  # locked: not set
+    Sleeping in ``poll(2)`` on both costs nothing while nothing happens, and
+    a ring wakes the rank within microseconds of the message being sent; the
+    alternative, waking every millisecond to probe MPI, costs 1-2% of a core
+    per idle rank and still adds up to a millisecond of latency.  A ring
+    carries the ringer's number so a rank knows which peers' rings do arrive
+    (`ringers`).  Without a socket (``TASKFARM_DOORBELL=0``, or none could be
+    opened) only pokes wake the rank and its peers cannot ring it.
+    """
 
-    def set(self) -> None:
+    def __init__(self, me: int, *, network: bool | None = None) -> None:
+        if network is None:
+            network = os.environ.get(DOORBELL_ENV, "1").strip().lower() not in ("0", "no", "off", "false")
+        self._me = _RING.pack(me)
+        self._sock: socket.socket | None = None
+        self.address: tuple[str, int] | None = None
+        if network:
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind(("", 0))  # every interface: peers on other nodes ring too
+                sock.setblocking(False)
+            except OSError:
+                pass
+            else:
+                self._sock = sock
+                self.address = (host(), int(sock.getsockname()[1]))
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._poked = False  # a byte is (about to be) in the pipe
+        # select(2), not poll(2): its timeout has microseconds (a backoff's first sleeps are 20 us)
+        self._fds = [self._read] if self._sock is None else [self._read, self._sock.fileno()]
+        #: peers whose rings have arrived at least once
+        self.ringers: set[int] = set()
+
+    def resolve(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
+        """The socket address to ring a peer's doorbell at, or None."""
+        if address is None or self._sock is None:
+            return None
+        name, port = address
+        if name == host():
+            return ("127.0.0.1", port)
         try:
-            self._lock.release()
-        except RuntimeError:  # already set
-            pass
+            infos = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError:
+            return None
+        return (str(infos[0][4][0]), int(infos[0][4][1])) if infos else None
 
-    def is_set(self) -> bool:
-        return not self._lock.locked()
+    def ring(self, target: tuple[str, int]) -> None:
+        """Wake the peer whose doorbell is at ``target`` (best effort: UDP)."""
+        assert self._sock is not None
+        with contextlib.suppress(OSError):  # a full buffer or a gone peer: it polls anyway
+            self._sock.sendto(self._me, target)
 
-    def clear(self) -> None:
-        self._lock.acquire(False)
+    def poke(self) -> None:
+        """Wake this rank's sleeper; cheap when it is already poked."""
+        if not self._poked:
+            self._poked = True
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._write, b"!")
 
-    def wait(self, timeout: float | None = None) -> bool:
-        if self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout)):
-            self._lock.release()  # stays set until clear(), as an Event
-            return True
-        return False
+    def wait(self, timeout: float) -> int:
+        """Sleep up to ``timeout`` seconds: 0 on timeout, else `RUNG` | `POKED`."""
+        try:
+            ready, _, _ = select.select(self._fds, (), (), max(0.0, timeout))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; a signal handler raised
+            return 0
+        woken = 0
+        for fd in ready:
+            if fd == self._read:
+                woken |= POKED
+                self._poked = False  # before draining: a poke from now on writes again
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._read, 4096)
+            else:
+                woken |= RUNG
+                self._drain()
+        return woken
+
+    def _drain(self) -> None:
+        assert self._sock is not None
+        for _ in range(_RINGS_PER_WAKE):
+            try:
+                data = self._sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(data) == _RING.size:
+                self.ringers.add(_RING.unpack(data)[0])
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 # -- setting up ---------------------------------------------------------------

@@ -21,10 +21,11 @@ start before any executor exists, so the master is the one place that knows.
 
 In the solo pool tasks run on the main thread, so that an inline
 ``time_limit`` can interrupt Python code with SIGALRM and libraries that
-insist on the main thread work.  The comm thread sleeps on a condition
-variable between polls (with bounded backoff), so an idle worker costs a
-fraction of a percent of a core and a finished result is sent without
-waiting for the next poll.
+insist on the main thread work.  The comm thread sleeps on the transport's
+`Wakeup` between polls: the master rings it after each message, a slot pokes
+it when results are ready to go, so an idle or busy worker's comm thread
+costs next to nothing and a message or result moves without waiting for a
+poll.  Where the master's rings do not arrive it polls on a 2 ms backoff.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import BrokenFarmError
@@ -55,12 +57,12 @@ from ._protocol import (
     TaskBatch,
     TaskItem,
 )
-from ._transport import MASTER, Backoff, Transport, host
+from ._transport import DOORBELL_GROWTH, DOORBELL_POLL_CAP, MASTER, Backoff, Transport, host
 
 log = logging.getLogger("taskfarm.worker")
 
-#: longest sleep of an idle worker between polls for new tasks (seconds):
-#: the latency of the first task on an idle farm against idle CPU
+#: longest sleep of an idle worker between polls for new tasks (seconds), when
+#: the master cannot ring its doorbell: first-task latency against idle CPU
 IDLE_POLL_CAP = 0.002
 #: heartbeat period until the master's Config says otherwise
 DEFAULT_HEARTBEAT_INTERVAL = 5.0
@@ -78,13 +80,15 @@ WORKER_SWITCH_INTERVAL = 0.001
 class _LogForwarder(logging.Handler):
     """Queues this rank's log records; the comm thread sends them to rank 0 (Kind.LOG)."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake: Callable[[], None]) -> None:
         super().__init__()
         self.records: collections.deque[tuple[str, int, str, float]] = collections.deque(maxlen=10000)
+        self._wake = wake
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.records.append((record.name, record.levelno, self.format(record), record.created))
+            self._wake()
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
@@ -137,18 +141,23 @@ class Worker:
         self._started = time.monotonic()
         # CPU from here on: start-up (interpreter, imports, MPI_Init) is no farm overhead
         self._cpu_started = time.process_time()
-        self._logs = _LogForwarder() if forward_logs else None
+        self._logs = _LogForwarder(transport.poke) if forward_logs else None
         # tasks (and their child processes) can tell where they run
         os.environ[RANK_ENV] = str(self.rank)
 
     # -- comm thread -------------------------------------------------------
     def _comm_loop(self) -> None:
         t = self.transport
-        t.send(MASTER, Kind.HELLO, Hello(PROTOCOL_VERSION, self.host, os.getpid(), self._fixed_slots))
-        backoff = Backoff(IDLE_POLL_CAP)
+        t.send(MASTER, Kind.HELLO, Hello(PROTOCOL_VERSION, self.host, os.getpid(), self._fixed_slots, t.doorbell()))
+        polling = Backoff(IDLE_POLL_CAP)  # until (unless) the master's rings arrive
+        ringing = Backoff(DOORBELL_POLL_CAP, DOORBELL_GROWTH)
+        backoff = polling
         last_beat = time.monotonic()
+        woken = 0
         try:
             while True:
+                if backoff is polling and t.rings_from(MASTER):
+                    backoff = ringing
                 active = False
                 with self._cv:
                     outbox, self._outbox = self._outbox, []
@@ -173,12 +182,19 @@ class Worker:
                     break
                 if active:
                     backoff.reset()
-                elif not sending:
+                elif woken:
+                    backoff.quick()  # rung, yet nothing to probe: it may be a moment behind
+                woken = 0
+                if not active and not sending:
                     delay = backoff.next()
                     if delay:
                         with self._cv:
-                            if not self._outbox or self._outbox_since:
-                                self._cv.wait(delay)
+                            lingering = self._outbox_since  # a result waiting for company, 0 if none
+                            ready = bool(self._outbox) and not lingering
+                        if lingering:  # it goes when its linger is over, whatever comes
+                            delay = max(0.0, min(delay, lingering + RESULT_LINGER - time.monotonic()))
+                        if not ready:
+                            woken = t.wait(delay)  # a slot's poke after the check wakes it at once
                     else:
                         time.sleep(0)
         finally:
@@ -206,6 +222,8 @@ class Worker:
         elif kind is Kind.CONFIG:
             config: Config = record
             self._heartbeat_interval = config.heartbeat_interval
+            if self.transport.connect_doorbell(MASTER, config.doorbell):
+                self.transport.ring(MASTER)  # so the master learns that this rank's rings arrive
             spec = PoolSpec.from_config(config)
             if self._fixed_slots:
                 spec = dataclasses.replace(spec, concurrency=self._fixed_slots)
@@ -270,6 +288,7 @@ class Worker:
             spec.kind if spec is not None else "solo",
             slot_busy,
             self.child_restarts,
+            self.transport.rings_from(MASTER),
         )
         self.transport.send(MASTER, Kind.BYE, bye)
         self.transport.flush(timeout=10.0)
@@ -301,12 +320,14 @@ class Worker:
                     or time.monotonic() - self._outbox_since > RESULT_LINGER
                 ):
                     self._outbox_since = 0.0
-                    self._cv.notify_all()
                     wake = True
                 else:
                     wake = False
             if wake:
-                time.sleep(0)  # let the comm thread take the GIL and send them
+                # the comm thread wakes and takes the GIL within the switch
+                # interval; no sleep(0) here, which on an oversubscribed node
+                # would hand this core to another rank
+                self.transport.poke()
             self._maintain(slot)
 
     def _run(self, slot: _Slot, item: TaskItem, executor_id: int) -> ResultItem:

@@ -1,0 +1,109 @@
+"""The doorbell a sleeping rank waits on (`taskfarm._transport.Wakeup`) and the
+polling backoff beside it, without MPI: rings from another process wake a
+sleeper at once and name the ringer, pokes from a thread are never lost, and
+without a socket nothing can ring."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import pytest
+
+from taskfarm._transport import DOORBELL_ENV, POKED, RUNG, Backoff, Wakeup
+
+#: a wait that must end early is given this long; it returns in microseconds
+LONG = 10.0
+
+
+def _ring_from_child(address: tuple[str, int], me: int) -> None:
+    ringer = Wakeup(me)
+    target = ringer.resolve(address)
+    assert target is not None
+    ringer.ring(target)
+    ringer.close()
+
+
+def test_a_ring_from_another_process_wakes_the_sleeper_and_names_the_ringer() -> None:
+    sleeper = Wakeup(0)
+    assert sleeper.address is not None
+    child = multiprocessing.get_context("spawn").Process(target=_ring_from_child, args=(sleeper.address, 7))
+    child.start()
+    try:
+        started = time.monotonic()
+        woken = sleeper.wait(LONG)
+        assert woken == RUNG
+        assert time.monotonic() - started < LONG / 2
+        assert sleeper.ringers == {7}
+    finally:
+        child.join(LONG)
+        sleeper.close()
+    assert child.exitcode == 0
+
+
+def test_a_poke_from_a_thread_wakes_the_sleeper() -> None:
+    sleeper = Wakeup(0, network=False)
+    poker = threading.Thread(target=sleeper.poke)
+    try:
+        poker.start()
+        assert sleeper.wait(LONG) == POKED
+    finally:
+        poker.join()
+        sleeper.close()
+
+
+def test_a_poke_before_the_wait_is_not_lost_and_pokes_coalesce() -> None:
+    sleeper = Wakeup(0, network=False)
+    try:
+        sleeper.poke()
+        sleeper.poke()
+        assert sleeper.wait(LONG) == POKED
+        assert sleeper.wait(0.0) == 0  # both pokes were one wake-up
+        sleeper.poke()  # after a wake-up, a poke writes again
+        assert sleeper.wait(LONG) == POKED
+    finally:
+        sleeper.close()
+
+
+def test_nothing_happening_is_a_timeout() -> None:
+    sleeper = Wakeup(0)
+    try:
+        assert sleeper.wait(0.001) == 0
+        assert sleeper.ringers == set()
+    finally:
+        sleeper.close()
+
+
+def test_without_a_socket_nobody_can_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DOORBELL_ENV, "0")
+    sleeper = Wakeup(0)
+    other = Wakeup(1, network=True)
+    try:
+        assert sleeper.address is None
+        assert other.resolve(sleeper.address) is None
+        assert sleeper.resolve(other.address) is None  # and it rings nobody
+    finally:
+        sleeper.close()
+        other.close()
+
+
+def test_an_unknown_host_is_not_rung() -> None:
+    sleeper = Wakeup(0)
+    try:
+        assert sleeper.resolve(("no-such-host.invalid", 9)) is None
+    finally:
+        sleeper.close()
+
+
+def test_backoff_grows_to_its_cap_and_quick_restarts_without_spinning() -> None:
+    backoff = Backoff(0.05, growth=4.0)
+    delays = [backoff.next() for _ in range(12)]
+    assert delays[: Backoff.SPINS] == [0.0] * Backoff.SPINS  # a fresh backoff yields first
+    assert delays[Backoff.SPINS] == Backoff.FIRST
+    assert delays[-1] == 0.05
+    assert all(b >= a for a, b in zip(delays[Backoff.SPINS :], delays[Backoff.SPINS + 1 :]))
+    backoff.quick()
+    assert backoff.next() == Backoff.FIRST  # no spins after a ring that found nothing
+    backoff.restart()
+    assert backoff.next() == 0.0

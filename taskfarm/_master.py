@@ -80,6 +80,9 @@ BUSY_POLL_MIN = 0.0002
 DISPATCH_PERIOD = 0.05
 #: longest sleep while nothing is out; only Hello/Bye can arrive then
 IDLE_POLL_CAP = 0.05
+#: the same once every rank has said Hello and rings: a message wakes the
+#: service thread itself, and so does every call from a user thread
+IDLE_RINGING_CAP = 1.0
 #: a worker silent this long while holding tasks is declared lost (seconds)
 DEFAULT_HEARTBEAT_TIMEOUT = 300.0
 #: workers send heartbeats this many times per heartbeat timeout
@@ -542,7 +545,10 @@ class Farm:
         if busy:
             backoff.cap = self._poll_cap()
             backoff.growth = DOORBELL_GROWTH if backoff.cap == DOORBELL_POLL_CAP else Backoff.GROWTH
-        delay = backoff.next() if busy else IDLE_POLL_CAP
+            delay = backoff.next()
+        else:
+            everyone = len(self._hosts) >= len(self._peers)  # no Hello (which cannot ring) to wait for
+            delay = IDLE_RINGING_CAP if everyone and self._all_ring() else IDLE_POLL_CAP
         if delay == 0.0:
             time.sleep(0)
             return
@@ -551,7 +557,7 @@ class Farm:
             wakeup = self._drain_at if wakeup is None else min(wakeup, self._drain_at)
         if self._drain_until is not None:
             wakeup = self._drain_until if wakeup is None else min(wakeup, self._drain_until)
-        if wakeup is not None:
+        if wakeup is not None and wakeup < float("inf"):
             delay = max(0.0, min(delay, wakeup - time.monotonic()))
         woken = self.transport.wait(delay)
         if woken & POKED:
@@ -861,7 +867,9 @@ class Farm:
         now = time.monotonic()
         actions = self.scheduler.poll(now)
         wakeup = self.scheduler.next_wakeup()
-        self._next_dispatch = now + DISPATCH_PERIOD if wakeup is None else min(wakeup, now + DISPATCH_PERIOD)
+        # only ready tasks need a periodic look (they may expire while every rank is full)
+        period = now + DISPATCH_PERIOD if self.scheduler.has_ready() else float("inf")
+        self._next_dispatch = period if wakeup is None else min(wakeup, period)
         if not actions:
             return False
         for rank in actions.lost_ranks:

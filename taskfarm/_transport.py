@@ -77,9 +77,10 @@ MASTER = 0
 OOB_EMPTY_MIN = 1 << 20
 #: longest a single `Transport.progress` call keeps pushing a large send (seconds)
 LARGE_SEND_SPIN = 0.005
-#: longest sleep of a rank whose peers ring its doorbell: a safety net for a
-#: lost ring (UDP), at ~20 wake-ups per second
-DOORBELL_POLL_CAP = 0.05
+#: longest sleep of a rank whose peers ring its doorbell: only a safety net,
+#: for a ring lost between nodes (UDP; on one host none is lost), at a few
+#: wake-ups per second (each ~50-150 us of CPU when caches are cold)
+DOORBELL_POLL_CAP = 0.25
 #: growth of a sleeping rank's delays while its peers ring: a few quick probes
 #: after a ring (its message may become visible a moment later), then straight
 #: to the cap

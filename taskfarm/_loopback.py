@@ -119,6 +119,9 @@ class Loopback(Transport):
     def poke(self) -> None:
         self.real.poke()
 
+    def take_rings(self) -> bool:
+        return self.real.take_rings()
+
     def poll(self) -> tuple[int, Kind, Any] | None:
         try:
             return self.to_master.popleft()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -63,7 +64,7 @@ from ._protocol import (
 from ._resume import ResumeIndex
 from ._scheduler import MAX_PREFETCH, PIPELINE_SECONDS, Decision, Scheduler
 from ._task import TaskPolicy, TaskState
-from ._transport import DOORBELL_GROWTH, DOORBELL_POLL_CAP, POKED, Backoff, Transport, library, ulfm_enabled
+from ._transport import DOORBELL_POLL_CAP, POKED, RING_RECHECK, RUNG, Backoff, Transport, library, ulfm_enabled
 from ._worker import serve_in_thread
 
 log = logging.getLogger("taskfarm.master")
@@ -236,6 +237,7 @@ class Farm:
         self._submissions: collections.deque[Any] = collections.deque()
         self._wake = transport.poke  # user threads: work for the service thread (wakes `_wait`)
         self._ringing = (0, 0, False)  # (ringers, live ranks, all ring) when last counted
+        self._rung = False  # a ring came since the last round that took a message
         self._next_dispatch = 0.0  # monotonic time the scheduler must be polled by
         self.pool = pool or PoolSpec()
         self.master_works = bool(master_works)
@@ -457,8 +459,9 @@ class Farm:
                 if progressed and self.scheduler.live_workers() == 0 and self._all_peers_gone():
                     self._break(BrokenFarmError("every worker rank of the farm was lost"))
                 if progressed:
+                    self._rung = False  # what rang came in
                     if not self.scheduler.has_ready() or self.scheduler.prefetch >= MAX_PREFETCH:
-                        backoff.reset()  # results are awaited: poll sooner
+                        backoff.reset()  # results are awaited: poll sooner (unless ranks ring)
                     # else: every rank holds a deep pipeline (long tasks, a backlog): no hurry
                     time.sleep(0)
                 elif sending:
@@ -518,37 +521,44 @@ class Farm:
         self._closing = True
 
     def _all_ring(self) -> bool:
-        """True when every live rank's rings arrive: then a result wakes the
-        service thread itself and it need not poll for one."""
+        """True when every rank has said Hello (which cannot ring) and every
+        live one's rings arrive: then any message wakes the service thread
+        itself and it need not poll."""
         ringers = len(self.transport.wakeup.ringers)
         live = self.scheduler.live_workers()
         if self._ringing[:2] != (ringers, live):
-            ok = live > 0 and all(self.transport.rings_from(r) for r in self.scheduler.live_ranks())
+            ok = (
+                live > 0
+                and len(self._hosts) >= len(self._peers)
+                and all(self.transport.rings_from(r) for r in self.scheduler.live_ranks())
+            )
             self._ringing = (ringers, live, ok)
         return self._ringing[2]
 
     def _poll_cap(self) -> float:
-        """How long the service thread may sleep while tasks are out: with
-        every rank ringing, `DOORBELL_POLL_CAP` (a safety net); else, while
-        ready tasks wait for room, a quarter of the ranks' pipeline depth (they
-        run from their queues meanwhile); else `BUSY_POLL_CAP`."""
-        if self._all_ring():
-            return DOORBELL_POLL_CAP
+        """How long the service thread may sleep while tasks are out and it
+        must poll: while ready tasks wait for room, a quarter of the ranks'
+        pipeline depth (they run from their queues meanwhile); else `BUSY_POLL_CAP`."""
         if not self.scheduler.has_ready():
             return BUSY_POLL_CAP
         depth = min(PIPELINE_SECONDS, (1 + self.scheduler.prefetch) * (self.scheduler._mean_duration or 0.0))
         return min(BUSY_POLL_CAP, max(BUSY_POLL_MIN, depth / 4))
 
     def _wait(self, backoff: Backoff) -> None:
-        """Step 7: sleep until the next poll, a submission, or a timed task."""
+        """Step 7: sleep until a message (its ring), a user thread's call, a
+        timed task, or, where ranks cannot ring, the next poll."""
         busy = self.scheduler.has_work()
-        if busy:
+        ringing = self._all_ring()
+        if ringing:  # every message rings: sleep until one does
+            if self._rung:
+                delay = RING_RECHECK
+            else:
+                delay = DOORBELL_POLL_CAP if busy else IDLE_RINGING_CAP
+        elif busy:
             backoff.cap = self._poll_cap()
-            backoff.growth = DOORBELL_GROWTH if backoff.cap == DOORBELL_POLL_CAP else Backoff.GROWTH
             delay = backoff.next()
         else:
-            everyone = len(self._hosts) >= len(self._peers)  # no Hello (which cannot ring) to wait for
-            delay = IDLE_RINGING_CAP if everyone and self._all_ring() else IDLE_POLL_CAP
+            delay = IDLE_POLL_CAP
         if delay == 0.0:
             time.sleep(0)
             return
@@ -560,14 +570,15 @@ class Farm:
         if wakeup is not None and wakeup < float("inf"):
             delay = max(0.0, min(delay, wakeup - time.monotonic()))
         woken = self.transport.wait(delay)
-        if woken & POKED:
-            backoff.restart()  # fresh work: its results are awaited
-        elif woken:
-            backoff.quick()  # a ring: its message may be a moment behind it
+        self._rung = bool(woken & RUNG)
+        if woken & POKED and not ringing:
+            backoff.restart()  # fresh work: its results are awaited, poll for them
 
     # step 1
     def _receive(self) -> bool:
         got = False
+        # rings of the messages this probe takes: consumed now, they do not wake the next wait
+        self._rung = self.transport.take_rings() or self._rung
         while (message := self.transport.poll()) is not None:
             got = True
             peer, kind, record = message
@@ -1081,7 +1092,9 @@ def _mark_running(future: FarmFuture) -> bool:
 def _setter(future: concurrent.futures.Future[Any], value: Any) -> Callable[[], None]:
     def resolve() -> None:
         if not future.done():
-            future.set_result(value)
+            # a user thread may cancel a pending future between the check and the set
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_result(value)
 
     return resolve
 
@@ -1090,8 +1103,11 @@ def _failer(future: concurrent.futures.Future[Any], error: BaseException) -> Cal
     def resolve() -> None:
         if future.done():
             return
-        if future._state == "PENDING" and not future.set_running_or_notify_cancel():
-            return
-        future.set_exception(error)
+        # a user thread may cancel a pending future between these steps (seen in a
+        # drain: the service thread died on InvalidStateError and the job hung)
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if future._state == "PENDING" and not future.set_running_or_notify_cancel():
+                return
+            future.set_exception(error)
 
     return resolve

@@ -81,10 +81,10 @@ LARGE_SEND_SPIN = 0.005
 #: for a ring lost between nodes (UDP; on one host none is lost), at a few
 #: wake-ups per second (each ~50-150 us of CPU when caches are cold)
 DOORBELL_POLL_CAP = 0.25
-#: growth of a sleeping rank's delays while its peers ring: a few quick probes
-#: after a ring (its message may become visible a moment later), then straight
-#: to the cap
-DOORBELL_GROWTH = 4.0
+#: a ring after which the probe found nothing is probed again this much later
+#: (seconds), in case MPI shows its message a moment after it; almost always
+#: the ring was stale (its message came in with an earlier probe)
+RING_RECHECK = 1e-4
 #: set to 0 to do without doorbells (probe on a short backoff instead)
 DOORBELL_ENV = "TASKFARM_DOORBELL"
 #: what woke `Wakeup.wait`: a peer's ring, a local thread's poke (bits)
@@ -278,6 +278,12 @@ class Transport:
     def poke(self) -> None:
         """Wake the thread sleeping in `wait` (from any thread of this process)."""
         self.wakeup.poke()
+
+    def take_rings(self) -> bool:
+        """Consume the rings waiting now; True if there were any.  Called just
+        before probing, so that a ring whose message that probe takes does not
+        wake the next `wait` for nothing."""
+        return self.wakeup.take_rings()
 
     # -- identity ----------------------------------------------------------
     def peers(self) -> list[int]:
@@ -500,10 +506,8 @@ class Backoff:
     #: to 100% late, 1.5 up to 50%, for a few more wake-ups on the way to the cap)
     GROWTH = 1.5
 
-    def __init__(self, cap: float, growth: float | None = None) -> None:
+    def __init__(self, cap: float) -> None:
         self.cap = cap
-        #: each idle round multiplies the delay by this (`GROWTH` unless given)
-        self.growth = self.GROWTH if growth is None else growth
         self._idle = 0
         self._delay = 0.0
 
@@ -513,12 +517,6 @@ class Backoff:
         if self._delay < self.FIRST:
             self._delay = 0.0
             self._idle = self.SPINS  # no spins: straight to FIRST
-
-    def quick(self) -> None:
-        """A wake-up found nothing yet (a message may be a moment behind its
-        ring): probe again soon, growing from `FIRST`, without spinning."""
-        self._idle = self.SPINS
-        self._delay = 0.0
 
     def restart(self) -> None:
         """Work that someone waits for: poll at once, spinning a little first."""
@@ -532,7 +530,7 @@ class Backoff:
                 return 0.0
             self._delay = self.FIRST
             return self._delay
-        self._delay = min(self.cap, self._delay * self.growth)
+        self._delay = min(self.cap, self._delay * self.GROWTH)
         return self._delay
 
 
@@ -613,22 +611,24 @@ class Wakeup:
                 self._poked = False  # before draining: a poke from now on writes again
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._read, 4096)
-            else:
+            elif self.take_rings():
                 woken |= RUNG
-                self._drain()
         return woken
 
-    def _drain(self) -> None:
-        assert self._sock is not None
+    def take_rings(self) -> bool:
+        """Read the rings waiting (without blocking); True if there were any."""
+        if self._sock is None:
+            return False
+        got = False
         for _ in range(_RINGS_PER_WAKE):
             try:
                 data = self._sock.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
+            except OSError:  # BlockingIOError: none left
+                return got
+            got = True
             if len(data) == _RING.size:
                 self.ringers.add(_RING.unpack(data)[0])
+        return got
 
     def close(self) -> None:
         if self._sock is not None:

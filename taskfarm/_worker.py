@@ -57,7 +57,7 @@ from ._protocol import (
     TaskBatch,
     TaskItem,
 )
-from ._transport import DOORBELL_GROWTH, DOORBELL_POLL_CAP, MASTER, Backoff, Transport, host
+from ._transport import DOORBELL_POLL_CAP, MASTER, RING_RECHECK, RUNG, Backoff, Transport, host
 
 log = logging.getLogger("taskfarm.worker")
 
@@ -69,7 +69,7 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 #: results sent in one message at most, while more tasks are queued
 RESULT_BATCH = 64
 #: how long a finished result may wait for company while more tasks are queued
-RESULT_LINGER = 0.0005
+RESULT_LINGER = 0.005
 #: environment variable that tells a task (and its child processes) its worker's rank
 RANK_ENV = "TASKFARM_RANK"
 #: GIL switch interval on workers, so the comm thread sends a finished result
@@ -149,15 +149,13 @@ class Worker:
     def _comm_loop(self) -> None:
         t = self.transport
         t.send(MASTER, Kind.HELLO, Hello(PROTOCOL_VERSION, self.host, os.getpid(), self._fixed_slots, t.doorbell()))
-        polling = Backoff(IDLE_POLL_CAP)  # until (unless) the master's rings arrive
-        ringing = Backoff(DOORBELL_POLL_CAP, DOORBELL_GROWTH)
-        backoff = polling
+        backoff = Backoff(IDLE_POLL_CAP)  # until (unless) the master's rings arrive
+        ringing = False
         last_beat = time.monotonic()
         woken = 0
         try:
             while True:
-                if backoff is polling and t.rings_from(MASTER):
-                    backoff = ringing
+                ringing = ringing or t.rings_from(MASTER)
                 active = False
                 with self._cv:
                     outbox, self._outbox = self._outbox, []
@@ -174,29 +172,31 @@ class Worker:
                     last_beat = time.monotonic()
                 if self._logs is not None and self._logs.records:
                     t.send(MASTER, Kind.LOG, self._logs.take())
+                rung = t.take_rings() or woken & RUNG
                 while (message := t.poll()) is not None:
                     active = True
                     self._handle(*message)
                 sending = t.progress()
                 if self._stopping:
                     break
-                if active:
-                    backoff.reset()
-                elif woken:
-                    backoff.quick()  # rung, yet nothing to probe: it may be a moment behind
                 woken = 0
-                if not active and not sending:
+                if active or sending:
+                    backoff.reset()
+                    continue
+                if ringing:  # every message comes with a ring: sleep until one does
+                    delay = RING_RECHECK if rung else DOORBELL_POLL_CAP
+                else:
                     delay = backoff.next()
-                    if delay:
-                        with self._cv:
-                            lingering = self._outbox_since  # a result waiting for company, 0 if none
-                            ready = bool(self._outbox) and not lingering
-                        if lingering:  # it goes when its linger is over, whatever comes
-                            delay = max(0.0, min(delay, lingering + RESULT_LINGER - time.monotonic()))
-                        if not ready:
-                            woken = t.wait(delay)  # a slot's poke after the check wakes it at once
-                    else:
+                    if not delay:
                         time.sleep(0)
+                        continue
+                with self._cv:
+                    lingering = self._outbox_since  # a result waiting for company, 0 if none
+                    ready = bool(self._outbox) and not lingering
+                if lingering:  # it goes when its linger is over, whatever comes
+                    delay = max(0.0, min(delay, lingering + RESULT_LINGER - time.monotonic()))
+                if not ready:
+                    woken = t.wait(delay)  # a slot's poke after the check wakes it at once
         finally:
             with self._cv:
                 self._stopping = True

@@ -96,14 +96,30 @@ def test_an_unknown_host_is_not_rung() -> None:
         sleeper.close()
 
 
-def test_backoff_grows_to_its_cap_and_quick_restarts_without_spinning() -> None:
-    backoff = Backoff(0.05, growth=4.0)
-    delays = [backoff.next() for _ in range(12)]
+def test_rings_taken_before_a_probe_do_not_wake_the_next_wait() -> None:
+    sleeper, ringer = Wakeup(0), Wakeup(3)
+    try:
+        target = ringer.resolve(sleeper.address)
+        assert target is not None
+        ringer.ring(target)
+        ringer.ring(target)
+        deadline = time.monotonic() + LONG
+        while not sleeper.take_rings():  # loopback UDP: delivered by the time sendto returns
+            assert time.monotonic() < deadline, "the rings never arrived"
+        assert sleeper.ringers == {3}
+        assert sleeper.take_rings() is False
+        assert sleeper.wait(0.001) == 0
+    finally:
+        sleeper.close()
+        ringer.close()
+
+
+def test_backoff_grows_to_its_cap_after_a_few_spins() -> None:
+    backoff = Backoff(0.002)
+    delays = [backoff.next() for _ in range(20)]
     assert delays[: Backoff.SPINS] == [0.0] * Backoff.SPINS  # a fresh backoff yields first
     assert delays[Backoff.SPINS] == Backoff.FIRST
-    assert delays[-1] == 0.05
+    assert delays[-1] == 0.002
     assert all(b >= a for a, b in zip(delays[Backoff.SPINS :], delays[Backoff.SPINS + 1 :]))
-    backoff.quick()
-    assert backoff.next() == Backoff.FIRST  # no spins after a ring that found nothing
     backoff.restart()
     assert backoff.next() == 0.0

@@ -91,6 +91,8 @@ DOORBELL_ENV = "TASKFARM_DOORBELL"
 RUNG, POKED = 1, 2
 #: a ring's payload: the ringing peer's number
 _RING = struct.Struct("<i")
+#: select(2) takes file descriptors below this only (Linux)
+_FD_SETSIZE = 1024
 #: rings read per wake-up at most (the rest wait for the next one)
 _RINGS_PER_WAKE = 256
 
@@ -567,8 +569,14 @@ class Wakeup:
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._poked = False  # a byte is (about to be) in the pipe
-        # select(2), not poll(2): its timeout has microseconds (a backoff's first sleeps are 20 us)
+        # select(2), not poll(2): its timeout has microseconds (a backoff's first sleeps are 20 us);
+        # but select cannot take descriptors from FD_SETSIZE on (a process with many files open)
         self._fds = [self._read] if self._sock is None else [self._read, self._sock.fileno()]
+        self._poller: select.poll | None = None
+        if max(self._fds) >= _FD_SETSIZE:
+            self._poller = select.poll()
+            for fd in self._fds:
+                self._poller.register(fd, select.POLLIN)
         #: peers whose rings have arrived at least once
         self.ringers: set[int] = set()
 
@@ -601,7 +609,10 @@ class Wakeup:
     def wait(self, timeout: float) -> int:
         """Sleep up to ``timeout`` seconds: 0 on timeout, else `RUNG` | `POKED`."""
         try:
-            ready, _, _ = select.select(self._fds, (), (), max(0.0, timeout))
+            if self._poller is None:
+                ready, _, _ = select.select(self._fds, (), (), max(0.0, timeout))
+            else:  # whole milliseconds, rounded up
+                ready = [fd for fd, _ in self._poller.poll(max(0.0, timeout) * 1000)]
         except InterruptedError:  # pragma: no cover - PEP 475 retries; a signal handler raised
             return 0
         woken = 0

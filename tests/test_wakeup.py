@@ -6,6 +6,8 @@ without a socket nothing can ring."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import resource
 import threading
 import time
 
@@ -64,6 +66,27 @@ def test_a_poke_before_the_wait_is_not_lost_and_pokes_coalesce() -> None:
         assert sleeper.wait(LONG) == POKED
     finally:
         sleeper.close()
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200, reason="needs 1,200 open files")
+def test_a_process_with_many_files_open_still_sleeps_and_wakes() -> None:
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # select() stops at fd 1023
+    try:
+        sleeper, ringer = Wakeup(0), Wakeup(5)
+        try:
+            assert sleeper.wait(0.001) == 0
+            target = ringer.resolve(sleeper.address)
+            assert target is not None
+            ringer.ring(target)
+            assert sleeper.wait(LONG) == RUNG
+            sleeper.poke()
+            assert sleeper.wait(LONG) == POKED
+        finally:
+            sleeper.close()
+            ringer.close()
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def test_nothing_happening_is_a_timeout() -> None:

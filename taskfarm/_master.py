@@ -64,7 +64,17 @@ from ._protocol import (
 from ._resume import ResumeIndex
 from ._scheduler import MAX_PREFETCH, PIPELINE_SECONDS, Decision, Scheduler
 from ._task import TaskPolicy, TaskState
-from ._transport import DOORBELL_POLL_CAP, POKED, RING_RECHECK, RUNG, Backoff, Transport, library, ulfm_enabled
+from ._transport import (
+    DOORBELL_POLL_CAP,
+    LARGE_SEND_NAP,
+    POKED,
+    RING_RECHECK,
+    RUNG,
+    Backoff,
+    Transport,
+    library,
+    ulfm_enabled,
+)
 from ._worker import serve_in_thread
 
 log = logging.getLogger("taskfarm.master")
@@ -465,7 +475,10 @@ class Farm:
                     # else: every rank holds a deep pipeline (long tasks, a backlog): no hurry
                     time.sleep(0)
                 elif sending:
-                    time.sleep(0)
+                    if self._all_ring():
+                        self.transport.wait(LARGE_SEND_NAP)  # workers ring when they have taken a large send
+                    else:
+                        time.sleep(0)
                 else:
                     self._wait(backoff)
             self._stop_workers()

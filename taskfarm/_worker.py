@@ -57,7 +57,7 @@ from ._protocol import (
     TaskBatch,
     TaskItem,
 )
-from ._transport import DOORBELL_POLL_CAP, MASTER, RING_RECHECK, RUNG, Backoff, Transport, host
+from ._transport import DOORBELL_POLL_CAP, LARGE_SEND_NAP, MASTER, RING_RECHECK, RUNG, Backoff, Transport, host
 
 log = logging.getLogger("taskfarm.worker")
 
@@ -183,8 +183,11 @@ class Worker:
                 if self._stopping:
                     break
                 woken = 0
-                if active or sending:
+                if active or (sending and not ringing):
                     backoff.reset()
+                    continue
+                if sending:  # a large send the master has not taken yet: it rings once it has
+                    woken = t.wait(LARGE_SEND_NAP)
                     continue
                 if ringing:  # every message comes with a ring: sleep until one does
                     delay = RING_RECHECK if rung else DOORBELL_POLL_CAP

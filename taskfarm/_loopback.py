@@ -60,7 +60,7 @@ class LocalEnd(Transport):
         except IndexError:
             return None
 
-    def progress(self) -> bool:
+    def progress(self, push: bool = True) -> bool:
         return False
 
     def flush(self, timeout: float) -> bool:
@@ -128,8 +128,8 @@ class Loopback(Transport):
         except IndexError:
             return self.real.poll()
 
-    def progress(self) -> bool:
-        return self.real.progress()
+    def progress(self, push: bool = True) -> bool:
+        return self.real.progress(push)
 
     def flush(self, timeout: float) -> bool:
         return self.real.flush(timeout)

@@ -456,7 +456,7 @@ class Farm:
                         break
                 elif progressed or time.monotonic() >= self._next_dispatch:
                     progressed |= self._dispatch()  # else: nothing changed since the last one
-                sending = self.transport.progress()
+                sending = self.transport.progress(push=not self._all_ring())  # ringing workers say when they took it
                 if self._snapshot_wanted.is_set():
                     self._service_cpu = time.thread_time() - cpu0
                     self._snapshot = self._take_snapshot()

@@ -75,12 +75,15 @@ MASTER = 0
 #: incoming buffers from this size on are allocated without zero-filling, and
 #: outgoing ones this large make `Transport.progress` spin (see there)
 OOB_EMPTY_MIN = 1 << 20
-#: longest a single `Transport.progress` call keeps pushing a large send (seconds)
+#: longest a single `Transport.progress` call keeps pushing a large send
+#: (seconds) when the receiver cannot ring to say it has taken it
 LARGE_SEND_SPIN = 0.005
-#: after that, a sender whose peer rings naps this long between tests (seconds):
-#: the receiver rings it once it has taken a large message.  On 2 cores, four
-#: workers spinning on unanswered 16 MB results took the CPU the master needed
-#: to receive them: 16 concurrent 16 MB echoes 1.1-4.6 GB/s -> 2.4-5.2 GB/s
+#: a sender whose peer rings naps this long between tests instead (seconds):
+#: the receiver rings it once it has taken a message of `OOB_EMPTY_MIN` or
+#: more, and the data moves meanwhile (the receiver copies it: MPICH and Open
+#: MPI use single-copy CMA between processes of a node).  Spinning senders
+#: took the CPU their receiver needed: on 2 cores one 1 MB echo took 3-9 ms
+#: instead of 2, and 16 concurrent 16 MB echoes ran at half the speed.
 LARGE_SEND_NAP = 0.0002
 #: longest sleep of a rank whose peers ring its doorbell: only a safety net,
 #: for a ring lost between nodes (UDP; on one host none is lost), at a few
@@ -336,17 +339,18 @@ class Transport:
             self._test_sends()
             self.wakeup.ring(target)
 
-    def progress(self) -> bool:
+    def progress(self, push: bool = True) -> bool:
         """Advance sends in flight; True while any remains.
 
-        While a large buffer is on its way this keeps calling MPI for up to
-        `LARGE_SEND_SPIN` seconds: MPICH moves it only during MPI calls, and a
-        caller that yields between calls (``sleep(0)``) on an oversubscribed
-        node hands the core to the receiver, which spins in its wait, for a
-        whole time slice: 16 MB echoes took 15-230 ms instead of ~10."""
+        With ``push``, while a large buffer is on its way this keeps calling
+        MPI for up to `LARGE_SEND_SPIN` seconds: a caller that polls and
+        yields between calls (``sleep(0)``) on an oversubscribed node hands
+        the core to the receiver, which spins in its wait, for a whole time
+        slice (16 MB echoes took 15-230 ms instead of ~10).  A caller whose
+        peers ring passes ``push=False`` and naps instead (`LARGE_SEND_NAP`)."""
         if not self._sends:
             return False
-        if self._test_sends() and any(len(k) >= OOB_EMPTY_MIN for _, k in self._sends):
+        if self._test_sends() and push and any(len(k) >= OOB_EMPTY_MIN for _, k in self._sends):
             deadline = time.monotonic() + LARGE_SEND_SPIN
             while self._test_sends() and time.monotonic() < deadline:
                 if not any(len(k) >= OOB_EMPTY_MIN for _, k in self._sends):

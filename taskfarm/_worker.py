@@ -179,7 +179,7 @@ class Worker:
                 while (message := t.poll()) is not None:
                     active = True
                     self._handle(*message)
-                sending = t.progress()
+                sending = t.progress(push=not ringing)  # a ringing master says when it took a large send
                 if self._stopping:
                     break
                 woken = 0

@@ -611,7 +611,12 @@ class Wakeup:
             self._sock.sendto(self._me, target)
 
     def poke(self) -> None:
-        """Wake this rank's sleeper; cheap when it is already poked."""
+        """Wake this rank's sleeper; cheap when it is already poked.
+
+        The flag is cleared by `wait` only after it drained the pipe, so a poke
+        that skips its write has one still unread, or happened before that
+        `wait` returned (and its caller, checking its state after the wait,
+        sees what the poke announced)."""
         if not self._poked:
             self._poked = True
             with contextlib.suppress(BlockingIOError):
@@ -630,9 +635,12 @@ class Wakeup:
         for fd in ready:
             if fd == self._read:
                 woken |= POKED
-                self._poked = False  # before draining: a poke from now on writes again
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._read, 4096)
+                # after draining: cleared before, a poke landing between the two
+                # would leave the flag set on an empty pipe, and every later poke
+                # would skip its write (seen: workers sleeping 250 ms on results)
+                self._poked = False
             elif self.take_rings():
                 woken |= RUNG
         return woken

@@ -89,6 +89,30 @@ def test_a_process_with_many_files_open_still_sleeps_and_wakes() -> None:
             os.close(fd)
 
 
+def test_a_poke_racing_the_drain_does_not_silence_later_pokes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poke that lands while `wait` drains the pipe must not leave later pokes unheard."""
+    sleeper = Wakeup(0, network=False)
+    real_read = os.read
+    raced = []
+
+    def read_after_a_poke(fd: int, n: int) -> bytes:
+        if not raced:
+            raced.append(True)
+            sleeper.poke()  # another thread's poke, just before the drain
+        return real_read(fd, n)
+
+    try:
+        sleeper.poke()
+        monkeypatch.setattr(os, "read", read_after_a_poke)
+        assert sleeper.wait(LONG) == POKED
+        monkeypatch.setattr(os, "read", real_read)
+        sleeper.wait(0.0)  # whatever that poke left behind
+        sleeper.poke()  # a later poke: it must wake the next wait
+        assert sleeper.wait(1.0) == POKED
+    finally:
+        sleeper.close()
+
+
 def test_nothing_happening_is_a_timeout() -> None:
     sleeper = Wakeup(0)
     try:

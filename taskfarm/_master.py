@@ -68,7 +68,7 @@ from ._transport import (
     DOORBELL_POLL_CAP,
     LARGE_SEND_NAP,
     POKED,
-    RING_RECHECK,
+    RING_RECHECKS,
     RUNG,
     Backoff,
     Transport,
@@ -248,6 +248,7 @@ class Farm:
         self._wake = transport.poke  # user threads: work for the service thread (wakes `_wait`)
         self._ringing = (0, 0, False)  # (ringers, live ranks, all ring) when last counted
         self._rung = False  # a ring came since the last round that took a message
+        self._recheck = len(RING_RECHECKS)  # the next of RING_RECHECKS after a ring that found nothing
         self._next_dispatch = 0.0  # monotonic time the scheduler must be polled by
         self.pool = pool or PoolSpec()
         self.master_works = bool(master_works)
@@ -470,6 +471,7 @@ class Farm:
                     self._break(BrokenFarmError("every worker rank of the farm was lost"))
                 if progressed:
                     self._rung = False  # what rang came in
+                    self._recheck = len(RING_RECHECKS)
                     if not self.scheduler.has_ready() or self.scheduler.prefetch >= MAX_PREFETCH:
                         backoff.reset()  # results are awaited: poll sooner (unless ranks ring)
                     # else: every rank holds a deep pipeline (long tasks, a backlog): no hurry
@@ -564,7 +566,10 @@ class Farm:
         ringing = self._all_ring()
         if ringing:  # every message rings: sleep until one does
             if self._rung:
-                delay = RING_RECHECK
+                self._recheck = 0
+            if self._recheck < len(RING_RECHECKS):
+                delay = RING_RECHECKS[self._recheck]
+                self._recheck += 1
             else:
                 delay = DOORBELL_POLL_CAP if busy else IDLE_RINGING_CAP
         elif busy:

@@ -89,10 +89,11 @@ LARGE_SEND_NAP = 0.0002
 #: for a ring lost between nodes (UDP; on one host none is lost), at a few
 #: wake-ups per second (each ~50-150 us of CPU when caches are cold)
 DOORBELL_POLL_CAP = 0.25
-#: a ring after which the probe found nothing is probed again this much later
-#: (seconds), in case MPI shows its message a moment after it; almost always
-#: the ring was stale (its message came in with an earlier probe)
-RING_RECHECK = 1e-4
+#: a ring after which the probe found nothing is followed by probes this much
+#: later (seconds, each after the one before), in case MPI shows its message a
+#: moment after it; almost always the ring was stale (its message came in with
+#: an earlier probe), and a missed message would wait for `DOORBELL_POLL_CAP`
+RING_RECHECKS = (1e-4, 2e-3)
 #: set to 0 to do without doorbells (probe on a short backoff instead)
 DOORBELL_ENV = "TASKFARM_DOORBELL"
 #: what woke `Wakeup.wait`: a peer's ring, a local thread's poke (bits)

@@ -57,7 +57,7 @@ from ._protocol import (
     TaskBatch,
     TaskItem,
 )
-from ._transport import DOORBELL_POLL_CAP, LARGE_SEND_NAP, MASTER, RING_RECHECK, RUNG, Backoff, Transport, host
+from ._transport import DOORBELL_POLL_CAP, LARGE_SEND_NAP, MASTER, RING_RECHECKS, RUNG, Backoff, Transport, host
 
 log = logging.getLogger("taskfarm.worker")
 
@@ -156,6 +156,7 @@ class Worker:
         ringing = False
         last_beat = time.monotonic()
         woken = 0
+        recheck = len(RING_RECHECKS)  # the next of RING_RECHECKS after a ring that found nothing
         try:
             while True:
                 ringing = ringing or t.rings_from(MASTER)
@@ -183,6 +184,10 @@ class Worker:
                 if self._stopping:
                     break
                 woken = 0
+                if active:
+                    recheck = len(RING_RECHECKS)
+                elif rung:
+                    recheck = 0
                 if active or (sending and not ringing):
                     backoff.reset()
                     continue
@@ -190,7 +195,11 @@ class Worker:
                     woken = t.wait(LARGE_SEND_NAP)
                     continue
                 if ringing:  # every message comes with a ring: sleep until one does
-                    delay = RING_RECHECK if rung else DOORBELL_POLL_CAP
+                    if recheck < len(RING_RECHECKS):
+                        delay = RING_RECHECKS[recheck]
+                        recheck += 1
+                    else:
+                        delay = DOORBELL_POLL_CAP
                 else:
                     delay = backoff.next()
                     if not delay:
@@ -316,7 +325,8 @@ class Worker:
             with self._cv:
                 self._running.discard(item.task_id)
                 self._outbox.append(result)
-                if not self._outbox_since:
+                first = not self._outbox_since
+                if first:
                     self._outbox_since = time.monotonic()
                 # send now when nothing else is queued or the batch is old or big;
                 # otherwise results ride together in one message
@@ -329,8 +339,9 @@ class Worker:
                     wake = True
                 else:
                     wake = False
-            if wake:
-                # the comm thread wakes and takes the GIL within the switch
+            if wake or first:
+                # the comm thread wakes (to send, or to sleep only until this
+                # result's linger is over) and takes the GIL within the switch
                 # interval; no sleep(0) here, which on an oversubscribed node
                 # would hand this core to another rank
                 self.transport.poke()

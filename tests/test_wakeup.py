@@ -44,6 +44,20 @@ def test_a_ring_from_another_process_wakes_the_sleeper_and_names_the_ringer() ->
     assert child.exitcode == 0
 
 
+def test_a_ring_to_a_resolved_host_name_wakes_the_sleeper() -> None:
+    sleeper, ringer = Wakeup(0), Wakeup(4)
+    try:
+        assert sleeper.address is not None
+        target = ringer.resolve(("localhost", sleeper.address[1]))  # by name, as a peer on another node
+        assert target is not None
+        ringer.ring(target)
+        assert sleeper.wait(LONG) == RUNG
+        assert sleeper.ringers == {4}
+    finally:
+        sleeper.close()
+        ringer.close()
+
+
 def test_a_poke_from_a_thread_wakes_the_sleeper() -> None:
     sleeper = Wakeup(0, network=False)
     poker = threading.Thread(target=sleeper.poke)

@@ -204,6 +204,7 @@ class FarmExecutor(concurrent.futures.Executor):
         pool: str | None = None,
         concurrency: int | None = None,
         isolation: str | None = None,
+        speculative: bool = False,
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
         master_works: bool | None = None,
@@ -226,6 +227,7 @@ class FarmExecutor(concurrent.futures.Executor):
                 "time_limit": time_limit,
                 "max_crashes": max_crashes,
                 "isolation": isolation,
+                "speculative": speculative,
             }
         )
         self._functions = ser.FunctionCache()

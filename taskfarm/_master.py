@@ -171,6 +171,9 @@ class FarmStatistics:
     master_works: bool = False
     #: True when a lost rank leaves the job running (Open MPI with --with-ft ulfm)
     ulfm: bool = False
+    #: copies started of straggling ``speculative`` tasks; the copy that lost
+    #: the race counts in ``duplicates``
+    speculated: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``--stats-json`` writes)."""
@@ -1067,6 +1070,7 @@ class Farm:
             stolen=s.stolen,
             zombies=s.zombies,
             duplicates=s.duplicates,
+            speculated=s.speculated,
             pending=s.pending,
             running=s.running,
             workers=sum(1 for r in s.ranks.values() if r.alive),

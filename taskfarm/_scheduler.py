@@ -20,6 +20,10 @@ Rules, in the order `poll` applies them:
 4. When nothing is ready and a rank sits idle, tasks queued (not started)
    behind a busy rank's running task are stolen back, so the tail of a skewed
    workload never waits behind one long task.
+5. When nothing is ready, nothing is left to steal and ranks still sit idle,
+   running tasks whose policy is ``speculative`` (idempotent) and that have
+   run for `SPECULATE_FACTOR` times the mean task duration get a copy on an
+   idle rank, the slowest first: a straggling node does not hold up the end.
 
 A result is accepted once: the first success of a task wins; later copies
 (a rank declared lost that wakes up, a speculative duplicate) are discarded
@@ -45,6 +49,13 @@ MAX_PREFETCH = 32
 #: weight of the newest task duration in the running mean
 DURATION_EWMA = 0.05
 
+
+#: a running speculative task straggles once it has run this many times the
+#: mean task duration (and at least `SPECULATE_MIN_SECONDS`)
+SPECULATE_FACTOR = 3.0
+#: no copy of a task that has run for less than this (seconds): tiny tasks
+#: would finish before a copy could start
+SPECULATE_MIN_SECONDS = 0.01
 
 #: tasks with an expiry passed over in one poll while waiting for an idle slot,
 #: at most (bounds the cost of a poll; the rest wait as if every rank were full)
@@ -79,6 +90,7 @@ class _Entry:
     failures: int = 0  # failures that count against max_retries
     crashes: int = 0
     avoid_rank: int | None = None
+    dispatched: float = 0.0  # when its latest copy went out (monotonic)
     holders: set[int] = dataclasses.field(default_factory=set)
     dependents: list[int] = dataclasses.field(default_factory=list)
     inputs: tuple[int, ...] = ()
@@ -96,6 +108,8 @@ class _Rank:
     done: int = 0
     failed: int = 0
     busy_time: float = 0.0
+    #: when the rank last reported a task finished: the next queued one started then
+    last_finish: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +136,8 @@ class SchedulerStats:
     stolen: int
     zombies: int
     duplicates: int
+    #: copies of straggling speculative tasks started (their losers count in ``duplicates``)
+    speculated: int
     pending: int
     running: int
     lost_ranks: tuple[int, ...]
@@ -168,7 +184,8 @@ class Scheduler:
         # counters
         self._submitted = self._done = self._failed = self._cancelled = 0
         self._retried = self._resubmitted = self._stolen = 0
-        self._zombies = self._duplicates = 0
+        self._zombies = self._duplicates = self._speculated = 0
+        self._speculative = False  # a speculative task was ever submitted (rule 5 applies)
         self._lost: list[int] = []
 
     # -- workers -----------------------------------------------------------
@@ -258,6 +275,7 @@ class Scheduler:
         values or fails the task at once)."""
         self._seq += 1
         self._submitted += 1
+        self._speculative = self._speculative or policy.speculative
         entry = _Entry(
             task_id,
             self._seq,
@@ -342,6 +360,7 @@ class Scheduler:
             held = True
             self._unhold(info, task_id)
             info.busy_time += duration
+            info.last_finish = now
         entry = self._entries.get(task_id)
         if entry is not None:
             entry.holders.discard(rank)
@@ -451,6 +470,8 @@ class Scheduler:
         self._assign(now, actions)
         if not self._ready:
             self._plan_steals(actions)
+            if not actions.steal:
+                self._speculate(now, actions)
         return actions
 
     def next_wakeup(self) -> float | None:
@@ -464,6 +485,9 @@ class Scheduler:
             busy = [r.last_heard for r in self._ranks.values() if r.alive and r.inflight]
             if busy:
                 times.append(min(busy) + self.heartbeat_timeout)
+        straggling = self._straggling()
+        if straggling:
+            times.append(min(since for since, _ in straggling) + self._straggler_threshold())
         return min(times) if times else None
 
     def has_work(self) -> bool:
@@ -489,6 +513,7 @@ class Scheduler:
             stolen=self._stolen,
             zombies=self._zombies,
             duplicates=self._duplicates,
+            speculated=self._speculated,
             pending=len(self._entries) - running,
             running=running,
             lost_ranks=tuple(self._lost),
@@ -624,6 +649,7 @@ class Scheduler:
             entry.holders.add(info.rank)
             entry.state = TaskState.RUNNING
             entry.attempt += 1
+            entry.dispatched = now
             actions.dispatch.setdefault(info.rank, []).append(task_id)
 
     def _pick_idle(self, avoid: int | None, skip: list[int]) -> _Rank | None:
@@ -658,6 +684,41 @@ class Scheduler:
             info.stealing.update(take)
             actions.steal[info.rank] = take
             idle -= len(take)
+
+    def _straggler_threshold(self) -> float:
+        return max(SPECULATE_MIN_SECONDS, SPECULATE_FACTOR * (self._mean_duration or 0.0))
+
+    def _straggling(self, busy: set[int] | frozenset[int] = frozenset()) -> list[tuple[float, int]]:
+        """Candidates for rule 5 while a rank sits idle: (running since, task id)
+        of running speculative tasks with one copy, on ranks not in ``busy``."""
+        if not self._speculative or self._mean_duration is None:
+            return []
+        if not any(r.alive and not r.inflight and r.rank not in busy for r in self._ranks.values()):
+            return []
+        out = []
+        for info in self._ranks.values():
+            if not info.alive or info.rank in busy:
+                continue
+            for task_id in list(info.inflight)[: info.slots]:  # the running ones
+                entry = self._entries.get(task_id)
+                if entry is not None and entry.policy.speculative and len(entry.holders) == 1:
+                    out.append((max(entry.dispatched, info.last_finish), task_id))  # running at least since
+        return out
+
+    def _speculate(self, now: float, actions: Actions) -> None:
+        """Rule 5: copies of straggling speculative tasks on idle ranks, the slowest first."""
+        if any(r.stealing for r in self._ranks.values() if r.alive):
+            return  # a steal under way serves the idle ranks first
+        busy = set(actions.dispatch) | set(actions.lost_ranks)
+        threshold = self._straggler_threshold()
+        stragglers = sorted((since, task_id) for since, task_id in self._straggling(busy) if now - since > threshold)
+        idle = [r for r in self._ranks.values() if r.alive and not r.inflight and r.rank not in busy]
+        for (_, task_id), target in zip(stragglers, idle):
+            self._hold(target, task_id)
+            target.last_heard = now  # its heartbeat clock starts with this task
+            self._entries[task_id].holders.add(target.rank)
+            self._speculated += 1
+            actions.dispatch.setdefault(target.rank, []).append(task_id)
 
     def _hold(self, info: _Rank, task_id: int) -> None:
         self._free[self._free_of(info)].pop(info.rank, None)

@@ -64,6 +64,9 @@ class TaskPolicy:
     #: "process": run in a child process of the worker (a crash fails only the
     #: attempt); "inline": in the worker itself; None: as the farm's pool does
     isolation: str | None = None
+    #: the task is idempotent: while ranks sit idle with nothing queued, a copy
+    #: may run on one of them if this run straggles; the first result wins
+    speculative: bool = False
 
     def merged(self, overrides: Mapping[str, Any]) -> TaskPolicy:
         """This policy with the non-None fields of ``overrides`` applied."""
@@ -105,6 +108,7 @@ class Task:
     time_limit: float | None = None
     max_crashes: int | None = None
     isolation: str | None = None
+    speculative: bool | None = None
     countdown: float | None = None
     eta: _dt.datetime | float | None = None
     expires: _dt.datetime | float | None = None

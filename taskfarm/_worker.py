@@ -293,6 +293,9 @@ class Worker:
             sys.setswitchinterval(previous_interval)
         if self._logs is not None and self._logs.records:
             self.transport.send(MASTER, Kind.LOG, self._logs.take())
+        if self._outbox:  # finished after Stop (a speculative copy's loser, a drain's straggler)
+            self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(self._outbox)))
+            self._outbox = []
         slot_busy = tuple(slot.busy for slot in self._slots)
         bye = Bye(
             self.tasks,

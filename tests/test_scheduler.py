@@ -845,6 +845,73 @@ class TestStealing:
         assert s.poll(1.0).dispatch == {1: [2]}
 
 
+# -- speculation --------------------------------------------------------------
+SPECULATIVE = TaskPolicy(speculative=True)
+
+
+class TestSpeculation:
+    def straggling(self, policy: TaskPolicy = SPECULATIVE) -> tuple[Scheduler, int, int]:
+        """Two ranks; tasks of 0.1 s seen; task 1 runs on one rank (returned
+        first), the other rank (second) is idle."""
+        s = farm(ranks=2, slots=1)
+        observe(s, 0.1, times=3)
+        submit(s, 1, policy=policy)
+        runs = only_rank(s.poll(0.0))
+        return s, runs, 1 - runs
+
+    def test_a_straggler_gets_a_copy_on_an_idle_rank_and_the_first_success_wins(self) -> None:
+        s, runs, idle = self.straggling()
+        assert not s.poll(0.2).dispatch  # 0.2 s: not yet 3x the mean
+        assert s.poll(0.5).dispatch == {idle: [1]}
+        assert not s.poll(0.6).dispatch  # one copy, not one per poll
+        assert s.attempt(1) == 1  # the copy is the same attempt
+        assert s.statistics().speculated == 1
+        assert succeed(s, 1, idle, 0.7) is Decision.ACCEPT  # the copy wins
+        assert succeed(s, 1, runs, 5.0) is Decision.DISCARD  # the straggler, late
+        stats = s.statistics()
+        assert (stats.done, stats.duplicates) == (3 + 1, 1)  # 3 observed tasks, then task 1
+
+    def test_the_master_is_told_when_to_look_again(self) -> None:
+        s, _, _ = self.straggling()
+        assert s.next_wakeup() == pytest.approx(3 * 0.1)  # SPECULATE_FACTOR x the mean, from dispatch
+        s2, _, _ = self.straggling(POLICY)
+        assert s2.next_wakeup() is None
+
+    def test_without_the_policy_no_copy(self) -> None:
+        s, _, _ = self.straggling(POLICY)
+        assert not s.poll(100.0).dispatch
+
+    def test_a_copy_that_fails_leaves_the_decision_to_the_other(self) -> None:
+        s, runs, idle = self.straggling()
+        assert s.poll(0.5).dispatch == {idle: [1]}
+        assert fail(s, 1, idle, 0.6, retryable=False) is Decision.DISCARD
+        assert s.state(1) is TaskState.RUNNING
+        assert succeed(s, 1, runs, 1.0) is Decision.ACCEPT
+
+    def test_losing_the_original_rank_keeps_the_copy_running(self) -> None:
+        s, runs, idle = self.straggling()
+        assert s.poll(0.5).dispatch == {idle: [1]}
+        assert s.rank_lost(runs, 0.6) == []  # nothing requeued: the copy still runs
+        assert not s.poll(0.7).dispatch
+        assert succeed(s, 1, idle, 0.8) is Decision.ACCEPT
+
+    def test_ready_work_goes_first(self) -> None:
+        s, _, idle = self.straggling()
+        submit(s, 2, now=0.5)
+        assert s.poll(0.5).dispatch == {idle: [2]}
+
+    def test_the_slowest_straggler_first(self) -> None:
+        s = farm(ranks=3, slots=1)
+        observe(s, 0.1, times=3)
+        submit(s, 1, policy=SPECULATIVE)
+        first = only_rank(s.poll(0.0))
+        submit(s, 2, policy=SPECULATIVE, now=0.3)
+        second = only_rank(s.poll(0.3))
+        (idle,) = {0, 1, 2} - {first, second}
+        # one idle rank: task 1, running longer, gets the copy
+        assert s.poll(0.9).dispatch == {idle: [1]}
+
+
 # -- dependencies -------------------------------------------------------------
 class TestDependencies:
     def test_waits_for_all_inputs(self) -> None:
@@ -1170,7 +1237,9 @@ class _Sim:
             self.s.submit(
                 task_id,
                 self.now,
-                policy=TaskPolicy(max_retries=rng.randint(0, 2), max_crashes=rng.randint(1, 3)),
+                policy=TaskPolicy(
+                    max_retries=rng.randint(0, 2), max_crashes=rng.randint(1, 3), speculative=rng.random() < 0.3
+                ),
                 priority=rng.choice((0, 0, 1, 5)),
                 not_before=self.now + rng.random() if rng.random() < 0.2 else None,
                 expires=self.now + 3 * rng.random() if rng.random() < 0.1 else None,

@@ -235,6 +235,8 @@ class FarmExecutor(concurrent.futures.Executor):
         self._shutdown_lock = threading.Lock()
         self._pending: set[FarmFuture] = set()
         self._pending_lock = threading.Lock()
+        #: `_forget` bound once, as every future's done-callback (see Farm._cancel_hook)
+        self._forget_callback = self._forget
         size = _transport.world_size()
         if size > 1:
             if _transport.world_rank() != 0:
@@ -349,7 +351,7 @@ class FarmExecutor(concurrent.futures.Executor):
             future._task_state = TaskState.SCHEDULED  # waiting for its ETA or its inputs
         with self._pending_lock:
             self._pending.add(future)
-        future.add_done_callback(self._forget)
+        future.add_done_callback(self._forget_callback)
         try:
             farm_.submit(
                 Submission(

@@ -8,6 +8,7 @@ buffer without a copy.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 from typing import Any
@@ -27,12 +28,55 @@ class _Encoded:
 
 _decode_lock = threading.Lock()
 
+#: concurrent.futures' name of a future's first state (its module keeps it private)
+_PENDING = "PENDING"
+
+
+class _FutureCondition(threading.Condition):
+    """A future's condition: `threading.Condition` over its own `RLock`, as
+    the standard library's, built without the five bound methods
+    ``Condition.__init__`` stores on each instance.
+
+    Each of those is an object the cyclic garbage collector tracks; with a
+    deque and the condition itself that made a future's condition seven
+    tracked objects, and collecting them was a third of the CPU of the
+    thread that submits no-op tasks.  Here the same calls are class methods
+    that delegate to the lock (they run rarely: ``with`` goes to the lock's
+    own ``__enter__``/``__exit__``).
+    """
+
+    def __init__(self) -> None:  # not super().__init__(): see the class docstring
+        self._lock = threading.RLock()
+        self._waiters: collections.deque[Any] = collections.deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()  # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
+
 
 class FarmFuture(concurrent.futures.Future[Any]):
     """A `concurrent.futures.Future` with the task's id, state and rank."""
 
     def __init__(self, task_id: int, key: str | None = None, label: str = "") -> None:
-        super().__init__()
+        # Future.__init__'s fields, with a lighter condition (see _FutureCondition);
+        # not super().__init__(), which would build the heavier one first
+        self._condition = _FutureCondition()
+        self._state = _PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self.task_id = task_id
         self.key = key
         self.label = label

@@ -248,6 +248,9 @@ class Farm:
         self.heartbeat_timeout = heartbeat_timeout
         self._peers = transport.peers()
         self._submissions: collections.deque[Any] = collections.deque()
+        #: `_cancel` bound once: every future shares it (a bound method per
+        #: future is one more object for the garbage collector to track)
+        self._cancel_hook = self._cancel
         self._wake = transport.poke  # user threads: work for the service thread (wakes `_wait`)
         self._ringing = (0, 0, False)  # (ringers, live ranks, all ring) when last counted
         self._rung = False  # a ring came since the last round that took a message
@@ -342,7 +345,7 @@ class Farm:
         self._wake()
 
     def submit(self, sub: Submission) -> None:
-        sub.future._cancel_hook = self._cancel
+        sub.future._cancel_hook = self._cancel_hook
         with self._submit_lock:
             if self._broken is not None:
                 raise BrokenFarmError(str(self._broken))

@@ -49,6 +49,11 @@ MAP_ITEMS_IN_FLIGHT = 1 << 16
 #: map(chunksize=None): guided self-scheduling, a chunk is at most the
 #: remaining items / (this * workers) when the input's length is known
 MAP_GUIDED_FACTOR = 2
+#: map(chunksize=None): guided self-scheduling shrinks chunks no further than
+#: this much work (seconds): a chunk costs the farm ~0.1 ms whatever its size,
+#: so chunks shorter than this cost more than they gain in balance at the
+#: tail, where a task's round trip (1-2 ms) dominates anyway
+MAP_CHUNK_MIN_SECONDS = 0.001
 #: weight of the newest chunk in map's running mean of seconds per item
 MAP_TIME_EWMA = 0.3
 
@@ -442,7 +447,9 @@ class FarmExecutor(concurrent.futures.Executor):
         calls: Iterator[Any] = zip(*iterables)
         if chunksize is None:
             if self._farm.journal is None:
-                return self._map_auto(fn, calls, _known_length(iterables), deadline)
+                if len(iterables) == 1:  # chunks of the items themselves, not of 1-tuples
+                    return self._map_auto(fn, iter(iterables[0]), _known_length(iterables), deadline, _run_items_timed)
+                return self._map_auto(fn, calls, _known_length(iterables), deadline, _run_chunk_timed)
             chunksize = 1
         if chunksize > 1:
             calls = ((fn, chunk) for chunk in _batched(calls, chunksize))
@@ -454,9 +461,15 @@ class FarmExecutor(concurrent.futures.Executor):
         return self._map_results(queue, calls, submit_one, deadline, chunksize > 1)
 
     def _map_auto(
-        self, fn: Callable[..., Any], calls: Iterator[Any], length: int | None, deadline: float | None
+        self,
+        fn: Callable[..., Any],
+        calls: Iterator[Any],
+        length: int | None,
+        deadline: float | None,
+        runner: Callable[[Callable[..., Any], list[Any]], tuple[list[Any], float]],
     ) -> Iterator[Any]:
-        """map with chunk sizes from measured item times (see `map`)."""
+        """map with chunk sizes from measured item times (see `map`); ``runner``
+        runs one chunk of ``calls`` on a worker and times it."""
         import collections
 
         workers = max(1, len(self._farm.transport.peers()))
@@ -477,14 +490,16 @@ class FarmExecutor(concurrent.futures.Executor):
                 else:
                     size = int(MAP_CHUNK_SECONDS / per_item) if per_item > 0 else MAP_CHUNK_MAX
                     if remaining is not None:
-                        size = min(size, -(-remaining // (MAP_GUIDED_FACTOR * workers)))
+                        guided = -(-remaining // (MAP_GUIDED_FACTOR * workers))
+                        floor = int(MAP_CHUNK_MIN_SECONDS / per_item) if per_item > 0 else MAP_CHUNK_MAX
+                        size = min(size, max(guided, floor))
                     size = max(1, min(MAP_CHUNK_MAX, size, MAP_ITEMS_IN_FLIGHT - in_flight))
                 chunk = list(itertools.islice(calls, size))
                 if len(chunk) < size:
                     exhausted = True
                     if not chunk:
                         return
-                pending.append((self.submit(_run_chunk_timed, fn, chunk), len(chunk)))
+                pending.append((self.submit(runner, fn, chunk), len(chunk)))
                 in_flight += len(chunk)
                 if remaining is not None:
                     remaining = max(0, remaining - len(chunk))
@@ -615,7 +630,18 @@ def _run_chunk(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> list[Any
 def _run_chunk_timed(fn: Callable[..., Any], chunk: list[tuple[Any, ...]]) -> tuple[list[Any], float]:
     """`_run_chunk`, and the seconds it took (map's automatic chunking)."""
     t0 = time.perf_counter()
-    values = [fn(*args) for args in chunk]
+    values = list(itertools.starmap(fn, chunk))
+    return values, time.perf_counter() - t0
+
+
+def _run_items_timed(fn: Callable[..., Any], items: list[Any]) -> tuple[list[Any], float]:
+    """`_run_chunk_timed` for map over one iterable: ``fn(item)`` for each item.
+
+    The chunk holds the items themselves, not 1-tuples of them: a tuple per
+    item costs more than the no-op call itself to build, pickle and unpickle.
+    """
+    t0 = time.perf_counter()
+    values = list(map(fn, items))
     return values, time.perf_counter() - t0
 
 

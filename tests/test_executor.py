@@ -174,6 +174,10 @@ MAP_RETURNS_RESULTS_IN_INPUT_ORDER = section(
         out["sq"] = list(ex.map(jitter, range(300)))
         out["two"] = list(ex.map(add, range(100), range(100, 250)))  # shortest input wins
         out["empty"] = list(ex.map(sq, []))
+        out["tuples"] = list(ex.map(len, [(1, 2), (3, 4, 5), ()]))  # an item is one argument
+        before = ex.statistics().submitted
+        out["many"] = list(ex.map(sq, range(20_000))) == [i * i for i in range(20_000)]
+        out["many_tasks"] = ex.statistics().submitted - before
     """,
 )
 
@@ -183,6 +187,10 @@ def test_map_returns_results_in_input_order(farm_results: Results) -> None:
     assert got["sq"] == [i * i for i in range(300)]
     assert got["two"] == [2 * i + 100 for i in range(100)]
     assert got["empty"] == []
+    assert got["tuples"] == [2, 3, 0]
+    assert got["many"] is True
+    # automatic chunking: a few one-item probes, then chunks, not a task per item
+    assert got["many_tasks"] < 200
 
 
 MAP_WITH_CHUNKSIZE_BATCHES_ITEMS_INTO_FEWER_TASKS = section(

@@ -64,6 +64,12 @@ class _FutureCondition(threading.Condition):
     def _is_owned(self) -> bool:
         return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
 
+    def notify_all(self) -> None:
+        # a future is resolved once and mostly waited for by nobody: skip the
+        # ownership check and the loop when there is no one to wake
+        if self._waiters:
+            super().notify_all()
+
 
 class FarmFuture(concurrent.futures.Future[Any]):
     """A `concurrent.futures.Future` with the task's id, state and rank."""

@@ -274,7 +274,9 @@ class Farm:
         self._byes: dict[int, Bye] = {}
         self._fn_sent: dict[int, set[bytes]] = collections.defaultdict(set)
         self._init_sent: dict[int, set[int]] = collections.defaultdict(set)
-        self._resolve: list[Callable[[], None]] = []
+        #: outcomes to resolve at the next commit, in order: (future, value, None) or
+        #: (future, None, error); tuples, not closures (fewer objects per task)
+        self._resolve: list[tuple[FarmFuture, Any, BaseException | None]] = []
         self._closing = False
         self._stopped = False
         self._submit_lock = threading.Lock()
@@ -501,7 +503,7 @@ class Farm:
                 self._submissions.clear()
             error = RuntimeError("the farm ended before this task could be scheduled")
             for sub in late:
-                _failer(sub.future, FarmStopped(str(error)) if self.drained else error)()
+                _fail_future(sub.future, FarmStopped(str(error)) if self.drained else error)
             self._service_cpu = time.thread_time() - cpu0
             self._snapshot = self._take_snapshot()
             self._snapshot_ready.set()
@@ -533,11 +535,11 @@ class Farm:
         )
         for task_id in list(self._tasks):
             task = self._tasks.pop(task_id)
-            self._resolve.append(_failer(task.sub.future, error))
+            self._resolve.append((task.sub.future, None, error))
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
-                self._resolve.append(_failer(sub.future, error))
+                self._resolve.append((sub.future, None, error))
         self._commit()
         self._closing = True
 
@@ -672,7 +674,7 @@ class Farm:
             future = task.sub.future
             key = task.sub.key
             if decision is Decision.ACCEPT:
-                self._finish_task(item.task_id)
+                self._tasks.pop(item.task_id, None)
                 frame = (item.payload, item.buffers)
                 if self.journal is not None and key is not None:
                     self.journal.succeeded(
@@ -683,7 +685,7 @@ class Farm:
                         t_end=item.t_end,
                         result=frame,
                     )
-                self._resolve.append(_setter(future, _Encoded(frame)))
+                self._resolve.append((future, _Encoded(frame), None))
                 if self._listeners:
                     self._emit_outcome("succeeded", item, peer, key, future.label)
                 continue
@@ -756,9 +758,6 @@ class Farm:
             error.__cause__ = RemoteTraceback(item.traceback)
         return error  # type: ignore[no-any-return]
 
-    def _finish_task(self, task_id: int) -> None:
-        self._tasks.pop(task_id, None)
-
     def _fail(self, task_id: int, error: BaseException, *, journaled: bool = True) -> None:
         task = self._tasks.pop(task_id, None)
         if task is not None and not journaled and self._listeners:
@@ -782,7 +781,7 @@ class Farm:
                     error_text=f"{type(error).__name__}: {error}",
                     final=True,
                 )
-            self._resolve.append(_failer(task.sub.future, error))
+            self._resolve.append((task.sub.future, None, error))
         for dependent, failed in self.scheduler.fail_dependents(task_id):
             self._fail(
                 dependent,
@@ -798,8 +797,11 @@ class Farm:
         if self.journal is not None:
             self.journal.sync()  # group commit: one fsync for this round's outcomes
         resolve, self._resolve = self._resolve, []
-        for action in resolve:
-            action()
+        for future, value, error in resolve:
+            if error is None:
+                _succeed(future, value)
+            else:
+                _fail_future(future, error)
 
     # step 3
     def _take_submissions(self) -> bool:
@@ -839,7 +841,7 @@ class Farm:
 
     def _admit(self, sub: Submission, now: float) -> None:
         future = sub.future
-        if future.cancelled():
+        if future._state == "CANCELLED":  # without its lock: a later cancel is caught at dispatch
             # cancelled before the service thread saw it: wait() and as_completed()
             # count a cancelled future only once it is marked notified
             future.set_running_or_notify_cancel()
@@ -848,15 +850,15 @@ class Farm:
         # submission in this same batch may name this future as its input, and
         # must see it done (nothing here needs the journal's group commit)
         if self._broken is not None:
-            _failer(future, BrokenFarmError(str(self._broken)))()
+            _fail_future(future, BrokenFarmError(str(self._broken)))
             return
         waiting = []
-        for dep in sub.inputs:
+        for dep in sub.inputs:  # usually none
             if not dep.done():
                 waiting.append(dep.task_id)
             elif dep.cancelled() or dep.exception(0) is not None:
                 error = DependencyFailed(f"input task {dep.task_id} of task {future.task_id} failed or was cancelled")
-                _failer(future, error)()
+                _fail_future(future, error)
                 return
         task_id = future.task_id
         self._tasks[task_id] = _Task(sub)
@@ -864,7 +866,7 @@ class Farm:
             self.journal.submitted(sub.key, label=future.label, t=time.time())
         if self._listeners:
             self._emit("submitted", task=task_id, key=sub.key, label=future.label)
-        self.scheduler.submit(
+        ready = self.scheduler.submit(
             task_id,
             now,
             policy=sub.policy,
@@ -873,7 +875,7 @@ class Farm:
             expires=None if sub.expires is None else now + (sub.expires - time.time()),
             inputs=waiting,
         )
-        if self.scheduler.state(task_id) is TaskState.SCHEDULED:
+        if not ready:
             future._task_state = TaskState.SCHEDULED
 
     # step 4
@@ -922,17 +924,19 @@ class Farm:
     def _send_tasks(self, rank: int, task_ids: list[int]) -> None:
         by_executor: dict[int, list[TaskItem]] = {}
         sent_fns = self._fn_sent[rank]
+        journal = self.journal
+        attempt_of = self.scheduler.attempt
         for task_id in task_ids:
             task = self._tasks[task_id]
             sub = task.sub
             future = sub.future
             try:
-                deps = tuple(self._dep_value(dep) for dep in sub.inputs)
+                deps = tuple(self._dep_value(dep) for dep in sub.inputs) if sub.inputs else ()
             except Exception as exc:
                 log.exception("task %d: cannot prepare its inputs", task_id)
                 self.scheduler.withdraw(task_id, rank)
                 self._tasks.pop(task_id, None)
-                _failer(future, DependencyFailed(f"task {task_id}: an input could not be passed on: {exc!r}"))()
+                _fail_future(future, DependencyFailed(f"task {task_id}: an input could not be passed on: {exc!r}"))
                 self._fail_dependents_of_cancelled(task_id)
                 continue
             if not _mark_running(future):
@@ -942,11 +946,11 @@ class Farm:
                 continue
             future._task_state = TaskState.RUNNING
             future.rank = rank
-            if self.journal is not None and sub.key is not None:
-                attempt = self.scheduler.attempt(task_id)
-                self.journal.dispatched(sub.key, rank=rank, attempt=attempt, t=time.time())
+            attempt = attempt_of(task_id)
+            if journal is not None and sub.key is not None:
+                journal.dispatched(sub.key, rank=rank, attempt=attempt, t=time.time())
             if self._listeners:
-                self._emit("dispatched", task=task_id, key=sub.key, rank=rank, attempt=self.scheduler.attempt(task_id))
+                self._emit("dispatched", task=task_id, key=sub.key, rank=rank, attempt=attempt)
             digest, payload = sub.fn
             if digest in sent_fns:
                 fn = FnRef(digest, None)
@@ -956,7 +960,7 @@ class Farm:
             by_executor.setdefault(sub.executor_id, []).append(
                 TaskItem(
                     task_id,
-                    self.scheduler.attempt(task_id),
+                    attempt,
                     fn,
                     sub.call[0],
                     sub.call[1],
@@ -996,7 +1000,7 @@ class Farm:
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
-                self._resolve.append(_failer(sub.future, BrokenFarmError(str(error))))
+                self._resolve.append((sub.future, None, BrokenFarmError(str(error))))
         self._commit()
         self._closing = True
 
@@ -1114,25 +1118,30 @@ def _mark_running(future: FarmFuture) -> bool:
     return state == "RUNNING"  # a retry of a task already running
 
 
-def _setter(future: concurrent.futures.Future[Any], value: Any) -> Callable[[], None]:
-    def resolve() -> None:
-        if not future.done():
-            # a user thread may cancel a pending future between the check and the set
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                future.set_result(value)
-
-    return resolve
+#: concurrent.futures' names of the states in which a future is resolved
+_RESOLVED = ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED")
 
 
-def _failer(future: concurrent.futures.Future[Any], error: BaseException) -> Callable[[], None]:
-    def resolve() -> None:
-        if future.done():
+def _succeed(future: concurrent.futures.Future[Any], value: Any) -> None:
+    """Resolve ``future`` with ``value`` unless it already is (or was cancelled).
+
+    The state is read without the future's lock first: a resolved future
+    stays resolved, and ``set_result`` checks again under the lock.
+    """
+    if future._state in _RESOLVED:  # type: ignore[attr-defined]
+        return
+    # a user thread may cancel a pending future between the check and the set
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        future.set_result(value)
+
+
+def _fail_future(future: concurrent.futures.Future[Any], error: BaseException) -> None:
+    """Fail ``future`` with ``error`` unless it is resolved or cancelled."""
+    if future.done():
+        return
+    # a user thread may cancel a pending future between these steps (seen in a
+    # drain: the service thread died on InvalidStateError and the job hung)
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if future._state == "PENDING" and not future.set_running_or_notify_cancel():  # type: ignore[attr-defined]
             return
-        # a user thread may cancel a pending future between these steps (seen in a
-        # drain: the service thread died on InvalidStateError and the job hung)
-        with contextlib.suppress(concurrent.futures.InvalidStateError):
-            if future._state == "PENDING" and not future.set_running_or_notify_cancel():
-                return
-            future.set_exception(error)
-
-    return resolve
+        future.set_exception(error)

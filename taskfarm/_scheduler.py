@@ -76,7 +76,7 @@ class Decision(enum.Enum):
     DISCARD = "discard"  # duplicate or stale: already decided, drop it
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Entry:
     task_id: int
     seq: int
@@ -92,7 +92,9 @@ class _Entry:
     avoid_rank: int | None = None
     dispatched: float = 0.0  # when its latest copy went out (monotonic)
     holders: set[int] = dataclasses.field(default_factory=set)
-    dependents: list[int] = dataclasses.field(default_factory=list)
+    #: tasks waiting for this one; an empty tuple until the first (most have none,
+    #: and a list per task is one more object for the garbage collector)
+    dependents: list[int] | tuple[()] = ()
     inputs: tuple[int, ...] = ()
 
 
@@ -110,6 +112,10 @@ class _Rank:
     busy_time: float = 0.0
     #: when the rank last reported a task finished: the next queued one started then
     last_finish: float = 0.0
+    #: tasks it may hold: slots x (1 + prefetch), kept by `Scheduler._set_capacity`
+    capacity: int = 0
+    #: the index of the free-capacity bucket it sits in (`Scheduler._free`)
+    bucket: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +201,7 @@ class Scheduler:
             return False
         info = _Rank(rank, max(1, slots), last_heard=now)
         self._ranks[rank] = info
+        self._set_capacity(info)
         self._place(info)
         return True
 
@@ -218,7 +225,7 @@ class Scheduler:
         info = self._ranks.get(rank)
         if info is None or not info.alive:
             return []
-        self._free[self._free_of(info)].pop(rank, None)
+        self._free[info.bucket].pop(rank, None)
         info.alive = False
         self._lost.append(rank)
         requeued = []
@@ -269,10 +276,12 @@ class Scheduler:
         not_before: float | None = None,
         expires: float | None = None,
         inputs: Iterable[int] = (),
-    ) -> None:
-        """Add a task.  ``inputs`` are ids of unfinished tasks it depends on;
-        inputs already finished are the master's business (it passes their
-        values or fails the task at once)."""
+    ) -> bool:
+        """Add a task; True if it is ready to run now (no wait for inputs or time).
+
+        ``inputs`` are ids of unfinished tasks it depends on; inputs already
+        finished are the master's business (it passes their values or fails
+        the task at once)."""
         self._seq += 1
         self._submitted += 1
         self._speculative = self._speculative or policy.speculative
@@ -292,14 +301,18 @@ class Scheduler:
             dep_entry = self._entries.get(dep)
             if dep_entry is None:
                 continue  # finished already: the master passes its value
-            dep_entry.dependents.append(task_id)
+            if isinstance(dep_entry.dependents, list):
+                dep_entry.dependents.append(task_id)
+            else:
+                dep_entry.dependents = [task_id]
             waiting.append(dep)
         entry.inputs = tuple(waiting)
         entry.deps_left = len(waiting)
         if entry.deps_left == 0:
             self._make_ready(entry, now)
-        else:
-            entry.state = TaskState.SCHEDULED
+            return entry.state is TaskState.PENDING
+        entry.state = TaskState.SCHEDULED
+        return False
 
     def cancel(self, task_id: int) -> bool:
         """Cancel a task not yet dispatched; False if it runs or is done."""
@@ -546,7 +559,7 @@ class Scheduler:
             else:
                 self._cancelled += 1
             if entry.dependents:
-                self._orphans[entry.task_id] = entry.dependents
+                self._orphans[entry.task_id] = list(entry.dependents)
 
     def _make_ready(self, entry: _Entry, now: float) -> None:
         if entry.not_before > now:
@@ -576,17 +589,19 @@ class Scheduler:
                 entry.state = TaskState.PENDING
                 heapq.heappush(self._ready, (-entry.priority, entry.seq, entry.task_id))
 
-    def _capacity(self, info: _Rank) -> int:
-        return info.slots * (1 + self._prefetch)
-
-    def _free_of(self, info: _Rank) -> int:
-        return max(0, self._capacity(info) - len(info.inflight))
+    def _set_capacity(self, info: _Rank) -> None:
+        info.capacity = info.slots * (1 + self._prefetch)
 
     def _place(self, info: _Rank) -> None:
-        free = self._free_of(info)
-        while len(self._free) <= free:
-            self._free.append({})
-        self._free[free][info.rank] = None
+        """Put ``info`` in the bucket of its free capacity (it is in none)."""
+        free = info.capacity - len(info.inflight)
+        if free < 0:
+            free = 0
+        buckets = self._free
+        while len(buckets) <= free:
+            buckets.append({})
+        buckets[free][info.rank] = None
+        info.bucket = free
 
     def _pick_rank(
         self, avoid: int | None, filling: dict[int, list[int]], skip: list[int]
@@ -602,7 +617,7 @@ class Scheduler:
         for free in range(len(self._free) - 1, 0, -1):
             for rank in self._free[free]:
                 info = self._ranks[rank]
-                if free < max(1, self._capacity(info) // 2) and info.inflight and rank not in filling:
+                if free < max(1, info.capacity // 2) and info.inflight and rank not in filling:
                     continue
                 if rank in skip:
                     continue
@@ -721,13 +736,13 @@ class Scheduler:
             actions.dispatch.setdefault(target.rank, []).append(task_id)
 
     def _hold(self, info: _Rank, task_id: int) -> None:
-        self._free[self._free_of(info)].pop(info.rank, None)
+        self._free[info.bucket].pop(info.rank, None)
         info.inflight[task_id] = None
         self._place(info)
 
     def _unhold(self, info: _Rank, task_id: int) -> None:
         if info.alive:
-            self._free[self._free_of(info)].pop(info.rank, None)
+            self._free[info.bucket].pop(info.rank, None)
         del info.inflight[task_id]
         info.stealing.discard(task_id)
         if info.alive:
@@ -744,6 +759,7 @@ class Scheduler:
             self._prefetch = wanted
             self._free = [{}]
             for info in self._ranks.values():
+                self._set_capacity(info)
                 if info.alive:
                     self._place(info)
 

@@ -204,16 +204,6 @@ class Submission(NamedTuple):
     key: str | None  # journal key; None when no journal is kept
 
 
-class _Task:
-    """The master's record of a task between submission and its outcome."""
-
-    __slots__ = ("error", "sub")
-
-    def __init__(self, sub: Submission) -> None:
-        self.sub = sub
-        self.error: BaseException | None = None
-
-
 class _ExecutorInfo(NamedTuple):
     executor_id: int
     initializer: Initializer | None
@@ -265,7 +255,8 @@ class Farm:
         self._parked: list[tuple[int, Hello]] = []
         if self._configured:
             self._apply_configuration()
-        self._tasks: dict[int, _Task] = {}
+        #: a task's submission from its admission to its outcome
+        self._tasks: dict[int, Submission] = {}
         self._executors: dict[int, _ExecutorInfo] = {}
         self._next_task_id = 0
         self._next_executor_id = 0
@@ -535,7 +526,7 @@ class Farm:
         )
         for task_id in list(self._tasks):
             task = self._tasks.pop(task_id)
-            self._resolve.append((task.sub.future, None, error))
+            self._resolve.append((task.future, None, error))
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
@@ -659,7 +650,7 @@ class Farm:
             if not item.ok and task is not None:
                 error = self._decode_error(item, peer)
                 always = (TimeLimitExceeded, WorkerLostError)  # the farm's own, always retryable
-                retryable = isinstance(error, (*always, *task.sub.policy.retry_on))
+                retryable = isinstance(error, (*always, *task.policy.retry_on))
             decision = self.scheduler.finished(
                 item.task_id,
                 peer,
@@ -671,8 +662,8 @@ class Farm:
             )
             if task is None or decision is Decision.DISCARD:
                 continue
-            future = task.sub.future
-            key = task.sub.key
+            future = task.future
+            key = task.key
             if decision is Decision.ACCEPT:
                 self._tasks.pop(item.task_id, None)
                 frame = (item.payload, item.buffers)
@@ -709,14 +700,14 @@ class Farm:
                 assert error is not None
                 if decision is Decision.EXHAUSTED:
                     outer: BaseException = MaxRetriesExceededError(
-                        f"task {item.task_id} failed {task.sub.policy.max_retries + 1} times "
-                        f"(max_retries={task.sub.policy.max_retries}); last error: {error!r}"
+                        f"task {item.task_id} failed {task.policy.max_retries + 1} times "
+                        f"(max_retries={task.policy.max_retries}); last error: {error!r}"
                     )
                     outer.__cause__ = error
                     error = outer
                 elif decision is Decision.QUARANTINE:
                     outer = WorkerLostError(
-                        f"task {item.task_id} was quarantined: it killed {task.sub.policy.max_crashes} worker processes"
+                        f"task {item.task_id} was quarantined: it killed {task.policy.max_crashes} worker processes"
                     )
                     outer.__cause__ = error
                     error = outer
@@ -764,16 +755,16 @@ class Farm:
             self._emit(
                 "failed",
                 task=task_id,
-                key=task.sub.key,
-                label=task.sub.future.label,
+                key=task.key,
+                label=task.future.label,
                 rank=None,
                 error=f"{type(error).__name__}: {error}",
                 crashed=False,
             )
         if task is not None:
-            if self.journal is not None and task.sub.key is not None and not journaled:
+            if self.journal is not None and task.key is not None and not journaled:
                 self.journal.failed(
-                    task.sub.key,
+                    task.key,
                     rank=-1,
                     attempt=0,
                     t=time.time(),
@@ -781,7 +772,7 @@ class Farm:
                     error_text=f"{type(error).__name__}: {error}",
                     final=True,
                 )
-            self._resolve.append((task.sub.future, None, error))
+            self._resolve.append((task.future, None, error))
         for dependent, failed in self.scheduler.fail_dependents(task_id):
             self._fail(
                 dependent,
@@ -814,12 +805,12 @@ class Farm:
                 what, arg = sub
                 if what == "cancel" and self.scheduler.cancel(arg):
                     task = self._tasks.pop(arg, None)
-                    if task is not None and self.journal is not None and task.sub.key is not None:
-                        self.journal.cancelled(task.sub.key, t=time.time())
+                    if task is not None and self.journal is not None and task.key is not None:
+                        self.journal.cancelled(task.key, t=time.time())
                     if task is not None and self._listeners:
-                        self._emit("cancelled", task=arg, key=task.sub.key, label=task.sub.future.label)
+                        self._emit("cancelled", task=arg, key=task.key, label=task.future.label)
                     if task is not None:
-                        task.sub.future.set_running_or_notify_cancel()  # lets wait() see it
+                        task.future.set_running_or_notify_cancel()  # lets wait() see it
                     self._fail_dependents_of_cancelled(arg)
                     # resolve those failures now: a later submission in this batch may
                     # name one of them as its input and must see it done
@@ -861,7 +852,7 @@ class Farm:
                 _fail_future(future, error)
                 return
         task_id = future.task_id
-        self._tasks[task_id] = _Task(sub)
+        self._tasks[task_id] = sub
         if self.journal is not None and sub.key is not None:
             self.journal.submitted(sub.key, label=future.label, t=time.time())
         if self._listeners:
@@ -897,7 +888,7 @@ class Farm:
         for task_id in requeued:
             task = self._tasks.get(task_id)
             if task is not None:
-                task.sub.future._task_state = TaskState.RETRY
+                task.future._task_state = TaskState.RETRY
 
     # step 5
     def _dispatch(self) -> bool:
@@ -927,8 +918,7 @@ class Farm:
         journal = self.journal
         attempt_of = self.scheduler.attempt
         for task_id in task_ids:
-            task = self._tasks[task_id]
-            sub = task.sub
+            sub = self._tasks[task_id]
             future = sub.future
             try:
                 deps = tuple(self._dep_value(dep) for dep in sub.inputs) if sub.inputs else ()

@@ -65,6 +65,15 @@ MAX_DEFERRED = 64
 _REQUEUED = (TaskState.PENDING, TaskState.SCHEDULED, TaskState.RETRY)
 
 
+def _without(holders: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """``holders`` less ``rank``."""
+    if rank not in holders:
+        return holders
+    if len(holders) == 1:  # the usual case
+        return ()
+    return tuple(h for h in holders if h != rank)
+
+
 class Decision(enum.Enum):
     """What the master does with a result or failure that arrived."""
 
@@ -91,7 +100,9 @@ class _Entry:
     crashes: int = 0
     avoid_rank: int | None = None
     dispatched: float = 0.0  # when its latest copy went out (monotonic)
-    holders: set[int] = dataclasses.field(default_factory=set)
+    #: ranks holding it (one; two with a speculative copy; none while queued here):
+    #: a tuple, not a set, for a tuple of ints leaves the garbage collector's care
+    holders: tuple[int, ...] = ()
     #: tasks waiting for this one; an empty tuple until the first (most have none,
     #: and a list per task is one more object for the garbage collector)
     dependents: list[int] | tuple[()] = ()
@@ -233,7 +244,7 @@ class Scheduler:
             entry = self._entries.get(task_id)
             if entry is None:
                 continue
-            entry.holders.discard(rank)
+            entry.holders = _without(entry.holders, rank)
             if entry.holders:  # a speculative copy still runs elsewhere
                 continue
             if position < info.slots:
@@ -333,7 +344,7 @@ class Scheduler:
             self._unhold(info, task_id)
         entry = self._entries.get(task_id)
         if entry is not None:
-            entry.holders.discard(rank)
+            entry.holders = _without(entry.holders, rank)
             self._finish(entry, TaskState.CANCELLED)
 
     def state(self, task_id: int) -> TaskState | None:
@@ -376,7 +387,7 @@ class Scheduler:
             info.last_finish = now
         entry = self._entries.get(task_id)
         if entry is not None:
-            entry.holders.discard(rank)
+            entry.holders = _without(entry.holders, rank)
         zombie = info is not None and not info.alive
         if zombie:
             self._zombies += 1
@@ -443,7 +454,7 @@ class Scheduler:
             entry = self._entries.get(task_id)
             if entry is None or entry.state is not TaskState.RUNNING:
                 continue
-            entry.holders.discard(rank)
+            entry.holders = _without(entry.holders, rank)
             if not entry.holders:
                 entry.attempt -= 1  # it never started
                 self._stolen += 1
@@ -661,7 +672,8 @@ class Scheduler:
             if not info.inflight:
                 info.last_heard = now  # the heartbeat clock starts with its first task
             self._hold(info, task_id)
-            entry.holders.add(info.rank)
+            if info.rank not in entry.holders:
+                entry.holders += (info.rank,)
             entry.state = TaskState.RUNNING
             entry.attempt += 1
             entry.dispatched = now
@@ -731,7 +743,8 @@ class Scheduler:
         for (_, task_id), target in zip(stragglers, idle):
             self._hold(target, task_id)
             target.last_heard = now  # its heartbeat clock starts with this task
-            self._entries[task_id].holders.add(target.rank)
+            entry = self._entries[task_id]
+            entry.holders += (target.rank,)
             self._speculated += 1
             actions.dispatch.setdefault(target.rank, []).append(task_id)
 

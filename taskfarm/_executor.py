@@ -352,11 +352,12 @@ class FarmExecutor(concurrent.futures.Executor):
             expires = wall_time_of(task.expires)
             if task.label and key is None:  # with a journal, label_for already used it
                 future.label = task.label
-        if not_before is not None or any(not dep.done() for dep in inputs):
+        if not_before is not None or (inputs and any(not dep.done() for dep in inputs)):
             future._task_state = TaskState.SCHEDULED  # waiting for its ETA or its inputs
         with self._pending_lock:
             self._pending.add(future)
-        future.add_done_callback(self._forget_callback)
+        # add_done_callback without its lock round trip: no other thread has this future yet
+        future._done_callbacks.append(self._forget_callback)
         try:
             farm_.submit(
                 Submission(

@@ -209,6 +209,10 @@ class _ThreadAlarm:
                 _set_async_exc(self._thread_id, None)
 
 
+#: result types that are never awaitable: `call_limited` skips the (ABC) check for them
+_NOT_AWAITABLE = frozenset({type(None), bool, int, float, str, bytes, tuple, list, dict})
+
+
 def call_limited(fn: Callable[..., Any], args: Any, kwargs: Any, seconds: float | None, loop: EventLoop | None) -> Any:
     """``fn(*args, **kwargs)``, awaited if it returns an awaitable, within ``seconds``.
 
@@ -236,7 +240,7 @@ def call_limited(fn: Callable[..., Any], args: Any, kwargs: Any, seconds: float 
             raise TimeLimitExceeded(_limit_message(seconds)) from None
         if alarm.fired:  # the task caught the exception and carried on
             raise TimeLimitExceeded(_limit_message(seconds))
-    if inspect.isawaitable(value):
+    if type(value) not in _NOT_AWAITABLE and inspect.isawaitable(value):
         remaining = None if seconds is None else max(0.0, seconds - (time.monotonic() - start))
         coro = _bounded(value, remaining, seconds)
         if loop is not None:

@@ -216,6 +216,11 @@ class _DepUnpickler(pickle.Unpickler):
         return self._values[pid[1]]
 
 
+#: types whose pickle never holds an out-of-band buffer, a class reference or
+#: a farm future: `dumps` pickles them directly (most results of small tasks)
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
 def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:
     """Serialize ``obj`` for the wire: (pickle stream, out-of-band buffers).
 
@@ -224,6 +229,8 @@ def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:
     neither pickle nor dill can handle an object; exceptions from the object's
     own ``__reduce__`` propagate unchanged.
     """
+    if type(obj) in _PLAIN:
+        return pickle.dumps(obj, PROTOCOL), ()
     buffers: list[pickle.PickleBuffer] = []
     first: BaseException | None = None
     try:

@@ -42,12 +42,24 @@ class _FutureCondition(threading.Condition):
     tracked objects, and collecting them was a third of the CPU of the
     thread that submits no-op tasks.  Here the same calls are class methods
     that delegate to the lock (they run rarely: ``with`` goes to the lock's
-    own ``__enter__``/``__exit__``).
+    own ``__enter__``/``__exit__``), and the deque of waiting threads is
+    made by the first ``wait`` (most futures are never waited on while
+    pending; a deque is also ~600 bytes).
     """
+
+    #: the waiting threads' locks, once a thread has waited (see `_waiters`)
+    _queue: collections.deque[Any] | None = None
 
     def __init__(self) -> None:  # not super().__init__(): see the class docstring
         self._lock = threading.RLock()
-        self._waiters: collections.deque[Any] = collections.deque()
+
+    @property
+    def _waiters(self) -> collections.deque[Any]:
+        # Condition's methods use it only while holding the lock: made once
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = collections.deque()
+        return queue
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         return self._lock.acquire(blocking, timeout)
@@ -67,7 +79,7 @@ class _FutureCondition(threading.Condition):
     def notify_all(self) -> None:
         # a future is resolved once and mostly waited for by nobody: skip the
         # ownership check and the loop when there is no one to wake
-        if self._waiters:
+        if self._queue:
             super().notify_all()
 
 

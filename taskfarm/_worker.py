@@ -69,10 +69,12 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 #: results sent in one message at most, while more tasks are queued
 RESULT_BATCH = 64
 #: how long a finished result may wait for company while more tasks are queued
-#: (seconds): fewer messages, rings and master wake-ups for tiny tasks; small
-#: against the scheduler's pipeline (`_scheduler.PIPELINE_SECONDS`), so no
-#: rank runs dry meanwhile.  A result with nothing queued behind it goes at once.
-RESULT_LINGER = 0.002
+#: (seconds): fewer messages, rings and wake-ups on both sides for short tasks.
+#: Half the scheduler's pipeline (`_scheduler.PIPELINE_SECONDS`, 20 ms), which
+#: the master refills when half of it is free, so no rank runs dry meanwhile.
+#: A result with nothing queued behind it goes at once.  1 ms tasks, 2 workers:
+#: 2 ms -> 10 ms gave efficiency 0.86 -> 0.91, master CPU 59 -> 33 us per task.
+RESULT_LINGER = 0.01
 #: environment variable that tells a task (and its child processes) its worker's rank
 RANK_ENV = "TASKFARM_RANK"
 #: GIL switch interval on workers, so the comm thread sends a finished result
@@ -163,8 +165,12 @@ class Worker:
                 ringing = ringing or t.rings_from(MASTER)
                 active = False
                 with self._cv:
-                    outbox, self._outbox = self._outbox, []
-                    self._outbox_since = 0.0
+                    lingering = self._outbox_since  # results waiting for company since then, 0 if none
+                    if lingering and time.monotonic() - lingering < RESULT_LINGER and not self._stopping:
+                        outbox = []  # woken by the first of them: they go when the linger is over
+                    else:
+                        outbox, self._outbox = self._outbox, []
+                        self._outbox_since = 0.0
                     busy = bool(self._running or self._queue)
                 if outbox:
                     t.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))

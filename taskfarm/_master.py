@@ -242,7 +242,8 @@ class Farm:
         #: future is one more object for the garbage collector to track)
         self._cancel_hook = self._cancel
         self._wake = transport.poke  # user threads: work for the service thread (wakes `_wait`)
-        self._ringing = (0, 0, False)  # (ringers, live ranks, all ring) when last counted
+        #: (ringers, live ranks, ranks that said Hello, all ring) when last counted
+        self._ringing: tuple[int, int, int, bool] = (0, 0, 0, False)
         self._rung = False  # a ring came since the last round that took a message
         self._recheck = len(RING_RECHECKS)  # the next of RING_RECHECKS after a ring that found nothing
         self._next_dispatch = 0.0  # monotonic time the scheduler must be polled by
@@ -538,16 +539,16 @@ class Farm:
         """True when every rank has said Hello (which cannot ring) and every
         live one's rings arrive: then any message wakes the service thread
         itself and it need not poll."""
-        ringers = len(self.transport.wakeup.ringers)
-        live = self.scheduler.live_workers()
-        if self._ringing[:2] != (ringers, live):
+        key = (len(self.transport.wakeup.ringers), self.scheduler.live_workers(), len(self._hosts))
+        if self._ringing[:3] != key:
+            _, live, hellos = key
             ok = (
                 live > 0
-                and len(self._hosts) >= len(self._peers)
+                and hellos >= len(self._peers)
                 and all(self.transport.rings_from(r) for r in self.scheduler.live_ranks())
             )
-            self._ringing = (ringers, live, ok)
-        return self._ringing[2]
+            self._ringing = (*key, ok)
+        return self._ringing[3]
 
     def _poll_cap(self) -> float:
         """How long the service thread may sleep while tasks are out and it

@@ -20,8 +20,8 @@ returns None at once when no message waits.
 Waking a sleeping rank: MPI has no call that sleeps until a message comes
 (MPICH and Open MPI busy-poll in blocking calls), so each side of a link also
 has a `Wakeup`, a UDP socket whose address travels in Hello and Config.  After
-every send, `send` rings the peer's socket; the peer sleeps in ``poll(2)`` on
-it (and on a pipe its own threads poke) instead of waking every millisecond
+every send, `send` rings the peer's socket; the peer sleeps in ``select(2)``
+on it (and on a pipe its own threads poke) instead of waking every millisecond
 to probe.  A rank trusts the doorbell only once it has heard the peer ring;
 until then, or with ``TASKFARM_DOORBELL=0``, it probes on a short backoff as
 before.  A lost ring (UDP) costs at most one `DOORBELL_POLL_CAP` of latency.
@@ -332,13 +332,12 @@ class Transport:
             self._failed(exc, peer)
             return
         self.bytes_sent += len(head) + sum(m.nbytes for m in raws)
-        target = self._rings.get(peer)
-        if target is not None:
+        if peer in self._rings:
             # MPICH may leave a new message in its send queue until the next MPI
             # call: a ring right after Isend woke the peer ~100 us before its
             # probe could see the message.  One Testsome pushes it out first.
             self._test_sends()
-            self.wakeup.ring(target)
+            self.ring(peer)
 
     def progress(self, push: bool = True) -> bool:
         """Advance sends in flight; True while any remains.
@@ -552,7 +551,7 @@ class Wakeup:
     """What a rank sleeps on between polls: a UDP socket its peers ring after
     sending it a message, and a pipe its own threads poke.
 
-    Sleeping in ``poll(2)`` on both costs nothing while nothing happens, and
+    Sleeping in ``select(2)`` on both costs nothing while nothing happens, and
     a ring wakes the rank within microseconds of the message being sent; the
     alternative, waking every millisecond to probe MPI, costs 1-2% of a core
     per idle rank and still adds up to a millisecond of latency.  A ring

@@ -1,0 +1,56 @@
+"""Rank 0's own worker (``master_works``), driven without MPI through the
+in-process link (`taskfarm._loopback`): the master's poke that comes with each
+message is all the news that worker gets, so it must look at once, not at
+its next poll."""
+
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Any, cast
+
+import pytest
+
+import taskfarm._serialization as ser
+import taskfarm._worker as worker_module
+from taskfarm._loopback import LOCAL_PEER, Loopback
+from taskfarm._protocol import Config, FnRef, Kind, ResultBatch, Stop, TaskBatch, TaskItem
+from taskfarm._transport import Transport
+
+#: how long the test waits for an answer that comes in microseconds; the
+#: worker's own poll period is raised far beyond it, so only a worker that
+#: reacts to the poke answers in time
+ANSWER_WITHIN = 10.0
+
+
+def _task(task_id: int, fn: Any, *args: Any) -> TaskItem:
+    digest, payload = ser.FunctionCache().get(fn)
+    call, buffers = ser.dumps((args, {}), "argument")
+    return TaskItem(task_id, 1, FnRef(digest, payload), call, tuple(buffers), (), None)
+
+
+def test_rank0_worker_runs_each_task_on_the_masters_poke(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "DOORBELL_POLL_CAP", 3600.0)
+    monkeypatch.setattr(worker_module, "RING_RECHECKS", (3600.0,))
+    answered = threading.Event()
+    link = Loopback(cast(Transport, None), answered.set)
+    thread = worker_module.serve_in_thread(link.local)
+    try:
+        link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
+        results: list[tuple[int, bool, Any]] = []
+        for task_id in range(1, 4):  # one at a time: each waits for the worker's sleep to end
+            link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (_task(task_id, operator.add, task_id, 10),)))
+            while True:
+                assert answered.wait(ANSWER_WITHIN), f"task {task_id}: no answer from rank 0's worker"
+                answered.clear()
+                got = [m for m in list(link.to_master) if m[1] is Kind.RESULTS]
+                link.to_master.clear()
+                if got:
+                    break
+            batch = cast(ResultBatch, got[0][2])
+            results.extend((item.task_id, item.ok, ser.loads(item.payload, item.buffers)) for item in batch.items)
+        assert results == [(1, True, 11), (2, True, 12), (3, True, 13)]
+    finally:
+        link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
+        thread.join(ANSWER_WITHIN)
+    assert not thread.is_alive()

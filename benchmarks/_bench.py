@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _tasks
 
+#: rounds of one short task per worker that `_worker_pids` tries to see every worker in
+WORKER_PID_ROUNDS = 10
+
 
 # -- engines -----------------------------------------------------------------
 class Engine:
@@ -187,12 +190,34 @@ def noop(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
 
 def busy(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     """Efficiency on equal CPU-bound tasks: ideal / measured makespan, with one
-    submit per task and with map at the engine's default chunk size."""
+    submit per task and with map at the engine's default chunk size.  Also
+    where the CPU outside the tasks goes with submit: the master process (all
+    its threads) and the workers (their CPU minus the tasks'), per task."""
     n, d = int(p["n"]), float(p["seconds"])
     ideal = n * d / eng.workers
+    me, workers = os.getpid(), _worker_pids(eng)
+    before = {pid: _cpu_seconds(pid) for pid in [me, *workers]}
     elapsed = _timed(lambda: _drain(eng, [eng.submit(_tasks.spin, d) for _ in range(n)]))
+    after = {pid: _cpu_seconds(pid) for pid in [me, *workers]}
     mapped = _timed(lambda: list(eng.map(_tasks.spin, [d] * n, None)))
-    return {"efficiency": ideal / elapsed, "efficiency_map": ideal / mapped, "elapsed_s": elapsed, "ideal_s": ideal}
+    out = {"efficiency": ideal / elapsed, "efficiency_map": ideal / mapped, "elapsed_s": elapsed, "ideal_s": ideal}
+    used = {pid: after[pid] - before[pid] for pid in before if before[pid] is not None and after[pid] is not None}  # type: ignore[operator]
+    if me in used and len(used) == len(workers) + 1 == eng.workers + 1:
+        out["master_cpu_us_per_task"] = 1e6 * used.pop(me) / n
+        out["worker_overhead_us_per_task"] = 1e6 * (sum(used.values()) - n * d) / n
+    return out
+
+
+def _worker_pids(eng: Engine) -> list[int]:
+    """Every worker process's pid: a short sleeping task per worker at once
+    lands one on each (a few rounds, in case one worker took two)."""
+    pids: set[int] = set()
+    for _ in range(WORKER_PID_ROUNDS):
+        futures = [eng.submit(_tasks.sleep_cpu, 0.02) for _ in range(eng.workers)]
+        pids.update(eng.result(f)[0] for f in futures)
+        if len(pids) >= eng.workers:
+            break
+    return sorted(pids)
 
 
 def skewed_durations(n: int, mean: float, long: int, long_seconds: float, seed: int) -> list[float]:
@@ -320,6 +345,22 @@ WORKLOADS: dict[str, Callable[[Engine, dict[str, Any]], dict[str, Any]]] = {
     "idle": idle,
     "latency": latency,
 }
+
+
+def fill_fresh_memory(arrays: int) -> float:
+    """GB/s at which a new process fills ``arrays`` 16 MB arrays it keeps: the
+    first touch of memory, which a 16 MB echo batch pays for its results and
+    no engine can beat (``run.py`` runs it before each echo measurement)."""
+    import numpy as np
+
+    source = np.ones((16 << 20) // 8)
+    kept = []
+    t0 = time.perf_counter()
+    for _ in range(arrays):
+        fresh = np.empty_like(source)
+        fresh[:] = source
+        kept.append(fresh)
+    return source.nbytes * arrays / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:

@@ -50,6 +50,8 @@ WORKLOADS: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
 #: parameters scaled by --scale (task counts)
 SCALED = ("n", "n_1mb", "n_16mb", "samples")
 
+#: rows that measure the machine just before each engine's run, not the engine
+BASELINES = {"fresh_memory_GB_per_s"}
 #: (workload, metric, label, higher is better)
 ROWS: list[tuple[str, str, str, bool]] = [
     ("noop", "submit_tasks_per_s", "no-op submit, tasks/s", True),
@@ -58,9 +60,12 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("noop", "map_best_tasks_per_s", "no-op map, best chunksize, tasks/s", True),
     ("busy", "efficiency", "1 ms CPU tasks, submit: efficiency (2 workers)", True),
     ("busy", "efficiency_map", "1 ms CPU tasks, map default: efficiency", True),
+    ("busy", "master_cpu_us_per_task", "  submit: master process CPU per task, us", False),
+    ("busy", "worker_overhead_us_per_task", "  submit: worker CPU outside tasks per task, us", False),
     ("skewed", "makespan_over_bound", "skewed durations, makespan / bound", False),
     ("echo", "echo_1MB_GB_per_s", "echo 1 MB arrays, GB/s", True),
     ("echo", "echo_16MB_GB_per_s", "echo 16 MB arrays, GB/s", True),
+    ("echo", "fresh_memory_GB_per_s", "  baseline: new process fills as much fresh memory, GB/s", True),
     ("idle", "master_cpu_pct_tasks_sleeping", "master CPU while tasks sleep, % core", False),
     ("idle", "worker_cpu_pct_tasks_sleeping", "worker CPU while its task sleeps, % core", False),
     ("idle", "master_cpu_pct_idle_farm", "master CPU, idle farm, % core", False),
@@ -115,6 +120,22 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
             result: dict[str, Any] = json.loads(line[len("BENCH_RESULT ") :])
             return result
     return {"_error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}"}
+
+
+def fresh_memory_rate(arrays: int, mpi: str) -> float | None:
+    """The echo's baseline, taken just before each echo measurement: how fast
+    a new process fills as much fresh memory as a 16 MB batch brings back.
+    On a VM the first touch of a page can cost more than the copy into it,
+    and how much varies from minute to minute (0.5-7 GB/s seen here)."""
+    code = f"import _bench; print(_bench.fill_fresh_memory({int(arrays)}))"
+    python = str(venv_of(mpi) / "bin" / "python")
+    try:
+        proc = subprocess.run(
+            [python, "-c", code], capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=60, check=True
+        )
+        return float(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def cpu_model() -> str:
@@ -204,7 +225,10 @@ def table(results: dict[str, Any], engines: list[str]) -> str:
             continue
         row = [label, *[fmt(vals[e]) for e in engines]]
         if "taskfarm" in engines:
-            row += [ratio(vals["taskfarm"], vals[e], higher) for e in engines if e != "taskfarm"]
+            if metric in BASELINES:  # the machine's, not the engine's: no ratio
+                row += ["" for e in engines if e != "taskfarm"]
+            else:
+                row += [ratio(vals["taskfarm"], vals[e], higher) for e in engines if e != "taskfarm"]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
@@ -263,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                     params[key] = max(1, round(params[key] * args.scale))
             for engine in engines:  # taken in turns: A B C A B C ...
                 t0 = time.monotonic()
+                fresh = fresh_memory_rate(params["n_16mb"], args.mpi) if workload == "echo" else None
                 sample = derive(measure(command(engine, workload, ranks, params, args.mpi), env))
+                if fresh is not None:
+                    sample["fresh_memory_GB_per_s"] = fresh
                 sample["_seconds"] = round(time.monotonic() - t0, 2)
                 samples[workload][engine].append(sample)
                 status = sample.get("_error", "ok")

@@ -918,6 +918,7 @@ class Farm:
         sent_fns = self._fn_sent[rank]
         journal = self.journal
         attempt_of = self.scheduler.attempt
+        awaited = self.scheduler.awaited
         for task_id in task_ids:
             sub = self._tasks[task_id]
             future = sub.future
@@ -958,6 +959,7 @@ class Farm:
                     deps,
                     sub.time_limit,
                     sub.policy.isolation,
+                    awaited(task_id),
                 )
             )
         for executor_id, items in by_executor.items():

@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class Kind(enum.IntEnum):
@@ -73,6 +73,9 @@ class TaskItem(NamedTuple):
     time_limit: float | None
     #: "process" (a child process), "inline" (the worker's own thread) or None (the pool's way)
     isolation: str | None = None
+    #: other tasks wait for this one's result: it goes back at once, not
+    #: lingering for company (`taskfarm._worker.RESULT_LINGER`)
+    urgent: bool = False
 
 
 class Initializer(NamedTuple):

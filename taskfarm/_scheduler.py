@@ -42,10 +42,16 @@ from collections.abc import Iterable
 from ._task import TaskPolicy, TaskState
 
 #: seconds of queued work each worker slot should hold so it never waits for
-#: the master: about two master round trips under load on a busy node
-PIPELINE_SECONDS = 0.02
+#: the master: several master round trips under load on a busy node.  Deep
+#: enough that results and refills travel in batches: every message wakes a
+#: thread on each side, and on an oversubscribed node each wake-up also
+#: preempts a task.  1 ms tasks, 2 workers on 2 cores (with the worker's
+#: `RESULT_LINGER` at half of it): 20 ms -> 80 ms gave efficiency 0.90 -> 0.93
+#: with submit, 0.93 -> 0.96 with map, skewed makespan 1.09 -> 1.06.  Stealing
+#: takes queued tasks back from behind a long one, so the depth costs no balance.
+PIPELINE_SECONDS = 0.08
 #: upper bound on prefetched tasks per slot (bounds what a lost rank takes down)
-MAX_PREFETCH = 32
+MAX_PREFETCH = 64
 #: weight of the newest task duration in the running mean
 DURATION_EWMA = 0.05
 
@@ -350,6 +356,11 @@ class Scheduler:
     def state(self, task_id: int) -> TaskState | None:
         entry = self._entries.get(task_id)
         return None if entry is None else entry.state
+
+    def awaited(self, task_id: int) -> bool:
+        """True when other tasks wait for this one's result."""
+        entry = self._entries.get(task_id)
+        return entry is not None and bool(entry.dependents)
 
     def attempt(self, task_id: int) -> int:
         entry = self._entries.get(task_id)

@@ -70,11 +70,13 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 RESULT_BATCH = 64
 #: how long a finished result may wait for company while more tasks are queued
 #: (seconds): fewer messages, rings and wake-ups on both sides for short tasks.
-#: Half the scheduler's pipeline (`_scheduler.PIPELINE_SECONDS`, 20 ms), which
+#: Half the scheduler's pipeline (`_scheduler.PIPELINE_SECONDS`, 80 ms), which
 #: the master refills when half of it is free, so no rank runs dry meanwhile.
-#: A result with nothing queued behind it goes at once.  1 ms tasks, 2 workers:
-#: 2 ms -> 10 ms gave efficiency 0.86 -> 0.91, master CPU 59 -> 33 us per task.
-RESULT_LINGER = 0.01
+#: A result with nothing queued behind it, or one that other tasks wait for,
+#: goes at once.  1 ms tasks, 2 workers: 2 ms -> 10 ms gave efficiency 0.86 ->
+#: 0.91, master CPU 59 -> 33 us per task; 10 -> 40 ms (with the pipeline at
+#: 80 ms) 0.90 -> 0.93 (see `_scheduler.PIPELINE_SECONDS`).
+RESULT_LINGER = 0.04
 #: environment variable that tells a task (and its child processes) its worker's rank
 RANK_ENV = "TASKFARM_RANK"
 #: GIL switch interval on workers, so the comm thread sends a finished result
@@ -349,6 +351,7 @@ class Worker:
                 # otherwise results ride together in one message
                 if (
                     not self._queue
+                    or item.urgent
                     or len(self._outbox) >= RESULT_BATCH
                     or time.monotonic() - self._outbox_since > RESULT_LINGER
                 ):

@@ -23,10 +23,31 @@ from taskfarm._transport import Transport
 ANSWER_WITHIN = 10.0
 
 
-def _task(task_id: int, fn: Any, *args: Any) -> TaskItem:
+def _task(task_id: int, fn: Any, *args: Any, urgent: bool = False) -> TaskItem:
     digest, payload = ser.FunctionCache().get(fn)
     call, buffers = ser.dumps((args, {}), "argument")
-    return TaskItem(task_id, 1, FnRef(digest, payload), call, tuple(buffers), (), None)
+    return TaskItem(task_id, 1, FnRef(digest, payload), call, tuple(buffers), (), None, None, urgent)
+
+
+#: released by the test: the task behind the urgent one holds its slot until then
+RELEASE = threading.Event()
+
+
+def _held() -> str:
+    assert RELEASE.wait(ANSWER_WITHIN * 3), "the test never released the task"
+    return "released"
+
+
+def _results(link: Loopback, answered: threading.Event, what: str) -> list[tuple[int, Any]]:
+    """Wait for the next result message from the local worker."""
+    while True:
+        assert answered.wait(ANSWER_WITHIN), f"{what}: no answer from rank 0's worker"
+        answered.clear()
+        got = [m for m in list(link.to_master) if m[1] is Kind.RESULTS]
+        link.to_master.clear()
+        if got:
+            batch = cast(ResultBatch, got[0][2])
+            return [(item.task_id, ser.loads(item.payload, item.buffers)) for item in batch.items]
 
 
 def test_rank0_worker_runs_each_task_on_the_masters_poke(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +72,28 @@ def test_rank0_worker_runs_each_task_on_the_masters_poke(monkeypatch: pytest.Mon
             results.extend((item.task_id, item.ok, ser.loads(item.payload, item.buffers)) for item in batch.items)
         assert results == [(1, True, 11), (2, True, 12), (3, True, 13)]
     finally:
+        link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
+        thread.join(ANSWER_WITHIN)
+    assert not thread.is_alive()
+
+
+def test_a_result_other_tasks_await_does_not_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results wait for company while tasks are queued behind them, except
+    one marked urgent (a dependency): it goes back while the next task runs."""
+    monkeypatch.setattr(worker_module, "RESULT_LINGER", 3600.0)  # a lingering result would never come
+    answered = threading.Event()
+    link = Loopback(cast(Transport, None), answered.set)
+    RELEASE.clear()
+    thread = worker_module.serve_in_thread(link.local)
+    try:
+        link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
+        batch = (_task(1, operator.add, 1, 10, urgent=True), _task(2, _held))
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, batch))
+        assert _results(link, answered, "the urgent task") == [(1, 11)]
+        RELEASE.set()
+        assert _results(link, answered, "the held task") == [(2, "released")]
+    finally:
+        RELEASE.set()
         link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
         thread.join(ANSWER_WITHIN)
     assert not thread.is_alive()

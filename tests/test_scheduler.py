@@ -261,12 +261,12 @@ class TestPrefetch:
         submit(s, 1, 2)
         actions = s.poll(0.0)
         rank_of = {t: r for r, ids in actions.dispatch.items() for t in ids}
-        s.finished(1, rank_of[1], 0.0, ok=True, duration=0.0)  # prefetch -> 32
+        s.finished(1, rank_of[1], 0.0, ok=True, duration=0.0)  # prefetch -> MAX_PREFETCH
         assert s.prefetch == MAX_PREFETCH
-        submit(s, *range(3, 200))
+        submit(s, *range(3, 3 + 4 * MAX_PREFETCH))
         got = s.poll(0.0).dispatch
-        # each rank filled to 33; the one still holding task 2 gets one less
-        assert sorted(len(v) for v in got.values()) == [32, 33]
+        # each rank filled to MAX_PREFETCH + 1; the one still holding task 2 gets one less
+        assert sorted(len(v) for v in got.values()) == [MAX_PREFETCH, MAX_PREFETCH + 1]
 
 
 # -- priorities ---------------------------------------------------------------
@@ -924,6 +924,16 @@ class TestDependencies:
         assert not s.poll(1.0).dispatch and s.state(3) is TaskState.SCHEDULED
         succeed(s, 2, 0, 2.0)
         assert sent(s.poll(2.0)) == [3]
+
+    def test_an_input_is_awaited_until_its_dependents_have_it(self) -> None:
+        s = farm(slots=4)
+        submit(s, 1, 2)
+        submit(s, 3, inputs=[1])
+        # the master marks 1 urgent when it sends it: its result goes back at once
+        assert s.awaited(1) and not s.awaited(2) and not s.awaited(3)
+        s.poll(0.0)
+        succeed(s, 1, 0, 1.0)
+        assert not s.awaited(1)
 
     def test_input_failing_then_retried_still_counts(self) -> None:
         s = farm(slots=4)

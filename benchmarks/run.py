@@ -285,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             for key in SCALED:
                 if key in params:
                     params[key] = max(1, round(params[key] * args.scale))
-            for engine in engines:  # taken in turns: A B C A B C ...
+            # taken in turns, each repetition starting one further along (A B C,
+            # B C A, C A B, ...): no engine always runs right after the same one
+            # (the echo's fresh memory is faster after a run that freed a lot)
+            for engine in engines[rep % len(engines) :] + engines[: rep % len(engines)]:
                 t0 = time.monotonic()
                 fresh = fresh_memory_rate(params["n_16mb"], args.mpi) if workload == "echo" else None
                 sample = derive(measure(command(engine, workload, ranks, params, args.mpi), env))

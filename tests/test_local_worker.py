@@ -69,9 +69,17 @@ def test_rank0_worker_runs_each_task_on_the_masters_poke(monkeypatch: pytest.Mon
     assert not thread.is_alive()
 
 
-def test_a_result_other_tasks_await_does_not_linger(monkeypatch: pytest.MonkeyPatch) -> None:
+def _ones(nbytes: int) -> Any:
+    import numpy as np
+
+    return np.ones(nbytes, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("why", ["urgent", "big"])
+def test_some_results_do_not_linger(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
     """Results wait for company while tasks are queued behind them, except
-    one marked urgent (a dependency): it goes back while the next task runs."""
+    one that other tasks wait for (marked urgent), or one of a megabyte or
+    more (batching saves nothing there): it goes back while the next task runs."""
     monkeypatch.setattr(worker_module, "RESULT_LINGER", 3600.0)  # a lingering result would never come
     answered = threading.Event()
     link = Loopback(cast(Transport, None), answered.set)
@@ -79,9 +87,10 @@ def test_a_result_other_tasks_await_does_not_linger(monkeypatch: pytest.MonkeyPa
     thread = worker_module.serve_in_thread(link.local)
     try:
         link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
-        batch = (_task(1, operator.add, 1, 10, urgent=True), _task(2, _held))
-        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, batch))
-        assert _results(link, answered, "the urgent task") == [(1, 11)]
+        first = _task(1, operator.add, 1, 10, urgent=True) if why == "urgent" else _task(1, _ones, 1 << 20)
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (first, _task(2, _held))))
+        ((task_id, value),) = _results(link, answered, "the first task")
+        assert task_id == 1 and (value == 11 if why == "urgent" else value.nbytes == 1 << 20)
         RELEASE.set()
         assert _results(link, answered, "the held task") == [(2, "released")]
     finally:

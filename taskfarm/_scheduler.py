@@ -199,6 +199,9 @@ class Scheduler:
         self._ranks: dict[int, _Rank] = {}
         #: alive ranks by free capacity (index 0: full); the dispatcher takes the freest
         self._free: list[dict[int, None]] = [{}]
+        #: no bucket above this one holds a rank (so a pick need not walk
+        #: the empty ones: with MAX_PREFETCH 64 there are 66 buckets)
+        self._top = 0
         #: dependents of tasks that failed or were cancelled, for `fail_dependents`
         self._orphans: dict[int, list[int]] = {}
         self._seq = 0
@@ -624,6 +627,8 @@ class Scheduler:
             buckets.append({})
         buckets[free][info.rank] = None
         info.bucket = free
+        if free > self._top:
+            self._top = free
 
     def _pick_rank(
         self, avoid: int | None, filling: dict[int, list[int]], skip: list[int]
@@ -636,8 +641,13 @@ class Scheduler:
         goes on up to full capacity.  Ranks in ``skip`` get nothing.
         """
         fallback = None
-        for free in range(len(self._free) - 1, 0, -1):
-            for rank in self._free[free]:
+        buckets = self._free
+        top = self._top
+        while top > 0 and not buckets[top]:
+            top -= 1
+        self._top = top
+        for free in range(top, 0, -1):
+            for rank in buckets[free]:
                 info = self._ranks[rank]
                 if free < max(1, info.capacity // 2) and info.inflight and rank not in filling:
                     continue
@@ -782,6 +792,7 @@ class Scheduler:
         if wanted >= 2 * self._prefetch or 2 * wanted <= self._prefetch:
             self._prefetch = wanted
             self._free = [{}]
+            self._top = 0
             for info in self._ranks.values():
                 self._set_capacity(info)
                 if info.alive:

@@ -433,9 +433,14 @@ def test_worker_rank_that_stays_stopped_cannot_hang_the_end(mpi: MPI, tmp_path: 
                     break
     # every task finished on the others; the job is then ended by MPI_Abort(3): Open
     # MPI's mpiexec exits 3; MPICH's Hydra exits 3, or 9 when it reports first the
-    # SIGKILL it sent the stopped rank
+    # SIGKILL it sent the stopped rank.  Open MPI 5.0's prterun itself segfaults
+    # after such an abort now and then (in 1-3 runs of 20 here; 2 of 30 before this round's
+    # changes): then its own report must show that the abort was ours, with 3
+    if mpi.name == "openmpi" and res.returncode == -signal.SIGSEGV:
+        assert "MPI_ABORT was invoked on rank 0" in res.stderr and "Errorcode: 3" in res.stderr, res.explain()
+    else:
+        assert res.returncode in ((3,) if mpi.name == "openmpi" else (3, 9)), res.explain()
     assert _result_line(res) == {"counts": {"ok": 100}, "wrong": 0}
-    assert res.returncode in ((3,) if mpi.name == "openmpi" else (3, 9)), res.explain()
     assert f"worker rank(s) [{victim}] did not stop; ending the job (exit 3)" in res.stderr
     stats = read_json(stats_path)
     assert stats["lost_ranks"] == [victim] and stats["done"] == 100 and stats["duplicates"] == 0

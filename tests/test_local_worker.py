@@ -5,8 +5,10 @@ its next poll."""
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import threading
+from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -50,23 +52,32 @@ def _results(link: Loopback, answered: threading.Event, what: str) -> list[tuple
             return [(item.task_id, ser.loads(item.payload, item.buffers)) for item in batch.items]
 
 
-def test_rank0_worker_runs_each_task_on_the_masters_poke(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker_module, "DOORBELL_POLL_CAP", 3600.0)
-    monkeypatch.setattr(worker_module, "RING_RECHECKS", (3600.0,))
+@contextlib.contextmanager
+def _rank0_worker() -> Iterator[tuple[Loopback, threading.Event]]:
+    """Rank 0's worker on its in-process link, configured; stopped (and
+    checked gone) after.  The event is set whenever the worker sends."""
     answered = threading.Event()
     link = Loopback(cast(Transport, None), answered.set)
     thread = worker_module.serve_in_thread(link.local)
     try:
         link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
+        yield link, answered
+    finally:
+        RELEASE.set()
+        link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
+        thread.join(ANSWER_WITHIN)
+    assert not thread.is_alive()
+
+
+def test_rank0_worker_runs_each_task_on_the_masters_poke(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker_module, "DOORBELL_POLL_CAP", 3600.0)
+    monkeypatch.setattr(worker_module, "RING_RECHECKS", (3600.0,))
+    with _rank0_worker() as (link, answered):
         results: list[tuple[int, Any]] = []
         for task_id in range(1, 4):  # one at a time: each waits for the worker's sleep to end
             link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (_task(task_id, operator.add, task_id, 10),)))
             results += _results(link, answered, f"task {task_id}")
         assert results == [(1, 11), (2, 12), (3, 13)]
-    finally:
-        link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
-        thread.join(ANSWER_WITHIN)
-    assert not thread.is_alive()
 
 
 def _ones(nbytes: int) -> Any:
@@ -81,20 +92,11 @@ def test_some_results_do_not_linger(monkeypatch: pytest.MonkeyPatch, why: str) -
     one that other tasks wait for (marked urgent), or one of a megabyte or
     more (batching saves nothing there): it goes back while the next task runs."""
     monkeypatch.setattr(worker_module, "RESULT_LINGER", 3600.0)  # a lingering result would never come
-    answered = threading.Event()
-    link = Loopback(cast(Transport, None), answered.set)
     RELEASE.clear()
-    thread = worker_module.serve_in_thread(link.local)
-    try:
-        link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
+    with _rank0_worker() as (link, answered):
         first = _task(1, operator.add, 1, 10, urgent=True) if why == "urgent" else _task(1, _ones, 1 << 20)
         link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (first, _task(2, _held))))
         ((task_id, value),) = _results(link, answered, "the first task")
         assert task_id == 1 and (value == 11 if why == "urgent" else value.nbytes == 1 << 20)
         RELEASE.set()
         assert _results(link, answered, "the held task") == [(2, "released")]
-    finally:
-        RELEASE.set()
-        link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
-        thread.join(ANSWER_WITHIN)
-    assert not thread.is_alive()

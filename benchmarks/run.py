@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             # B C A, C A B, ...): no engine always runs right after the same one
             # (the echo's fresh memory is faster after a run that freed a lot)
             for engine in engines[rep % len(engines) :] + engines[: rep % len(engines)]:
-                t0 = time.monotonic()
                 fresh = fresh_memory_rate(params["n_16mb"], args.mpi) if workload == "echo" else None
+                t0 = time.monotonic()
                 sample = derive(measure(command(engine, workload, ranks, params, args.mpi), env))
                 if fresh is not None:
                     sample["fresh_memory_GB_per_s"] = fresh

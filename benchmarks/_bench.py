@@ -363,6 +363,38 @@ def fill_fresh_memory(arrays: int) -> float:
     return source.nbytes * arrays / (time.perf_counter() - t0) / 1e9
 
 
+def mpi_ping_pong(count: int) -> float | None:
+    """GB/s of ``count`` 16 MB round trips between ranks 0 and 1 by plain
+    ``Send``/``Recv``, each message landing in a buffer never touched before,
+    as an echo batch's results do: what this MPI moves at this moment with no
+    farm at all (``run.py`` runs it on 2 ranks before each echo measurement).
+    Rank 0 returns the rate, the other rank None."""
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    source = np.ones((16 << 20) // 8)
+
+    def round_trip(into: Any) -> None:
+        if comm.Get_rank() == 0:
+            comm.Send(source, dest=1)
+            comm.Recv(into, source=1)
+        else:
+            comm.Recv(into, source=0)
+            comm.Send(into, dest=0)
+
+    round_trip(np.empty_like(source))  # the first of this size: warm, as the echo's
+    kept = []  # every buffer stays alive, as the echo's results do
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(count):
+        fresh = np.empty_like(source)
+        round_trip(fresh)
+        kept.append(fresh)
+    elapsed = time.perf_counter() - t0
+    return 2 * source.nbytes * count / elapsed / 1e9 if comm.Get_rank() == 0 else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--engine", required=True, choices=["taskfarm", "mpi4py", "pool"])

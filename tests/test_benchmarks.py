@@ -53,11 +53,13 @@ def test_quick_noop_round_emits_a_table_and_valid_json(mpich: MPI, tmp_path: Pat
 
 def test_busy_and_echo_report_their_cpu_split_and_baseline(mpich: MPI, tmp_path: Path) -> None:
     """The rows that explain the headline ones: where the CPU outside tasks
-    goes (master process, workers) and the echo's fresh-memory baseline."""
+    goes (master process, workers) and the echo's two baselines (fresh
+    memory, plain MPI)."""
     out = tmp_path / "bench.json"
     cmd = [mpich.python, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "busy,echo"]
     res = run([*cmd, "--reps", "1", "--scale", "0.05", "--json", str(out)], timeout=120, env=mpich.env(), check=0)
     assert "master process CPU per task" in res.stdout and "fresh memory" in res.stdout, res.stdout
+    assert "plain MPI" in res.stdout, res.stdout
     data = read_json(out)
     for engine in ("taskfarm", "mpi4py", "pool"):
         busy = data["samples"]["busy"][engine][0]
@@ -65,6 +67,7 @@ def test_busy_and_echo_report_their_cpu_split_and_baseline(mpich: MPI, tmp_path:
         assert busy["master_cpu_us_per_task"] > 0 and "worker_overhead_us_per_task" in busy, busy
         echo = data["samples"]["echo"][engine][0]
         assert "_error" not in echo and echo["fresh_memory_GB_per_s"] > 0, echo
+        assert echo["mpi_ping_pong_GB_per_s"] > 0, echo
 
 
 def test_usage_errors_are_reported(tmp_path: Path) -> None:

@@ -350,7 +350,8 @@ WORKLOADS: dict[str, Callable[[Engine, dict[str, Any]], dict[str, Any]]] = {
 def fill_fresh_memory(arrays: int) -> float:
     """GB/s at which a new process fills ``arrays`` 16 MB arrays it keeps: the
     first touch of memory, which a 16 MB echo batch pays for its results and
-    no engine can beat (``run.py`` runs it before each echo measurement)."""
+    no engine can beat (``run.py`` runs it before each echo measurement, and
+    the memory it frees on exit is warm for the engine that follows)."""
     import numpy as np
 
     source = np.ones((16 << 20) // 8)
@@ -365,17 +366,18 @@ def fill_fresh_memory(arrays: int) -> float:
 
 def mpi_ping_pong(count: int) -> float | None:
     """GB/s of ``count`` 16 MB round trips between ranks 0 and 1 by plain
-    ``Send``/``Recv``, each message landing in a buffer never touched before,
-    as an echo batch's results do: what this MPI moves at this moment with no
-    farm at all (``run.py`` runs it on 2 ranks before each echo measurement).
-    Rank 0 returns the rate, the other rank None."""
+    ``Send``/``Recv``, each landing in a new buffer, as a farm's messages do:
+    what this MPI moves at this moment with no farm at all (``run.py`` runs
+    it on 2 ranks before each echo measurement).  Rank 0 returns the rate,
+    the other rank None."""
     import numpy as np
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     source = np.ones((16 << 20) // 8)
 
-    def round_trip(into: Any) -> None:
+    def round_trip() -> None:
+        into = np.empty_like(source)
         if comm.Get_rank() == 0:
             comm.Send(source, dest=1)
             comm.Recv(into, source=1)
@@ -383,14 +385,11 @@ def mpi_ping_pong(count: int) -> float | None:
             comm.Recv(into, source=0)
             comm.Send(into, dest=0)
 
-    round_trip(np.empty_like(source))  # the first of this size: warm, as the echo's
-    kept = []  # every buffer stays alive, as the echo's results do
+    round_trip()  # the first of this size: warm, as the echo's
     comm.Barrier()
     t0 = time.perf_counter()
     for _ in range(count):
-        fresh = np.empty_like(source)
-        round_trip(fresh)
-        kept.append(fresh)
+        round_trip()
     elapsed = time.perf_counter() - t0
     return 2 * source.nbytes * count / elapsed / 1e9 if comm.Get_rank() == 0 else None
 

@@ -52,10 +52,11 @@ SCALED = ("n", "n_1mb", "n_16mb", "samples")
 
 #: the echo's fresh-memory baseline fills this many times the 16 MB batch: the
 #: batch's results on the master plus the workers' incoming copies.  On this VM
-#: freed memory goes back to the host within seconds (the balloon's free page
-#: reporting) and its next first touch costs a host fault per page (~0.5 GB/s
-#: instead of ~7); the baseline's process touches as much as the engine will
-#: need and frees it just before, so every engine's echo meets memory alike
+#: freed memory seems to go back to the host within seconds (the balloon offers
+#: free page reporting) and its next first touch costs a host fault per page
+#: (~0.5 GB/s instead of ~7); the baseline's process touches as much as the
+#: engine will need and frees it just before, so every engine's echo meets
+#: memory alike (docs/performance.md, "Fresh memory on this VM")
 WARM_FACTOR = 2
 #: rows that measure the machine just before each engine's run, not the engine
 BASELINES = {"fresh_memory_GB_per_s", "mpi_ping_pong_GB_per_s"}
@@ -135,6 +136,28 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     return {"_error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}"}
 
 
+#: seconds a baseline measurement may take before it counts as missing
+BASELINE_TIMEOUT = 120.0
+
+
+def _baseline(cmd: list[str], mpi: str) -> float | None:
+    """The number a baseline command prints last, run in benchmarks/; None
+    if it failed (the table then shows "-", the engines' rows still stand)."""
+    try:
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=HERE,
+            env=environment(mpi),
+            timeout=BASELINE_TIMEOUT,
+            check=True,
+        )
+        return float(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def fresh_memory_rate(arrays: int, mpi: str) -> float | None:
     """The echo's first baseline, taken just before each echo measurement:
     how fast a new process fills ``arrays`` 16 MB arrays of fresh memory
@@ -142,15 +165,8 @@ def fresh_memory_rate(arrays: int, mpi: str) -> float | None:
     of a page can cost more than the copy into it, and how much varies from
     minute to minute (0.5-7 GB/s seen here); the memory it frees is warm for
     the engine that follows."""
-    code = f"import _bench; print(_bench.fill_fresh_memory({int(arrays)}))"
     python = str(venv_of(mpi) / "bin" / "python")
-    try:
-        proc = subprocess.run(
-            [python, "-c", code], capture_output=True, text=True, cwd=ROOT / "benchmarks", timeout=60, check=True
-        )
-        return float(proc.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
+    return _baseline([python, "-c", f"import _bench; print(_bench.fill_fresh_memory({int(arrays)}))"], mpi)
 
 
 def mpi_ping_pong_rate(count: int, mpi: str) -> float | None:
@@ -160,19 +176,7 @@ def mpi_ping_pong_rate(count: int, mpi: str) -> float | None:
     the MPI itself does at that moment, not against a figure from a quiet node."""
     python = str(venv_of(mpi) / "bin" / "python")
     code = f"import _bench; r = _bench.mpi_ping_pong({int(count)}); r is None or print(r)"
-    try:
-        proc = subprocess.run(
-            [*launcher(mpi, 2), python, "-c", code],
-            capture_output=True,
-            text=True,
-            cwd=ROOT / "benchmarks",
-            env=environment(mpi),
-            timeout=120,
-            check=True,
-        )
-        return float(proc.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
+    return _baseline([*launcher(mpi, 2), python, "-c", code], mpi)
 
 
 def cpu_model() -> str:

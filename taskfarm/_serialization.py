@@ -33,7 +33,7 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dill
@@ -288,9 +288,14 @@ def loads(data: bytes, buffers: Buffers = (), deps: Mapping[int, Any] | None = N
     return _DepUnpickler(io.BytesIO(data), deps, buffers=buffers).load()
 
 
+def buffers_nbytes(buffers: Sequence[Any]) -> int:
+    """Bytes of a frame's out-of-band buffers."""
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
 def frame_nbytes(frame: Frame) -> int:
     """Bytes a frame puts on the wire."""
-    return len(frame[0]) + sum(memoryview(b).nbytes for b in frame[1])
+    return len(frame[0]) + buffers_nbytes(frame[1])
 
 
 class FunctionCache:

@@ -57,6 +57,7 @@ from ._protocol import (
     TaskBatch,
     TaskItem,
 )
+from ._serialization import buffers_nbytes
 from ._transport import (
     DOORBELL_POLL_CAP,
     LARGE_SEND_NAP,
@@ -98,7 +99,7 @@ WORKER_SWITCH_INTERVAL = 0.001
 def _big(buffers: tuple[Any, ...]) -> bool:
     """True for a result whose buffers are large enough that copying them
     costs far more than a message: it does not wait for company."""
-    return bool(buffers) and sum(memoryview(b).nbytes for b in buffers) >= OOB_EMPTY_MIN
+    return bool(buffers) and buffers_nbytes(buffers) >= OOB_EMPTY_MIN
 
 
 class _LogForwarder(logging.Handler):

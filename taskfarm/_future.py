@@ -28,8 +28,13 @@ class _Encoded:
 
 _decode_lock = threading.Lock()
 
-#: concurrent.futures' name of a future's first state (its module keeps it private)
+#: concurrent.futures' names of a future's states (its module keeps them private);
+#: the service thread reads ``_state`` without the lock on its hot path
 _PENDING = "PENDING"
+_RUNNING = "RUNNING"
+_CANCELLED = "CANCELLED"
+#: the states in which a future is resolved
+_RESOLVED = (_CANCELLED, "CANCELLED_AND_NOTIFIED", "FINISHED")
 
 
 class _FutureCondition(threading.Condition):

@@ -43,7 +43,7 @@ from ._errors import (
     TimeLimitExceeded,
     WorkerLostError,
 )
-from ._future import FarmFuture, _Encoded
+from ._future import _CANCELLED, _PENDING, _RESOLVED, _RUNNING, FarmFuture, _Encoded
 from ._journal import JournalWriter
 from ._loopback import Loopback
 from ._pools import PoolSpec
@@ -833,7 +833,7 @@ class Farm:
 
     def _admit(self, sub: Submission, now: float) -> None:
         future = sub.future
-        if future._state == "CANCELLED":  # without its lock: a later cancel is caught at dispatch
+        if future._state == _CANCELLED:  # without its lock: a later cancel is caught at dispatch
             # cancelled before the service thread saw it: wait() and as_completed()
             # count a cancelled future only once it is marked notified
             future.set_running_or_notify_cancel()
@@ -1106,13 +1106,9 @@ def _relay_logs(peer: int, records: Any) -> None:
 def _mark_running(future: FarmFuture) -> bool:
     """Move a future to RUNNING at dispatch; False if the user cancelled it."""
     state = future._state
-    if state == "PENDING":
+    if state == _PENDING:
         return future.set_running_or_notify_cancel()
-    return state == "RUNNING"  # a retry of a task already running
-
-
-#: concurrent.futures' names of the states in which a future is resolved
-_RESOLVED = ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED")
+    return state == _RUNNING  # a retry of a task already running
 
 
 def _succeed(future: concurrent.futures.Future[Any], value: Any) -> None:
@@ -1135,6 +1131,6 @@ def _fail_future(future: concurrent.futures.Future[Any], error: BaseException) -
     # a user thread may cancel a pending future between these steps (seen in a
     # drain: the service thread died on InvalidStateError and the job hung)
     with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if future._state == "PENDING" and not future.set_running_or_notify_cancel():  # type: ignore[attr-defined]
+        if future._state == _PENDING and not future.set_running_or_notify_cancel():  # type: ignore[attr-defined]
             return
         future.set_exception(error)

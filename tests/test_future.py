@@ -79,3 +79,14 @@ def test_cancel_callbacks_and_notify() -> None:
     running = FarmFuture(2)
     assert running.set_running_or_notify_cancel()
     assert not running.cancel()
+
+
+def test_state_names_are_the_standard_librarys() -> None:
+    """The service thread reads a future's ``_state`` without its lock and
+    compares it with these names: they must be concurrent.futures' own."""
+    from concurrent.futures import _base
+
+    from taskfarm import _future
+
+    assert (_future._PENDING, _future._RUNNING, _future._CANCELLED) == (_base.PENDING, _base.RUNNING, _base.CANCELLED)
+    assert set(_future._RESOLVED) == {_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED}

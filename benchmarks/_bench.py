@@ -31,6 +31,8 @@ import _tasks
 
 #: rounds of one short task per worker that `_worker_pids` tries to see every worker in
 WORKER_PID_ROUNDS = 10
+#: the echo's large array, and the unit its two baselines (fresh memory, plain MPI) move
+BIG_ARRAY_BYTES = 16 << 20
 
 
 # -- engines -----------------------------------------------------------------
@@ -247,7 +249,7 @@ def echo(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     out: dict[str, Any] = {}
-    for label, nbytes, count in (("1MB", 1 << 20, int(p["n_1mb"])), ("16MB", 16 << 20, int(p["n_16mb"]))):
+    for label, nbytes, count in (("1MB", 1 << 20, int(p["n_1mb"])), ("16MB", BIG_ARRAY_BYTES, int(p["n_16mb"]))):
         array = np.ones(nbytes // 8)
         eng.result(eng.submit(_tasks.echo, array))  # first of this size: warm
         results: list[Any] = []
@@ -354,7 +356,7 @@ def fill_fresh_memory(arrays: int) -> float:
     the memory it frees on exit is warm for the engine that follows)."""
     import numpy as np
 
-    source = np.ones((16 << 20) // 8)
+    source = np.ones(BIG_ARRAY_BYTES // 8)
     kept = []
     t0 = time.perf_counter()
     for _ in range(arrays):
@@ -374,7 +376,7 @@ def mpi_ping_pong(count: int) -> float | None:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    source = np.ones((16 << 20) // 8)
+    source = np.ones(BIG_ARRAY_BYTES // 8)
 
     def round_trip() -> None:
         into = np.empty_like(source)

@@ -33,6 +33,11 @@ import _tasks
 WORKER_PID_ROUNDS = 10
 #: the echo's large array, and the unit its two baselines (fresh memory, plain MPI) move
 BIG_ARRAY_BYTES = 16 << 20
+#: the idle-latency pause before each round trip (seconds, uniform): long
+#: enough for every rank to fall asleep, as in a farm between bursts
+LATENCY_PAUSE = (0.02, 0.04)
+#: the pauses are seeded: the farm and its pipe baseline wait alike
+LATENCY_SEED = 7
 
 
 # -- engines -----------------------------------------------------------------
@@ -237,11 +242,19 @@ def skewed_durations(n: int, mean: float, long: int, long_seconds: float, seed: 
 
 
 def skewed(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
-    """Makespan of skewed durations against max(sum / workers, longest)."""
+    """Makespan of skewed durations against max(sum / workers, longest): one
+    submit per task, then the same list through map at the engine's default
+    chunk size (where chunks must not strand a long task behind short ones)."""
     durations = skewed_durations(int(p["n"]), float(p["mean"]), int(p["long"]), float(p["long_seconds"]), 2026)
     elapsed = _timed(lambda: _drain(eng, [eng.submit(_tasks.spin, d) for d in durations]))
+    mapped = _timed(lambda: list(eng.map(_tasks.spin, durations, None)))
     bound = max(sum(durations) / eng.workers, max(durations))
-    return {"makespan_over_bound": elapsed / bound, "elapsed_s": elapsed, "bound_s": bound}
+    return {
+        "makespan_over_bound": elapsed / bound,
+        "makespan_over_bound_map": mapped / bound,
+        "elapsed_s": elapsed,
+        "bound_s": bound,
+    }
 
 
 def echo(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
@@ -319,10 +332,10 @@ def idle(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
 
 def latency(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     """One task's round trip: on an idle farm (after a random pause), and back to back."""
-    rng = random.Random(7)
+    rng = random.Random(LATENCY_SEED)
     idle_samples = []
     for _ in range(int(p["samples"])):
-        time.sleep(rng.uniform(0.02, 0.04))
+        time.sleep(rng.uniform(*LATENCY_PAUSE))
         t0 = time.perf_counter()
         eng.result(eng.submit(_tasks.noop, 0))
         idle_samples.append(time.perf_counter() - t0)
@@ -394,6 +407,73 @@ def mpi_ping_pong(count: int) -> float | None:
         round_trip()
     elapsed = time.perf_counter() - t0
     return 2 * source.nbytes * count / elapsed / 1e9 if comm.Get_rank() == 0 else None
+
+
+def pipe_round_trip(samples: int) -> float:
+    """Median ms of one byte there and back between this process and a forked
+    child over two pipes, after the latency workload's random 20-40 ms pause:
+    the simplest round trip between two processes that sleep in between,
+    with no MPI and no farm (``run.py`` runs it before each latency
+    measurement).  On a VM each side wakes on a vCPU that went idle and runs
+    its first microseconds cold; the farm's own round trip has six such
+    wake-ups, this one two."""
+    to_child, from_parent = os.pipe()
+    from_child, to_parent = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: echo every byte until the parent closes its end
+        os.close(from_parent)  # else its own copy would keep the pipe open: no EOF
+        os.close(from_child)
+        while byte := os.read(to_child, 1):
+            os.write(to_parent, byte)
+        os._exit(0)
+    os.close(to_child)
+    os.close(to_parent)
+    rng = random.Random(LATENCY_SEED)
+    times = []
+    try:
+        os.write(from_parent, b"!")  # the first: the child is up and running
+        os.read(from_child, 1)
+        for _ in range(samples):
+            time.sleep(rng.uniform(*LATENCY_PAUSE))
+            t0 = time.perf_counter()
+            os.write(from_parent, b"!")
+            os.read(from_child, 1)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(from_parent)
+        os.close(from_child)
+        os.waitpid(pid, 0)
+    return 1e3 * statistics.median(times)
+
+
+def _a_few_microseconds() -> None:
+    """What a farm's thread does at each step, in small: a future, a pickled
+    call, a lock (~3 us back to back here)."""
+    import concurrent.futures
+    import pickle
+    import threading
+
+    concurrent.futures.Future()
+    pickle.dumps(((0,), {}), 5)
+    with threading.Lock():
+        pass
+
+
+def cold_python(samples: int) -> float:
+    """Median microseconds of `_a_few_microseconds` run right after the
+    latency workload's pause, in a process doing nothing else: what this
+    machine charges a thread that wakes up for its first bit of Python (on a
+    VM, caches and TLB refilled after the vCPU sat idle).  Every step of the
+    farm's idle round trip starts this way."""
+    rng = random.Random(LATENCY_SEED)
+    _a_few_microseconds()
+    times = []
+    for _ in range(samples):
+        time.sleep(rng.uniform(*LATENCY_PAUSE))
+        t0 = time.perf_counter()
+        _a_few_microseconds()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ SCALED = ("n", "n_1mb", "n_16mb", "samples")
 #: memory alike (docs/performance.md, "Fresh memory on this VM")
 WARM_FACTOR = 2
 #: rows that measure the machine just before each engine's run, not the engine
-BASELINES = {"fresh_memory_GB_per_s", "mpi_ping_pong_GB_per_s"}
+BASELINES = {"fresh_memory_GB_per_s", "mpi_ping_pong_GB_per_s", "pipe_round_trip_idle_ms", "cold_python_us"}
 #: (workload, metric, label, higher is better)
 ROWS: list[tuple[str, str, str, bool]] = [
     ("noop", "submit_tasks_per_s", "no-op submit, tasks/s", True),
@@ -70,7 +70,8 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("busy", "efficiency_map", "1 ms CPU tasks, map default: efficiency", True),
     ("busy", "master_cpu_us_per_task", "  submit: master process CPU per task, us", False),
     ("busy", "worker_overhead_us_per_task", "  submit: worker CPU outside tasks per task, us", False),
-    ("skewed", "makespan_over_bound", "skewed durations, makespan / bound", False),
+    ("skewed", "makespan_over_bound", "skewed durations, submit: makespan / bound", False),
+    ("skewed", "makespan_over_bound_map", "skewed durations, map default: makespan / bound", False),
     ("echo", "echo_1MB_GB_per_s", "echo 1 MB arrays, GB/s", True),
     ("echo", "echo_16MB_GB_per_s", "echo 16 MB arrays, GB/s", True),
     ("echo", "fresh_memory_GB_per_s", "  baseline: new process fills 2x as much fresh memory, GB/s", True),
@@ -81,6 +82,13 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("idle", "worker_cpu_pct_idle_farm", "worker CPU, idle farm (max), % core", False),
     ("latency", "latency_idle_ms", "one task on an idle farm, ms", False),
     ("latency", "latency_hot_ms", "one task back to back, ms", False),
+    (
+        "latency",
+        "pipe_round_trip_idle_ms",
+        "  baseline: 2 plain processes, a byte there and back after a pause, ms",
+        False,
+    ),
+    ("latency", "cold_python_us", "  baseline: ~3 us of Python run right after such a pause, us", False),
 ]
 
 
@@ -158,6 +166,12 @@ def _baseline(cmd: list[str], mpi: str) -> float | None:
         return None
 
 
+def _python_baseline(call: str, mpi: str) -> float | None:
+    """`_baseline` of one plain process (no mpiexec) printing ``_bench.<call>``."""
+    python = str(venv_of(mpi) / "bin" / "python")
+    return _baseline([python, "-c", f"import _bench; print(_bench.{call})"], mpi)
+
+
 def fresh_memory_rate(arrays: int, mpi: str) -> float | None:
     """The echo's first baseline, taken just before each echo measurement:
     how fast a new process fills ``arrays`` 16 MB arrays of fresh memory
@@ -165,8 +179,7 @@ def fresh_memory_rate(arrays: int, mpi: str) -> float | None:
     of a page can cost more than the copy into it, and how much varies from
     minute to minute (0.5-7 GB/s seen here); the memory it frees is warm for
     the engine that follows."""
-    python = str(venv_of(mpi) / "bin" / "python")
-    return _baseline([python, "-c", f"import _bench; print(_bench.fill_fresh_memory({int(arrays)}))"], mpi)
+    return _python_baseline(f"fill_fresh_memory({int(arrays)})", mpi)
 
 
 def mpi_ping_pong_rate(count: int, mpi: str) -> float | None:
@@ -177,6 +190,21 @@ def mpi_ping_pong_rate(count: int, mpi: str) -> float | None:
     python = str(venv_of(mpi) / "bin" / "python")
     code = f"import _bench; r = _bench.mpi_ping_pong({int(count)}); r is None or print(r)"
     return _baseline([*launcher(mpi, 2), python, "-c", code], mpi)
+
+
+def pipe_round_trip_ms(samples: int, mpi: str) -> float | None:
+    """The idle latency's baseline, taken just before each latency
+    measurement: two plain Python processes passing a byte there and back
+    over pipes after the same pauses.  One task's round trip on an idle farm
+    is several such wake-ups in a row; how long one takes is the machine's."""
+    return _python_baseline(f"pipe_round_trip({int(samples)})", mpi)
+
+
+def cold_python_us(samples: int, mpi: str) -> float | None:
+    """The idle latency's second baseline: how long a few microseconds of
+    Python take in a thread that has just woken from the same pause (each
+    step of the farm's idle round trip is such a thread)."""
+    return _python_baseline(f"cold_python({int(samples)})", mpi)
 
 
 def cpu_model() -> str:
@@ -335,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                     # first the memory (the rate measures it; the process warms it), then the MPI
                     baselines["fresh_memory_GB_per_s"] = fresh_memory_rate(WARM_FACTOR * params["n_16mb"], args.mpi)
                     baselines["mpi_ping_pong_GB_per_s"] = mpi_ping_pong_rate(params["n_16mb"], args.mpi)
+                if workload == "latency":
+                    baselines["pipe_round_trip_idle_ms"] = pipe_round_trip_ms(params["samples"], args.mpi)
+                    baselines["cold_python_us"] = cold_python_us(params["samples"], args.mpi)
                 t0 = time.monotonic()
                 sample = derive(measure(command(engine, workload, ranks, params, args.mpi), env))
                 sample.update({k: v for k, v in baselines.items() if v is not None})

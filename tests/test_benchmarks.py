@@ -73,3 +73,20 @@ def test_busy_and_echo_report_their_cpu_split_and_baseline(mpich: MPI, tmp_path:
 def test_usage_errors_are_reported(tmp_path: Path) -> None:
     res = run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--only", "nonsense"], timeout=30)
     assert res.returncode == 2 and "unknown workload" in res.stderr
+
+
+def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path: Path) -> None:
+    """Skewed durations by map as well as by submit; the idle latency beside
+    what the machine itself charges for a round trip and a cold start."""
+    out = tmp_path / "bench.json"
+    cmd = [mpich.python, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "skewed,latency"]
+    cmd += ["--engines", "taskfarm", "--reps", "1", "--scale", "0.1", "--json", str(out)]
+    res = run(cmd, timeout=120, env=mpich.env(), check=0)
+    assert "skewed durations, map default" in res.stdout and "2 plain processes" in res.stdout, res.stdout
+    data = read_json(out)
+    skewed = data["samples"]["skewed"]["taskfarm"][0]
+    assert "_error" not in skewed, skewed
+    assert skewed["makespan_over_bound"] > 0 and skewed["makespan_over_bound_map"] > 0, skewed
+    latency = data["samples"]["latency"]["taskfarm"][0]
+    assert "_error" not in latency, latency
+    assert latency["pipe_round_trip_idle_ms"] > 0 and latency["cold_python_us"] > 0, latency

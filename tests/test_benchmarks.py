@@ -1,4 +1,4 @@
-"""The benchmark script works: one tiny no-op round on every engine, valid JSON.
+"""The benchmark script works: tiny rounds on every engine, their baselines, valid JSON.
 
 No speed is asserted here (the machine may be busy); benchmarks/run.py is
 run by hand (``make bench``) and docs/performance.md records what it found.

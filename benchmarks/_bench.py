@@ -421,11 +421,13 @@ def pipe_round_trip(samples: int) -> float:
     from_child, to_parent = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: echo every byte until the parent closes its end
-        os.close(from_parent)  # else its own copy would keep the pipe open: no EOF
-        os.close(from_child)
-        while byte := os.read(to_child, 1):
-            os.write(to_parent, byte)
-        os._exit(0)
+        try:
+            os.close(from_parent)  # else its own copy would keep the pipe open: no EOF
+            os.close(from_child)
+            while byte := os.read(to_child, 1):
+                os.write(to_parent, byte)
+        finally:
+            os._exit(0)  # never back into the caller's code (nor its stdout)
     os.close(to_child)
     os.close(to_parent)
     rng = random.Random(LATENCY_SEED)

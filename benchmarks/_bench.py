@@ -15,12 +15,15 @@ launcher's business, not the farm's.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
+import pickle
 import random
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -330,15 +333,22 @@ def idle(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def latency(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
-    """One task's round trip: on an idle farm (after a random pause), and back to back."""
+def _timed_after_pauses(samples: int, step: Callable[[], Any]) -> list[float]:
+    """Seconds ``step`` takes, each time after a seeded `LATENCY_PAUSE`: the
+    farm's idle round trip and its baselines wait alike."""
     rng = random.Random(LATENCY_SEED)
-    idle_samples = []
-    for _ in range(int(p["samples"])):
+    times = []
+    for _ in range(samples):
         time.sleep(rng.uniform(*LATENCY_PAUSE))
         t0 = time.perf_counter()
-        eng.result(eng.submit(_tasks.noop, 0))
-        idle_samples.append(time.perf_counter() - t0)
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def latency(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
+    """One task's round trip: on an idle farm (after a random pause), and back to back."""
+    idle_samples = _timed_after_pauses(int(p["samples"]), lambda: eng.result(eng.submit(_tasks.noop, 0)))
     hot = []
     for _ in range(int(p["samples"]) * 5):
         t0 = time.perf_counter()
@@ -430,17 +440,14 @@ def pipe_round_trip(samples: int) -> float:
             os._exit(0)  # never back into the caller's code (nor its stdout)
     os.close(to_child)
     os.close(to_parent)
-    rng = random.Random(LATENCY_SEED)
-    times = []
-    try:
-        os.write(from_parent, b"!")  # the first: the child is up and running
+
+    def round_trip() -> None:
+        os.write(from_parent, b"!")
         os.read(from_child, 1)
-        for _ in range(samples):
-            time.sleep(rng.uniform(*LATENCY_PAUSE))
-            t0 = time.perf_counter()
-            os.write(from_parent, b"!")
-            os.read(from_child, 1)
-            times.append(time.perf_counter() - t0)
+
+    try:
+        round_trip()  # the first: the child is up and running
+        times = _timed_after_pauses(samples, round_trip)
     finally:
         os.close(from_parent)
         os.close(from_child)
@@ -451,10 +458,6 @@ def pipe_round_trip(samples: int) -> float:
 def _a_few_microseconds() -> None:
     """What a farm's thread does at each step, in small: a future, a pickled
     call, a lock (~3 us back to back here)."""
-    import concurrent.futures
-    import pickle
-    import threading
-
     concurrent.futures.Future()
     pickle.dumps(((0,), {}), 5)
     with threading.Lock():
@@ -467,15 +470,8 @@ def cold_python(samples: int) -> float:
     machine charges a thread that wakes up for its first bit of Python (on a
     VM, caches and TLB refilled after the vCPU sat idle).  Every step of the
     farm's idle round trip starts this way."""
-    rng = random.Random(LATENCY_SEED)
     _a_few_microseconds()
-    times = []
-    for _ in range(samples):
-        time.sleep(rng.uniform(*LATENCY_PAUSE))
-        t0 = time.perf_counter()
-        _a_few_microseconds()
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
+    return 1e6 * statistics.median(_timed_after_pauses(samples, _a_few_microseconds))
 
 
 def main() -> None:

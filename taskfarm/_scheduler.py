@@ -13,9 +13,9 @@ Rules, in the order `poll` applies them:
    lost; its tasks go back to the ready queue (the running one counts a crash).
 3. Ready tasks, highest priority first then oldest, go to the least-loaded
    rank with a free slot; a retried task avoids the rank it failed on when
-   another is free.  Each rank holds up to ``slots + prefetch`` tasks, where
-   prefetch grows as tasks get shorter, so tiny tasks never leave a worker
-   waiting for the master.  A task with an expiry goes only to a free slot,
+   another is free.  Each rank holds up to ``slots * (1 + prefetch)`` tasks
+   (a bundle counts its calls), where prefetch grows as tasks get shorter, so
+   tiny tasks never leave a worker waiting for the master.  A task with an expiry goes only to a free slot,
    never into a queue behind a running task, where it could start too late.
 4. When nothing is ready and a rank sits idle, tasks queued (not started)
    behind a busy rank's running task are stolen back, so the tail of a skewed
@@ -28,6 +28,9 @@ Rules, in the order `poll` applies them:
 A result is accepted once: the first success of a task wins; later copies
 (a rank declared lost that wakes up, a speculative duplicate) are discarded
 and counted.
+
+An entry may stand for several of the user's tasks (a bundle of calls, see
+`taskfarm._master`): it has a ``weight``, and every count is in user tasks.
 """
 
 from __future__ import annotations
@@ -113,14 +116,21 @@ class _Entry:
     #: and a list per task is one more object for the garbage collector)
     dependents: list[int] | tuple[()] = ()
     inputs: tuple[int, ...] = ()
+    #: the user's tasks this entry stands for (a bundle's parts; 1 for a task)
+    weight: int = 1
+    #: of those, the ones that failed inside a bundle that ran (set on its result)
+    failed_parts: int = 0
 
 
 @dataclasses.dataclass
 class _Rank:
     rank: int
     slots: int
-    #: task ids in dispatch order; the first ``slots`` are running, the rest queued
-    inflight: dict[int, None] = dataclasses.field(default_factory=dict)
+    #: task ids in dispatch order, to their weight; the first ``slots`` are
+    #: running, the rest queued
+    inflight: dict[int, int] = dataclasses.field(default_factory=dict)
+    #: the weights of ``inflight`` summed: the user's tasks the rank holds
+    load: int = 0
     alive: bool = True
     last_heard: float = 0.0
     stealing: set[int] = dataclasses.field(default_factory=set)
@@ -263,10 +273,11 @@ class Scheduler:
                 # leave it RUNNING with no holder; the master fails it via `quarantined`
                 requeued.append(task_id)
                 continue
-            self._resubmitted += 1
+            self._resubmitted += entry.weight
             self._make_ready(entry, now)
             requeued.append(task_id)
         info.inflight.clear()
+        info.load = 0
         info.stealing.clear()
         return requeued
 
@@ -296,14 +307,15 @@ class Scheduler:
         not_before: float | None = None,
         expires: float | None = None,
         inputs: Iterable[int] = (),
+        weight: int = 1,
     ) -> bool:
         """Add a task; True if it is ready to run now (no wait for inputs or time).
 
         ``inputs`` are ids of unfinished tasks it depends on; inputs already
         finished are the master's business (it passes their values or fails
-        the task at once)."""
+        the task at once).  ``weight``: the user's tasks it stands for (a bundle)."""
         self._seq += 1
-        self._submitted += 1
+        self._submitted += weight
         self._speculative = self._speculative or policy.speculative
         entry = _Entry(
             task_id,
@@ -314,6 +326,7 @@ class Scheduler:
             expires,
             0,
             TaskState.PENDING,
+            weight=weight,
         )
         self._entries[task_id] = entry
         waiting = []
@@ -356,6 +369,44 @@ class Scheduler:
             entry.holders = _without(entry.holders, rank)
             self._finish(entry, TaskState.CANCELLED)
 
+    def drop_parts(self, task_id: int, cancelled: int) -> None:
+        """``cancelled`` of a bundle's parts were cancelled before it went out."""
+        entry = self._entries.get(task_id)
+        if entry is not None:
+            entry.weight -= cancelled
+            self._cancelled += cancelled
+
+    def cancelled_outside(self) -> None:
+        """Count a task cancelled before the master handed it over (before
+        its admission, or while it waited to be bundled): submitted and cancelled."""
+        self._submitted += 1
+        self._cancelled += 1
+
+    def dissolve(self, task_id: int) -> int:
+        """Remove a bundle put back in the queue (its rank was lost) whose
+        calls the master resubmits one by one; returns its weight (0 if gone).
+
+        Only for an entry nothing depends on: its dependents would wait forever.
+        """
+        entry = self._entries.get(task_id)
+        if entry is None or entry.dependents or entry.holders or entry.state is TaskState.SUCCESS:
+            return 0
+        del self._entries[task_id]  # its queue and timer items go stale and are skipped
+        self._submitted -= entry.weight  # its calls are submitted again, one by one
+        return entry.weight
+
+    def room(self) -> int:
+        """The user's tasks the live ranks can take now (their free capacity)."""
+        return sum(max(0, r.capacity - r.load) for r in self._ranks.values() if r.alive)
+
+    def ready_weight(self) -> int:
+        """The user's tasks in the ready queue (bundles count their calls)."""
+        entries = self._entries
+        return sum(entry.weight for _, _, task_id in self._ready if (entry := entries.get(task_id)) is not None)
+
+    def live_slots(self) -> int:
+        return sum(r.slots for r in self._ranks.values() if r.alive)
+
     def state(self, task_id: int) -> TaskState | None:
         entry = self._entries.get(task_id)
         return None if entry is None else entry.state
@@ -384,13 +435,15 @@ class Scheduler:
         retryable: bool = False,
         crashed: bool = False,
         counts: bool = True,
+        failed_parts: int = 0,
     ) -> Decision:
         """A result or failure of ``task_id`` arrived from ``rank``.
 
         ``retryable``: the task's policy allows retrying this error.
         ``crashed``: the process running it died (counts towards max_crashes,
         not max_retries).  ``counts=False``: an attempt cut off by the farm
-        itself (draining), which does not use up a retry.
+        itself (draining), which does not use up a retry.  ``failed_parts``:
+        of a bundle that ran (``ok``), the calls that failed; they count as failed.
         """
         info = self._ranks.get(rank)
         held = False
@@ -407,23 +460,25 @@ class Scheduler:
             self._zombies += 1
         if entry is None:
             if ok:
-                self._duplicates += 1
+                self._duplicates += 1  # its weight is gone with it: counted as one
             return Decision.DISCARD
         # a rank declared lost that finished a requeued task after all: the first success wins
         late_success = ok and zombie and entry.attempt > 0 and entry.state in _REQUEUED
         if entry.state is not TaskState.RUNNING and not late_success:
             if ok:
-                self._duplicates += 1
+                self._duplicates += entry.weight
             return Decision.DISCARD
         if not held and info is not None and info.alive:
             # not ours any more (stolen back and re-dispatched): the live copy decides
             if ok:
-                self._duplicates += 1
+                self._duplicates += entry.weight
             return Decision.DISCARD
         if ok:
-            self._observe(duration)
+            self._observe(duration / max(1, entry.weight))  # per call: capacity counts calls
+            entry.failed_parts = failed_parts
             if info is not None:
-                info.done += 1
+                info.done += entry.weight - failed_parts
+                info.failed += failed_parts
             self._finish(entry, TaskState.SUCCESS)
             return Decision.ACCEPT
         if entry.holders:
@@ -436,11 +491,11 @@ class Scheduler:
             if entry.crashes >= entry.policy.max_crashes:
                 self._finish(entry, TaskState.FAILURE)
                 return Decision.QUARANTINE
-            self._resubmitted += 1
+            self._resubmitted += entry.weight
             self._make_ready(entry, now)
             return Decision.RETRY
         if not counts:
-            self._resubmitted += 1
+            self._resubmitted += entry.weight
             self._make_ready(entry, now)
             return Decision.RETRY
         if not retryable:
@@ -471,7 +526,7 @@ class Scheduler:
             entry.holders = _without(entry.holders, rank)
             if not entry.holders:
                 entry.attempt -= 1  # it never started
-                self._stolen += 1
+                self._stolen += entry.weight
                 self._make_ready(entry, now)
 
     def fail_dependents(self, task_id: int) -> list[tuple[int, int]]:
@@ -540,7 +595,8 @@ class Scheduler:
         return sum(len(r.inflight) for r in self._ranks.values() if r.alive)
 
     def statistics(self) -> SchedulerStats:
-        running = sum(1 for e in self._entries.values() if e.state is TaskState.RUNNING)
+        running = sum(e.weight for e in self._entries.values() if e.state is TaskState.RUNNING)
+        pending = sum(e.weight for e in self._entries.values()) - running
         return SchedulerStats(
             submitted=self._submitted,
             done=self._done,
@@ -552,7 +608,7 @@ class Scheduler:
             zombies=self._zombies,
             duplicates=self._duplicates,
             speculated=self._speculated,
-            pending=len(self._entries) - running,
+            pending=pending,
             running=running,
             lost_ranks=tuple(self._lost),
             ranks={
@@ -570,7 +626,8 @@ class Scheduler:
         entry.state = state
         del self._entries[entry.task_id]
         if state is TaskState.SUCCESS:
-            self._done += 1
+            self._done += entry.weight - entry.failed_parts
+            self._failed += entry.failed_parts
             for dep in entry.dependents:
                 child = self._entries.get(dep)
                 if child is not None and child.state is TaskState.SCHEDULED:
@@ -580,9 +637,9 @@ class Scheduler:
                         self._push_timed(child)
         else:
             if state is TaskState.FAILURE:
-                self._failed += 1
+                self._failed += entry.weight
             else:
-                self._cancelled += 1
+                self._cancelled += entry.weight
             if entry.dependents:
                 self._orphans[entry.task_id] = list(entry.dependents)
 
@@ -619,7 +676,7 @@ class Scheduler:
 
     def _place(self, info: _Rank) -> None:
         """Put ``info`` in the bucket of its free capacity (it is in none)."""
-        free = info.capacity - len(info.inflight)
+        free = info.capacity - info.load
         if free < 0:
             free = 0
         buckets = self._free
@@ -771,13 +828,15 @@ class Scheduler:
 
     def _hold(self, info: _Rank, task_id: int) -> None:
         self._free[info.bucket].pop(info.rank, None)
-        info.inflight[task_id] = None
+        weight = self._entries[task_id].weight
+        info.inflight[task_id] = weight
+        info.load += weight
         self._place(info)
 
     def _unhold(self, info: _Rank, task_id: int) -> None:
         if info.alive:
             self._free[info.bucket].pop(info.rank, None)
-        del info.inflight[task_id]
+        info.load -= info.inflight.pop(task_id)
         info.stealing.discard(task_id)
         if info.alive:
             self._place(info)

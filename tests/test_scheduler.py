@@ -1302,6 +1302,93 @@ class _Sim:
             pytest.fail("the scheduler never finished its work")
 
 
+class TestWeights:
+    """An entry may stand for a bundle of the user's calls: counts and capacity are in calls."""
+
+    def test_counts_are_in_calls(self) -> None:
+        s = farm()
+        submit(s, 1, weight=5)
+        st = s.statistics()
+        assert st.submitted == 5 and st.pending == 5 and st.running == 0
+        assert sent(s.poll(0.0)) == [1]
+        assert s.statistics().running == 5
+        assert s.finished(1, 0, 0.1, ok=True, duration=0.05, failed_parts=2) is Decision.ACCEPT
+        st = s.statistics()
+        assert (st.done, st.failed, st.running, st.pending) == (3, 2, 0, 0)
+        assert (st.ranks[0].tasks, st.ranks[0].failed) == (3, 2)
+
+    def test_capacity_counts_calls(self) -> None:
+        s = farm(ranks=2)  # prefetch 1: each rank holds 2 calls
+        submit(s, 1, weight=2)
+        submit(s, 2, weight=2)
+        submit(s, 3)
+        assert s.room() == 4
+        actions = s.poll(0.0)
+        assert sorted(sent(actions)) == [1, 2]  # each rank full with one bundle
+        assert s.room() == 0 and s.ready_weight() == 1
+        rank_of_1 = next(r for r, ids in actions.dispatch.items() if 1 in ids)
+        assert succeed(s, 1, rank_of_1) is Decision.ACCEPT
+        assert s.room() == 2
+        assert s.poll(1.0).dispatch == {rank_of_1: [3]}
+
+    def test_prefetch_follows_the_time_per_call(self) -> None:
+        one, bundled = farm(), farm()
+        observe(one, 0.001)
+        submit(bundled, 1, weight=10)
+        bundled.poll(0.0)
+        assert bundled.finished(1, 0, 0.0, ok=True, duration=0.01) is Decision.ACCEPT
+        assert bundled.prefetch == one.prefetch > 1
+
+    def test_stolen_and_resubmitted_count_calls(self) -> None:
+        s = farm()
+        submit(s, 1)
+        submit(s, 2, weight=3)
+        assert sent(s.poll(0.0)) == [1, 2]  # one refill may overfill the rank
+        assert s.room() == 0
+        assert s.add_worker(1, 1, 0.0)
+        assert s.poll(0.0).steal == {0: [2]}  # rank 1 sits idle: the queued bundle comes back
+        s.released(0, [2], 0.1)
+        assert s.statistics().stolen == 3
+        assert s.poll(0.1).dispatch == {1: [2]}
+        assert s.rank_lost(1, 1.0) == [2]
+        assert s.statistics().resubmitted == 3
+
+    def test_dissolve_removes_a_requeued_bundle_for_its_calls_to_go_alone(self) -> None:
+        s = farm()
+        submit(s, 1, weight=4)
+        s.poll(0.0)
+        assert s.rank_lost(0, 1.0) == [1]
+        assert s.dissolve(1) == 4
+        assert s.state(1) is None and not s.has_work()
+        st = s.statistics()
+        assert st.submitted == 0 and st.pending == 0 and st.resubmitted == 4
+        assert s.add_worker(1, 1, 1.0)
+        assert not s.poll(1.0).dispatch  # its stale queue item is skipped
+        submit(s, 11, 12, 13, 14, now=1.0)  # the master submits its calls again
+        assert s.statistics().submitted == 4
+
+    def test_a_bundle_others_depend_on_is_not_dissolved(self) -> None:
+        s = farm()
+        submit(s, 1, weight=4)
+        submit(s, 2, inputs=[1])
+        s.poll(0.0)
+        s.rank_lost(0, 1.0)
+        assert s.dissolve(1) == 0 and s.state(1) is TaskState.PENDING
+        assert s.dissolve(99) == 0
+
+    def test_cancelled_parts_and_calls_never_handed_over(self) -> None:
+        s = farm()
+        submit(s, 1, weight=5)
+        s.drop_parts(1, 2)
+        s.cancelled_outside()
+        st = s.statistics()
+        assert (st.submitted, st.cancelled, st.pending) == (6, 3, 3)
+        assert sent(s.poll(0.0)) == [1]
+        assert succeed(s, 1, 0) is Decision.ACCEPT
+        st = s.statistics()
+        assert st.done + st.failed + st.cancelled == st.submitted == 6
+
+
 class TestRandomEventOrders:
     @pytest.mark.parametrize("seed", range(60))
     def test_each_task_decided_exactly_once(self, seed: int) -> None:

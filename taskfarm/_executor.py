@@ -306,7 +306,14 @@ class FarmExecutor(concurrent.futures.Executor):
         return self._submit(task.fn, task.args, task.kwargs, task)
 
     def _submit(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Any, task: Task | None, *, journal: bool = True
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Any,
+        task: Task | None,
+        *,
+        journal: bool = True,
+        bundle: bool = True,
     ) -> FarmFuture:
         with self._shutdown_lock:
             if self._shutdown:
@@ -376,6 +383,7 @@ class FarmExecutor(concurrent.futures.Executor):
                     expires,
                     policy.time_limit,
                     key,
+                    bundle,
                 )
             )
         except BaseException:
@@ -458,12 +466,16 @@ class FarmExecutor(concurrent.futures.Executor):
             chunksize = 1
         if chunksize > 1:
             calls = ((fn, chunk) for chunk in _batched(calls, chunksize))
-            submit_one: Callable[[Any], FarmFuture] = lambda c: self.submit(_run_chunk, *c)  # noqa: E731
+            submit_one: Callable[[Any], FarmFuture] = lambda c: self._submit_chunk(_run_chunk, *c)  # noqa: E731
         else:
             submit_one = lambda c: self.submit(fn, *c)  # noqa: E731
         window = max(MAP_WINDOW_MIN, MAP_WINDOW_PER_WORKER * max(1, len(self._farm.transport.peers())))
         queue: list[FarmFuture] = [submit_one(c) for c in itertools.islice(calls, window)]
         return self._map_results(queue, calls, submit_one, deadline, chunksize > 1)
+
+    def _submit_chunk(self, runner: Callable[..., Any], fn: Callable[..., Any], chunk: list[Any]) -> FarmFuture:
+        """One task of map's that runs a chunk: sized for balance already, never bundled."""
+        return self._submit(runner, (fn, chunk), {}, None, bundle=False)
 
     def _map_auto(
         self,
@@ -504,7 +516,7 @@ class FarmExecutor(concurrent.futures.Executor):
                     exhausted = True
                     if not chunk:
                         return
-                pending.append((self.submit(runner, fn, chunk), len(chunk)))
+                pending.append((self._submit_chunk(runner, fn, chunk), len(chunk)))
                 in_flight += len(chunk)
                 if remaining is not None:
                     remaining = max(0, remaining - len(chunk))

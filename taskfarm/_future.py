@@ -91,6 +91,10 @@ class _FutureCondition(threading.Condition):
 class FarmFuture(concurrent.futures.Future[Any]):
     """A `concurrent.futures.Future` with the task's id, state and rank."""
 
+    #: the master's: -1 while the call waits to be bundled, then its bundle's
+    #: task id; 0 for a task of its own (see `taskfarm._master`, "Bundles")
+    _bundle = 0
+
     def __init__(self, task_id: int, key: str | None = None, label: str = "") -> None:
         # Future.__init__'s fields, with a lighter condition (see _FutureCondition);
         # not super().__init__(), which would build the heavier one first

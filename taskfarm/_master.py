@@ -17,6 +17,21 @@ futures and the submission queue)::
 Decisions (who runs what, retries, dependencies) are the scheduler's; this
 module only carries them out.  A result is made durable in the journal before
 its future resolves.
+
+Bundles.  A task costs the farm ~60 us of Python over its life (its scheduler
+entry, its message item, a slot's round on the worker, its result item);
+on 1 ms tasks that is 6% of the machine.  So plain calls submitted faster than
+they run ride together: a submission with nothing special about it (no inputs,
+schedule, priority, time limit, retries, isolation, speculation or out-of-band
+arguments) waits in a held queue, and step 5 takes from it only as many
+scheduler tasks as the ranks have room for, each a *bundle* of calls worth
+`BUNDLE_SECONDS` of measured time (guided self-scheduling: smaller as the held
+queue empties; one call per task until calls have been timed).  To the
+scheduler and the wire a bundle is one task (its entry's weight counts its
+calls); the worker runs its parts one after another and sends one outcome per
+part; each call keeps its own future, journal record, events and traceback.
+A bundle put back after its rank was lost goes out again one call per task,
+so a call that kills workers is quarantined alone.
 """
 
 from __future__ import annotations
@@ -54,6 +69,8 @@ from ._protocol import (
     Hello,
     Initializer,
     Kind,
+    Part,
+    PartResult,
     ResultBatch,
     ResultItem,
     Steal,
@@ -105,6 +122,24 @@ DRAIN_BYE_TIMEOUT = 2.0
 #: the same for a rank declared lost by its heartbeat: a woken one answers in
 #: milliseconds, one still stopped is not waited for long (the job is aborted)
 LOST_BYE_TIMEOUT = 5.0
+#: measured seconds of calls per bundle (see "Bundles" above): as map's chunks
+#: (`taskfarm._executor.MAP_CHUNK_SECONDS`), long enough that a bundle's own
+#: cost is noise, short enough to balance; a quarter of the prefetch pipeline
+BUNDLE_SECONDS = 0.02
+#: most calls in one bundle (no-op calls): bounds a bundle's message and what
+#: one lost rank takes down
+BUNDLE_MAX = 512
+#: guided self-scheduling: a bundle holds at most the held calls / (this * slots)
+BUNDLE_GUIDED_FACTOR = 2
+#: weight of the newest measurement in the running mean of seconds per call
+CALL_TIME_EWMA = 0.3
+#: a task's scheduler function slot in a bundle's message (its parts carry theirs)
+_NO_FN = FnRef(b"", None)
+#: ``FarmFuture._bundle`` of a call waiting in the held queue (else its bundle's
+#: task id, or 0 for a task of its own)
+_HELD = -1
+#: a bundle's policy to the scheduler: its calls have the default one (no retries)
+_BUNDLE_POLICY = TaskPolicy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +209,9 @@ class FarmStatistics:
     #: copies started of straggling ``speculative`` tasks; the copy that lost
     #: the race counts in ``duplicates``
     speculated: int = 0
+    #: tasks that went out in bundles with others (plain calls submitted faster
+    #: than they run; see docs/performance.md, "Bundles"); counted in the above too
+    bundled: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``--stats-json`` writes)."""
@@ -202,6 +240,8 @@ class Submission(NamedTuple):
     expires: float | None  # wall clock
     time_limit: float | None
     key: str | None  # journal key; None when no journal is kept
+    #: may ride in a bundle with other calls (map's chunks, sized already, may not)
+    bundle: bool = True
 
 
 class _ExecutorInfo(NamedTuple):
@@ -258,6 +298,15 @@ class Farm:
             self._apply_configuration()
         #: a task's submission from its admission to its outcome
         self._tasks: dict[int, Submission] = {}
+        #: plain calls waiting to be bundled (see "Bundles"); cancelled ones are
+        #: skipped when taken (no longer in ``_tasks``)
+        self._held: collections.deque[Submission] = collections.deque()
+        self._held_live = 0  # of those, the ones not cancelled
+        #: a bundle's scheduler task id -> its calls' submissions
+        self._bundles: dict[int, list[Submission]] = {}
+        #: running mean of seconds per call (tasks and bundles' parts), None until one is timed
+        self._call_time: float | None = None
+        self._bundled = 0  # calls handed to the scheduler in bundles
         self._executors: dict[int, _ExecutorInfo] = {}
         self._next_task_id = 0
         self._next_executor_id = 0
@@ -464,7 +513,7 @@ class Farm:
                     self._snapshot_wanted.clear()
                     self._snapshot_ready.set()
                 if self._closing and not self._submissions and (
-                    not self.scheduler.has_work() or self._broken is not None
+                    not self._has_work() or self._broken is not None
                 ):
                     break  # done; or broken: its tasks have failed, nothing can run them
                 if progressed and self.scheduler.live_workers() == 0 and self._all_peers_gone():
@@ -472,7 +521,7 @@ class Farm:
                 if progressed:
                     self._rung = False  # what rang came in
                     self._recheck = len(RING_RECHECKS)
-                    if not self.scheduler.has_ready() or self.scheduler.prefetch >= MAX_PREFETCH:
+                    if not self._backlog() or self.scheduler.prefetch >= MAX_PREFETCH:
                         backoff.reset()  # results are awaited: poll sooner (unless ranks ring)
                     # else: every rank holds a deep pipeline (long tasks, a backlog): no hurry
                     time.sleep(0)
@@ -499,6 +548,10 @@ class Farm:
             self._service_cpu = time.thread_time() - cpu0
             self._snapshot = self._take_snapshot()
             self._snapshot_ready.set()
+
+    def _has_work(self) -> bool:
+        """True while any task is neither done nor cancelled (held ones included)."""
+        return self._held_live > 0 or self.scheduler.has_work()
 
     def _draining(self) -> bool:
         if self._drain_grace is None and self._drain_at is not None and time.monotonic() >= self._drain_at:
@@ -528,6 +581,7 @@ class Farm:
         for task_id in list(self._tasks):
             task = self._tasks.pop(task_id)
             self._resolve.append((task.future, None, error))
+        self._forget_held()
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
@@ -554,7 +608,7 @@ class Farm:
         """How long the service thread may sleep while tasks are out and it
         must poll: while ready tasks wait for room, a quarter of the ranks'
         pipeline depth (they run from their queues meanwhile); else `BUSY_POLL_CAP`."""
-        if not self.scheduler.has_ready():
+        if not self._backlog():
             return BUSY_POLL_CAP
         depth = min(PIPELINE_SECONDS, (1 + self.scheduler.prefetch) * (self.scheduler._mean_duration or 0.0))
         return min(BUSY_POLL_CAP, max(BUSY_POLL_MIN, depth / 4))
@@ -562,7 +616,7 @@ class Farm:
     def _wait(self, backoff: Backoff) -> None:
         """Step 7: sleep until a message (its ring), a user thread's call, a
         timed task, or, where ranks cannot ring, the next poll."""
-        busy = self.scheduler.has_work()
+        busy = self._has_work()
         ringing = self._all_ring()
         if ringing:  # every message rings: sleep until one does
             if self._rung:
@@ -629,7 +683,7 @@ class Farm:
             )
             self.transport.send(peer, Kind.STOP, Stop("protocol version mismatch"))
             return
-        if self._closing and not self.scheduler.has_work():
+        if self._closing and not self._has_work():
             return  # Stop follows
         if not self._ready:
             self._parked.append((peer, hello))  # answered once the pool is known
@@ -645,6 +699,10 @@ class Farm:
 
     def _on_results(self, peer: int, batch: ResultBatch, now: float) -> None:
         for item in batch.items:
+            if item.parts or item.task_id in self._bundles:
+                self._on_bundle(peer, item, now)
+                continue
+            self._observe_call(item.t_end - item.t_start)
             task = self._tasks.get(item.task_id)
             retryable = False
             error: BaseException | None = None
@@ -685,15 +743,8 @@ class Farm:
                 event = "retried" if decision is Decision.RETRY else "failed"
                 self._emit_outcome(event, item, peer, key, future.label, error)
             if self.journal is not None and key is not None:
-                self.journal.failed(
-                    key,
-                    rank=peer,
-                    attempt=item.attempt,
-                    t=item.t_end,
-                    error=(item.payload, item.buffers),
-                    error_text=item.traceback or repr(error),
-                    final=decision is not Decision.RETRY,
-                    counts_as_attempt=not item.crashed,
+                self._journal_failure(
+                    key, peer, item.attempt, item, error, final=decision is not Decision.RETRY, counts=not item.crashed
                 )
             if decision is Decision.RETRY:
                 future._task_state = TaskState.RETRY
@@ -714,29 +765,96 @@ class Farm:
                     error = outer
                 self._fail(item.task_id, error)
 
+    def _on_bundle(self, peer: int, item: ResultItem, now: float) -> None:
+        """A bundle's outcome: each part resolves its own call (see "Bundles")."""
+        failed = sum(1 for part in item.parts if not part.ok) if item.ok else 0
+        decision = self.scheduler.finished(
+            item.task_id, peer, now, ok=item.ok, duration=item.t_end - item.t_start, failed_parts=failed
+        )
+        subs = self._bundles.get(item.task_id)
+        if subs is None or decision is Decision.DISCARD or decision is Decision.RETRY:
+            return  # a late copy; or put back in the queue, whole
+        del self._bundles[item.task_id]
+        if decision is not Decision.ACCEPT:  # the bundle itself failed (a worker fault)
+            error = self._decode_error(item, peer)
+            for sub in subs:
+                self._fail(sub.future.task_id, error, journaled=False)
+            return
+        if item.parts:
+            self._observe_call((item.t_end - item.t_start) / len(item.parts))
+        journal = self.journal
+        for part in item.parts:
+            task = self._tasks.pop(part.task_id, None)
+            if task is None:
+                continue  # failed meanwhile (the farm broke)
+            future = task.future
+            key = task.key
+            if part.ok:
+                frame = (part.payload, part.buffers)
+                if journal is not None and key is not None:
+                    journal.succeeded(
+                        key, rank=peer, attempt=item.attempt, t_start=part.t_start, t_end=part.t_end, result=frame
+                    )
+                self._resolve.append((future, _Encoded(frame), None))
+                if self._listeners:
+                    self._emit_outcome("succeeded", part, peer, key, future.label, attempt=item.attempt)
+                continue
+            error = self._decode_error(part, peer)
+            if self._listeners:
+                self._emit_outcome("failed", part, peer, key, future.label, error, attempt=item.attempt)
+            if journal is not None and key is not None:
+                self._journal_failure(key, peer, item.attempt, part, error, final=True, counts=True)
+            self._resolve.append((future, None, error))
+
+    def _journal_failure(
+        self,
+        key: str,
+        peer: int,
+        attempt: int,
+        result: ResultItem | PartResult,
+        error: BaseException | None,
+        *,
+        final: bool,
+        counts: bool,
+    ) -> None:
+        """Record a failed attempt, as the worker sent it (its exception, pickled)."""
+        assert self.journal is not None
+        self.journal.failed(
+            key,
+            rank=peer,
+            attempt=attempt,
+            t=result.t_end,
+            error=(result.payload, result.buffers),
+            error_text=result.traceback or repr(error),
+            final=final,
+            counts_as_attempt=counts,
+        )
+
     def _emit_outcome(
         self,
         event: str,
-        item: ResultItem,
+        item: ResultItem | PartResult,
         peer: int,
         key: str | None,
         label: str,
         error: BaseException | None = None,
+        *,
+        attempt: int | None = None,
     ) -> None:
         fields: dict[str, Any] = {
             "task": item.task_id,
             "key": key,
             "label": label,
             "rank": peer,
-            "attempt": item.attempt,
+            "attempt": item.attempt if isinstance(item, ResultItem) else attempt,
             "start": item.t_start,
             "end": item.t_end,
         }
         if error is not None:
-            fields.update(error=f"{type(error).__name__}: {error}", crashed=item.crashed)
+            fields.update(error=f"{type(error).__name__}: {error}", crashed=getattr(item, "crashed", False))
         self._emit(event, **fields)
 
-    def _decode_error(self, item: ResultItem, peer: int) -> BaseException:
+    def _decode_error(self, item: ResultItem | PartResult, peer: int) -> BaseException:
         try:
             error = ser.loads(item.payload, item.buffers)
         except Exception as exc:  # noqa: BLE001 - an exception the master cannot load
@@ -751,6 +869,8 @@ class Farm:
         return error  # type: ignore[no-any-return]
 
     def _fail(self, task_id: int, error: BaseException, *, journaled: bool = True) -> None:
+        for sub in self._bundles.pop(task_id, ()):  # a bundle: each of its calls fails
+            self._fail(sub.future.task_id, error, journaled=journaled)
         task = self._tasks.pop(task_id, None)
         if task is not None and not journaled and self._listeners:
             self._emit(
@@ -816,6 +936,10 @@ class Farm:
                     # resolve those failures now: a later submission in this batch may
                     # name one of them as its input and must see it done
                     self._commit()
+                elif what == "cancel":
+                    held = self._tasks.get(arg)  # a held call, or one in a bundle not sent yet
+                    if held is not None and held.future._bundle and held.future._state == _CANCELLED:
+                        self._cancelled_outside(held)
                 elif what == "executor":
                     self._executors[arg.executor_id] = arg
                 elif what == "configure":
@@ -837,6 +961,7 @@ class Farm:
             # cancelled before the service thread saw it: wait() and as_completed()
             # count a cancelled future only once it is marked notified
             future.set_running_or_notify_cancel()
+            self.scheduler.cancelled_outside()  # submitted and cancelled, in the counts too
             return
         # failures decided here resolve at once, not at the next commit: a later
         # submission in this same batch may name this future as its input, and
@@ -847,7 +972,7 @@ class Farm:
         waiting = []
         for dep in sub.inputs:  # usually none
             if not dep.done():
-                waiting.append(dep.task_id)
+                waiting.append(self._scheduled_as(dep))
             elif dep.cancelled() or dep.exception(0) is not None:
                 error = DependencyFailed(f"input task {dep.task_id} of task {future.task_id} failed or was cancelled")
                 _fail_future(future, error)
@@ -858,6 +983,11 @@ class Farm:
             self.journal.submitted(sub.key, label=future.label, t=time.time())
         if self._listeners:
             self._emit("submitted", task=task_id, key=sub.key, label=future.label)
+        if not waiting and self._bundleable(sub):
+            future._bundle = _HELD
+            self._held.append(sub)
+            self._held_live += 1
+            return
         ready = self.scheduler.submit(
             task_id,
             now,
@@ -870,6 +1000,124 @@ class Farm:
         if not ready:
             future._task_state = TaskState.SCHEDULED
 
+    def _bundleable(self, sub: Submission) -> bool:
+        """True for a call with nothing that needs a task of its own (see "Bundles")."""
+        policy = sub.policy
+        return (
+            sub.bundle
+            and not sub.inputs
+            and sub.not_before is None
+            and sub.expires is None
+            and sub.time_limit is None
+            and sub.priority == 0
+            and not sub.call[1]
+            and policy.max_retries == 0
+            and not policy.speculative
+            and policy.isolation != "process"
+            and self.pool.kind != "processes"
+        )
+
+    def _scheduled_as(self, dep: FarmFuture) -> int:
+        """The scheduler task that runs ``dep``'s call: its own, or its bundle's."""
+        if dep._bundle == _HELD:
+            self._feed(time.monotonic(), flush=True)  # a task waits for it: it needs a task id now
+        return dep._bundle or dep.task_id
+
+    def _backlog(self) -> bool:
+        """True while tasks wait for room on the ranks (held calls included)."""
+        return self._held_live > 0 or self.scheduler.has_ready()
+
+    def _feed(self, now: float, *, flush: bool = False) -> None:
+        """Hand held calls to the scheduler, as many as the ranks have room for
+        (all of them with ``flush``), in bundles sized from the calls' measured
+        time, or one by one while none has been timed."""
+        held = self._held
+        scheduler = self.scheduler
+        want = len(held) if flush else scheduler.room() - scheduler.ready_weight()
+        if want <= 0:
+            return
+        slots = max(1, scheduler.live_slots())
+        tasks = self._tasks
+        while held and want > 0:
+            size = min(self._bundle_size(slots), want)
+            parts: list[Submission] = []
+            while held and len(parts) < size:
+                sub = held[0]
+                if tasks.get(sub.future.task_id) is not sub:
+                    held.popleft()  # cancelled while it waited (counted then)
+                    continue
+                if parts and sub.executor_id != parts[0].executor_id:
+                    break  # one executor per bundle: its initializer runs before it
+                held.popleft()
+                parts.append(sub)
+            if not parts:
+                break
+            self._held_live -= len(parts)
+            want -= len(parts)
+            if len(parts) == 1:
+                sub = parts[0]
+                sub.future._bundle = 0
+                scheduler.submit(sub.future.task_id, now, policy=sub.policy)
+                continue
+            bundle_id = self.new_task_id()
+            for sub in parts:
+                sub.future._bundle = bundle_id
+            self._bundles[bundle_id] = parts
+            self._bundled += len(parts)
+            scheduler.submit(bundle_id, now, policy=_BUNDLE_POLICY, weight=len(parts))
+
+    def _bundle_size(self, slots: int) -> int:
+        """Calls in the next bundle: `BUNDLE_SECONDS` of them, fewer as the held
+        queue empties (guided self-scheduling); 1 until a call has been timed."""
+        mean = self._call_time
+        if mean is None:
+            return 1
+        size = BUNDLE_MAX if mean <= 0 else int(BUNDLE_SECONDS / mean)
+        guided = -(-self._held_live // (BUNDLE_GUIDED_FACTOR * slots))
+        return max(1, min(size, BUNDLE_MAX, guided))
+
+    def _observe_call(self, seconds: float) -> None:
+        mean = self._call_time
+        self._call_time = seconds if mean is None else mean + CALL_TIME_EWMA * (seconds - mean)
+
+    def _cancelled_outside(self, sub: Submission) -> None:
+        """A held call, or one in a bundle not yet sent, was cancelled: the
+        scheduler does not know it by itself."""
+        future = sub.future
+        task_id = future.task_id
+        self._tasks.pop(task_id, None)
+        bundle = future._bundle
+        if bundle == _HELD:
+            self._held_live -= 1
+            self.scheduler.cancelled_outside()
+        elif bundle:
+            self.scheduler.drop_parts(bundle, 1)
+        if self.journal is not None and sub.key is not None:
+            self.journal.cancelled(sub.key, t=time.time())
+        if self._listeners:
+            self._emit("cancelled", task=task_id, key=sub.key, label=future.label)
+        if future._state == _CANCELLED:
+            future.set_running_or_notify_cancel()  # lets wait() see it
+
+    def _dissolve(self, requeued: list[int], now: float) -> list[int]:
+        """Bundles among ``requeued`` (their rank was lost) go out again one call
+        per task, so that a call that kills workers is quarantined alone.
+        Returns ``requeued`` with each bundle replaced by its calls' ids."""
+        out = []
+        for task_id in requeued:
+            subs = self._bundles.get(task_id)
+            if subs is None or not self.scheduler.dissolve(task_id):
+                out.append(task_id)  # a task, or a bundle others wait for: it stays whole
+                continue
+            del self._bundles[task_id]
+            for sub in subs:
+                future = sub.future
+                if self._tasks.get(future.task_id) is sub:
+                    future._bundle = 0
+                    self.scheduler.submit(future.task_id, now, policy=sub.policy)
+                    out.append(future.task_id)
+        return out
+
     # step 4
     def _notice_lost(self) -> bool:
         lost = self.transport.take_lost()
@@ -879,7 +1127,7 @@ class Farm:
         return bool(lost)
 
     def _lose(self, rank: int, now: float, why: str) -> None:
-        requeued = self.scheduler.rank_lost(rank, now)
+        requeued = self._dissolve(self.scheduler.rank_lost(rank, now), now)
         if self._listeners:
             self._emit("rank_lost", rank=rank, reason=why, resubmitted=list(requeued))
         log.warning("rank %d lost: %s; %d task(s) resubmitted", rank, why, len(requeued))
@@ -894,6 +1142,8 @@ class Farm:
     # step 5
     def _dispatch(self) -> bool:
         now = time.monotonic()
+        if self._held:
+            self._feed(now)
         actions = self.scheduler.poll(now)
         wakeup = self.scheduler.next_wakeup()
         # only ready tasks need a periodic look (they may expire while every rank is full)
@@ -920,6 +1170,12 @@ class Farm:
         attempt_of = self.scheduler.attempt
         awaited = self.scheduler.awaited
         for task_id in task_ids:
+            bundle = self._bundles.get(task_id)
+            if bundle is not None:
+                item = self._bundle_item(rank, task_id, bundle, sent_fns)
+                if item is not None:
+                    by_executor.setdefault(bundle[0].executor_id, []).append(item)
+                continue
             sub = self._tasks[task_id]
             future = sub.future
             try:
@@ -970,6 +1226,52 @@ class Farm:
                 self._init_sent[rank].add(executor_id)
             self.transport.send(rank, Kind.TASKS, TaskBatch(init, tuple(items), executor_id))
 
+    def _bundle_item(
+        self, rank: int, bundle_id: int, subs: list[Submission], sent_fns: set[bytes]
+    ) -> TaskItem | None:
+        """The message item of a bundle going to ``rank``; None if every call
+        in it was cancelled meanwhile."""
+        live = []
+        for sub in subs:
+            if self._tasks.get(sub.future.task_id) is not sub:
+                continue  # cancelled while it waited (counted then)
+            if not _mark_running(sub.future):
+                self._cancelled_outside(sub)  # cancelled just now
+                continue
+            live.append(sub)
+        if len(live) != len(subs):
+            subs[:] = live
+        if not live:
+            del self._bundles[bundle_id]
+            self.scheduler.withdraw(bundle_id, rank)
+            return None
+        attempt = self.scheduler.attempt(bundle_id)
+        journal = self.journal
+        listeners = self._listeners
+        refs: dict[bytes, FnRef] = {}
+        parts = []
+        for sub in live:
+            future = sub.future
+            future._task_state = TaskState.RUNNING
+            future.rank = rank
+            if journal is not None and sub.key is not None:
+                journal.dispatched(sub.key, rank=rank, attempt=attempt, t=time.time())
+            if listeners:
+                self._emit("dispatched", task=future.task_id, key=sub.key, rank=rank, attempt=attempt)
+            digest, payload = sub.fn
+            fn = refs.get(digest)
+            if fn is None:
+                if digest in sent_fns:
+                    fn = FnRef(digest, None)
+                else:
+                    fn = FnRef(digest, payload)  # the first part carries it, the rest refer to it
+                    sent_fns.add(digest)
+                refs[digest] = FnRef(digest, None)
+            parts.append(Part(future.task_id, fn, sub.call[0]))
+        return TaskItem(
+            bundle_id, attempt, _NO_FN, b"", (), (), None, None, self.scheduler.awaited(bundle_id), tuple(parts)
+        )
+
     @staticmethod
     def _dep_value(dep: FarmFuture) -> tuple[int, bytes, tuple[Any, ...]]:
         if not dep.done():
@@ -990,12 +1292,19 @@ class Farm:
         self._broken = error
         for task_id in list(self._tasks):
             self._fail(task_id, BrokenFarmError(str(error)), journaled=False)
+        self._forget_held()
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
                 self._resolve.append((sub.future, None, BrokenFarmError(str(error))))
         self._commit()
         self._closing = True
+
+    def _forget_held(self) -> None:
+        """The farm ends early: its held calls and bundles have failed with their tasks."""
+        self._held.clear()
+        self._held_live = 0
+        self._bundles.clear()
 
     def _stop_workers(self) -> None:
         """Send Stop to every worker whose process lives, and collect their Byes.
@@ -1061,7 +1370,7 @@ class Farm:
                 doorbell=bye.rung and self.transport.rings_from(rank) if bye is not None else None,
             )
         return FarmStatistics(
-            submitted=s.submitted,
+            submitted=s.submitted + self._held_live,
             done=s.done,
             failed=s.failed,
             cancelled=s.cancelled,
@@ -1071,7 +1380,8 @@ class Farm:
             zombies=s.zombies,
             duplicates=s.duplicates,
             speculated=s.speculated,
-            pending=s.pending,
+            bundled=self._bundled,
+            pending=s.pending + self._held_live,
             running=s.running,
             workers=sum(1 for r in s.ranks.values() if r.alive),
             lost_ranks=s.lost_ranks,

@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 class Kind(enum.IntEnum):
@@ -61,6 +61,15 @@ class FnRef(NamedTuple):
     payload: bytes | None  # None when the worker already has it cached
 
 
+class Part(NamedTuple):
+    """One call inside a bundle: a task of its own to the user, not to the scheduler."""
+
+    task_id: int
+    fn: FnRef
+    #: pickled ``(args, kwargs)``; bundled calls have no out-of-band buffers
+    call: bytes
+
+
 class TaskItem(NamedTuple):
     task_id: int
     attempt: int
@@ -76,6 +85,9 @@ class TaskItem(NamedTuple):
     #: other tasks wait for this one's result: it goes back at once, not
     #: lingering for company (`taskfarm._worker.RESULT_LINGER`)
     urgent: bool = False
+    #: a bundle: these calls run one after another, and ``fn``/``call`` are
+    #: empty (see `taskfarm._master`, "bundles"); empty for a plain task
+    parts: tuple[Part, ...] = ()
 
 
 class Initializer(NamedTuple):
@@ -106,6 +118,20 @@ class ResultItem(NamedTuple):
     t_end: float
     #: True when the process running the task died (WorkerLostError)
     crashed: bool
+    #: a bundle's outcomes, one per part, in order (its own ``ok`` says it ran)
+    parts: tuple[PartResult, ...] = ()
+
+
+class PartResult(NamedTuple):
+    """The outcome of one call of a bundle, as `ResultItem` has it for a task."""
+
+    task_id: int
+    ok: bool
+    payload: bytes
+    buffers: tuple[Any, ...]
+    traceback: str
+    t_start: float
+    t_end: float
 
 
 class ResultBatch(NamedTuple):

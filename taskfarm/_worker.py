@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -51,6 +52,7 @@ from ._protocol import (
     Hello,
     Kind,
     LogRecords,
+    PartResult,
     Released,
     ResultBatch,
     ResultItem,
@@ -259,6 +261,8 @@ class Worker:
                 self._library.add_initializer(batch.init)
             for item in batch.items:
                 self._library.learn(item.fn)
+                for part in item.parts:
+                    self._library.learn(part.fn)
             with self._cv:
                 self._queue.extend((item, executor_id) for item in batch.items)
                 self._cv.notify_all()
@@ -371,6 +375,7 @@ class Worker:
                     not self._queue
                     or item.urgent
                     or _big(result.buffers)
+                    or any(_big(part.buffers) for part in result.parts)
                     or len(self._outbox) >= RESULT_BATCH
                     or time.monotonic() - self._outbox_since > RESULT_LINGER
                 ):
@@ -389,6 +394,8 @@ class Worker:
     def _run(self, slot: _Slot, item: TaskItem, executor_id: int) -> ResultItem:
         spec = self._spec
         assert spec is not None
+        if item.parts:
+            return self._run_bundle(slot, item, executor_id)
         isolation = item.isolation or ("process" if spec.kind == "processes" else "inline")
         if isolation == "process":
             head = traceback_head(self.rank, self.host, item.attempt, ", in a child process")
@@ -422,6 +429,38 @@ class Worker:
             outcome.t_end,
             outcome.crashed,
         )
+
+    def _run_bundle(self, slot: _Slot, item: TaskItem, executor_id: int) -> ResultItem:
+        """A bundle's calls, one after another in this slot, each with its own outcome."""
+        spec = self._spec
+        assert spec is not None
+        head = traceback_head(self.rank, self.host, item.attempt)
+        library = self._library
+        init_error = library.init_error(executor_id)
+        loop = self._event_loop() if spec.kind == "threads" else None
+        parts = []
+        t_start = time.time()
+        cpu0 = time.thread_time()  # of all the calls together (see `execute`'s measure_cpu)
+        for part in item.parts:
+            outcome = execute(
+                functools.partial(library.function, part.fn.digest),
+                part.call,
+                (),
+                (),
+                None,
+                head,
+                init_error=init_error,
+                loop=loop,
+                measure_cpu=False,
+            )
+            parts.append(PartResult(part.task_id, *outcome[:6]))  # ok, payload, buffers, traceback, t_start, t_end
+        cpu = time.thread_time() - cpu0
+        t_end = time.time()
+        slot.busy += t_end - t_start
+        with self._cv:
+            self.tasks += len(parts)
+            self.task_cpu_time += cpu
+        return ResultItem(item.task_id, item.attempt, True, b"", (), "", t_start, t_end, False, tuple(parts))
 
     def _event_loop(self) -> EventLoop:
         with self._loop_lock:

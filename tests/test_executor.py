@@ -877,3 +877,93 @@ def test_futures_as_arguments(farm_results: Results) -> None:
     assert got["array_input"] == float(1 << 20)
     assert got["lambda_too"] == 61
     assert got["failed_input"] == "DependencyFailed"
+
+
+# --------------------------------------------------------------------------
+# bundles: plain calls submitted faster than they run ride together
+# (taskfarm._master, "Bundles"); each keeps its own future and outcome
+# --------------------------------------------------------------------------
+
+#: plain calls per bundle section: far more than the ranks hold at once
+BURST = 2000
+
+BUNDLED_CALLS_KEEP_THEIR_OWN_OUTCOMES = section(
+    "bundles",
+    "bundled_calls_keep_their_own_outcomes",
+    f"""
+    def half_of_even(i):
+        if i % 97 == 5:
+            raise ValueError(i)
+        return i // 2
+
+    with taskfarm.FarmExecutor() as ex:
+        list(ex.map(ident, range(50), chunksize=1))  # calls timed: bundles can be sized
+        s0 = ex.statistics()
+        fs = [ex.submit(half_of_even, i) for i in range({BURST})]
+        cf.wait(fs, timeout=90)
+        s = ex.statistics()
+    bad = [i for i in range({BURST}) if i % 97 == 5]
+    out["values_ok"] = all(f.result() == i // 2 for i, f in enumerate(fs) if i not in bad)
+    errors = [fs[i].exception() for i in bad]
+    out["errors"] = sorted({{type(e).__name__ for e in errors}})
+    out["error_args"] = [e.args[0] for e in errors] == bad
+    out["remote_tracebacks"] = all("Traceback on rank" in str(e.__cause__) for e in errors)
+    out["bad"] = len(bad)
+    out["stats"] = {{k: getattr(s, k) - getattr(s0, k) for k in ("submitted", "done", "failed", "bundled")}}
+    """,
+)
+
+
+def test_bundled_calls_keep_their_own_outcomes(farm_results: Results) -> None:
+    got = farm_results(BUNDLED_CALLS_KEEP_THEIR_OWN_OUTCOMES)
+    assert got["values_ok"] is True
+    assert got["errors"] == ["ValueError"] and got["error_args"] is True
+    assert got["remote_tracebacks"] is True
+    stats = got["stats"]
+    assert stats["submitted"] == BURST
+    assert (stats["done"], stats["failed"]) == (BURST - got["bad"], got["bad"])
+    assert stats["bundled"] > BURST // 2  # most of the burst rode in bundles
+
+
+BUNDLED_CALLS_AS_INPUTS_AND_CANCELLED = section(
+    "bundles",
+    "bundled_calls_as_inputs_and_cancelled",
+    f"""
+    def fail_on_7(i):
+        if i == 7:
+            raise ValueError(i)
+        return i
+
+    with taskfarm.FarmExecutor() as ex:
+        list(ex.map(ident, range(50), chunksize=1))
+        # inputs submitted in the same burst: still held when their dependent arrives
+        fs = [ex.submit(fail_on_7, i) for i in range({BURST})]
+        out["dependent"] = ex.submit(add, fs[{BURST} - 1], 1).result(90)
+        out["failed_input"] = type(ex.submit(add, fs[7], 1).exception(90)).__name__
+        # a burst cancelled at once: the held calls and those in bundles not yet sent
+        s0 = ex.statistics()
+        gs = [ex.submit(ident, i) for i in range({BURST})]
+        cancelled = sum(g.cancel() for g in gs)
+        done, not_done = cf.wait(gs, timeout=90)
+        s = ex.statistics()
+    out["cancelled"] = cancelled
+    out["not_done"] = len(not_done)
+    out["ran_ok"] = all(g.result() == i for i, g in enumerate(gs) if not g.cancelled())
+    out["stats"] = {{k: getattr(s, k) - getattr(s0, k) for k in ("submitted", "done", "cancelled", "failed")}}
+    """,
+)
+
+
+def test_bundled_calls_as_inputs_and_cancelled(farm_results: Results) -> None:
+    got = farm_results(BUNDLED_CALLS_AS_INPUTS_AND_CANCELLED)
+    assert got["dependent"] == BURST
+    assert got["failed_input"] == "DependencyFailed"
+    assert got["not_done"] == 0  # wait() sees every cancelled call
+    assert got["ran_ok"] is True
+    assert got["cancelled"] > BURST // 2  # the ranks hold only a pipeline's worth
+    assert got["stats"] == {
+        "submitted": BURST,
+        "done": BURST - got["cancelled"],
+        "cancelled": got["cancelled"],
+        "failed": 0,
+    }

@@ -303,15 +303,19 @@ def _events(path: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.ulfm
-def test_ulfm_killed_worker_rank_loses_no_task(openmpi: MPI, tmp_path: Path, script: Any) -> None:
-    """4 workers, 1,000 tasks of 10 ms; one worker rank SIGKILLed at a random point midway."""
+@pytest.mark.parametrize(("tasks", "seconds"), [(1000, 0.01), (4000, 0.001)], ids=["10ms", "1ms-bundled"])
+def test_ulfm_killed_worker_rank_loses_no_task(
+    openmpi: MPI, tmp_path: Path, script: Any, tasks: int, seconds: float
+) -> None:
+    """4 workers, 1,000 tasks of 10 ms; one worker rank SIGKILLed at a random point midway.
+    With 1 ms tasks the rank holds bundles of calls: they go out again one call per task."""
     marks = tmp_path / "marks"
     marks.mkdir()
     stats_path, events_path = tmp_path / "stats.json", tmp_path / "events.jsonl"
     cli = ["--stats-json", str(stats_path), "--events", str(events_path), "-q"]
-    launched = _launch(openmpi, 5, [*cli, str(script(LONG_RUN)), str(marks), "1000", "0.01"], ft=True)
+    launched = _launch(openmpi, 5, [*cli, str(script(LONG_RUN)), str(marks), str(tasks), str(seconds)], ft=True)
     try:
-        kill_after = random.randint(250, 500)  # tasks started
+        kill_after = random.randint(tasks // 4, tasks // 2)  # tasks started
         _wait_for(lambda: len(os.listdir(marks)) >= kill_after, launched, 90)
         victim, pid = random.choice(sorted(_started(marks).items()))
         killed_at = time.time()
@@ -321,10 +325,12 @@ def test_ulfm_killed_worker_rank_loses_no_task(openmpi: MPI, tmp_path: Path, scr
         launched.kill()
     assert res.returncode == 0, res.explain()
     out = _result_line(res)
-    assert out == {"counts": {"ok": 1000}, "wrong": 0}
+    assert out == {"counts": {"ok": tasks}, "wrong": 0}
     stats = read_json(stats_path)
-    assert stats["done"] == 1000 and stats["failed"] == 0
+    assert stats["done"] == tasks and stats["failed"] == 0
     assert stats["duplicates"] == 0
+    if seconds < 0.005:
+        assert stats["bundled"] > tasks // 2
     assert stats["lost_ranks"] == [victim]
     assert stats["ulfm"] is True
     assert stats["resubmitted"] >= 1  # it held tasks when it died
@@ -340,7 +346,7 @@ def test_ulfm_killed_worker_rank_loses_no_task(openmpi: MPI, tmp_path: Path, scr
     assert all(e["rank"] != victim for e in again)
     figures = {
         "killed_after_tasks_started": kill_after,
-        "tasks_lost": 1000 - out["counts"]["ok"],
+        "tasks_lost": tasks - out["counts"]["ok"],
         "duplicates": stats["duplicates"],
         "resubmitted": len(resubmitted),
         "detected_after_s": round(lost[0]["t"] - killed_at, 4),

@@ -16,7 +16,7 @@ import pytest
 import taskfarm._serialization as ser
 import taskfarm._worker as worker_module
 from taskfarm._loopback import LOCAL_PEER, Loopback
-from taskfarm._protocol import Config, FnRef, Kind, ResultBatch, Stop, TaskBatch, TaskItem
+from taskfarm._protocol import Config, FnRef, Kind, Part, ResultBatch, Stop, TaskBatch, TaskItem
 from taskfarm._transport import Transport
 
 #: how long the test waits for an answer that comes in microseconds; the
@@ -100,3 +100,37 @@ def test_some_results_do_not_linger(monkeypatch: pytest.MonkeyPatch, why: str) -
         assert task_id == 1 and (value == 11 if why == "urgent" else value.nbytes == 1 << 20)
         RELEASE.set()
         assert _results(link, answered, "the held task") == [(2, "released")]
+
+
+def test_a_bundle_runs_its_calls_in_order_each_with_its_own_outcome() -> None:
+    """A bundle (several calls in one task of the scheduler's) comes back as one
+    result with one part per call: a call that raises fails only its part, with
+    its own traceback; the function travels once, the other parts name it."""
+    digest, payload = ser.FunctionCache().get(operator.truediv)
+
+    def part(task_id: int, *args: Any) -> Part:
+        call, buffers = ser.dumps((args, {}), "argument")
+        assert not buffers
+        return Part(task_id, FnRef(digest, payload if task_id == 11 else None), call)
+
+    parts = (part(11, 1, 4), part(12, 1, 0), part(13, 9, 3))
+    bundle = TaskItem(7, 2, FnRef(b"", None), b"", (), (), None, None, False, parts)
+    with _rank0_worker() as (link, answered):
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (bundle,)))
+        while True:
+            assert answered.wait(ANSWER_WITHIN), "no answer from rank 0's worker"
+            answered.clear()
+            got = [m[2] for m in list(link.to_master) if m[1] is Kind.RESULTS]
+            if got:
+                break
+    (item,) = cast(ResultBatch, got[0]).items
+    assert (item.task_id, item.attempt, item.ok) == (7, 2, True)
+    assert [p.task_id for p in item.parts] == [11, 12, 13]
+    assert [p.ok for p in item.parts] == [True, False, True]
+    assert ser.loads(item.parts[0].payload, item.parts[0].buffers) == 0.25
+    assert ser.loads(item.parts[2].payload, item.parts[2].buffers) == 3.0
+    error = ser.loads(item.parts[1].payload, item.parts[1].buffers)
+    assert isinstance(error, ZeroDivisionError)
+    assert item.parts[1].traceback.startswith("Traceback on rank 0") and "attempt 2" in item.parts[1].traceback
+    assert "ZeroDivisionError" in item.parts[1].traceback
+    assert item.t_start <= item.parts[0].t_start <= item.parts[0].t_end <= item.parts[2].t_end <= item.t_end

@@ -22,13 +22,13 @@ WORKERS = 2
 
 
 class _FakeExecutor:
-    """What `_map_auto` uses of an executor: the farm's peers and ``submit``."""
+    """What `_map_auto` uses of an executor: the farm's peers and ``_submit_chunk``."""
 
     def __init__(self, workers: int) -> None:
         self._farm = types.SimpleNamespace(transport=types.SimpleNamespace(peers=lambda: list(range(1, workers + 1))))
         self.sizes: list[int] = []
 
-    def submit(self, runner: Callable[..., Any], fn: Callable[[Any], Any], chunk: list[Any]) -> Any:
+    def _submit_chunk(self, runner: Callable[..., Any], fn: Callable[[Any], Any], chunk: list[Any]) -> Any:
         self.sizes.append(len(chunk))
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         future.set_result(([fn(x) for x in chunk], ITEM_SECONDS * len(chunk)))

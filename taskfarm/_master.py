@@ -1030,41 +1030,58 @@ class Farm:
     def _feed(self, now: float, *, flush: bool = False) -> None:
         """Hand held calls to the scheduler, as many as the ranks have room for
         (all of them with ``flush``), in bundles sized from the calls' measured
-        time, or one by one while none has been timed."""
+        time, or one by one while none has been timed; no bundle larger than
+        the room of the rank it will go to."""
         held = self._held
         scheduler = self.scheduler
-        want = len(held) if flush else scheduler.room() - scheduler.ready_weight()
-        if want <= 0:
-            return
+        if flush:
+            rooms = [len(held)]
+        else:
+            rooms = scheduler.rooms()
+            ready = scheduler.ready_weight()  # tasks already waiting take the freest ranks first
+            for i, room in enumerate(rooms):
+                taken = min(room, ready)
+                rooms[i] -= taken
+                ready -= taken
         slots = max(1, scheduler.live_slots())
+        for room in rooms:
+            while held and room > 0:
+                parts = self._take_held(min(self._bundle_size(slots), room))
+                if not parts:
+                    return
+                room -= len(parts)
+                self._hand_over(parts, now)
+
+    def _take_held(self, size: int) -> list[Submission]:
+        """Up to ``size`` held calls of one executor (its initializer runs before them)."""
+        held = self._held
         tasks = self._tasks
-        while held and want > 0:
-            size = min(self._bundle_size(slots), want)
-            parts: list[Submission] = []
-            while held and len(parts) < size:
-                sub = held[0]
-                if tasks.get(sub.future.task_id) is not sub:
-                    held.popleft()  # cancelled while it waited (counted then)
-                    continue
-                if parts and sub.executor_id != parts[0].executor_id:
-                    break  # one executor per bundle: its initializer runs before it
-                held.popleft()
-                parts.append(sub)
-            if not parts:
-                break
-            self._held_live -= len(parts)
-            want -= len(parts)
-            if len(parts) == 1:
-                sub = parts[0]
-                sub.future._bundle = 0
-                scheduler.submit(sub.future.task_id, now, policy=sub.policy)
+        parts: list[Submission] = []
+        while held and len(parts) < size:
+            sub = held[0]
+            if tasks.get(sub.future.task_id) is not sub:
+                held.popleft()  # cancelled while it waited (counted then)
                 continue
-            bundle_id = self.new_task_id()
-            for sub in parts:
-                sub.future._bundle = bundle_id
-            self._bundles[bundle_id] = parts
-            self._bundled += len(parts)
-            scheduler.submit(bundle_id, now, policy=_BUNDLE_POLICY, weight=len(parts))
+            if parts and sub.executor_id != parts[0].executor_id:
+                break
+            held.popleft()
+            parts.append(sub)
+        self._held_live -= len(parts)
+        return parts
+
+    def _hand_over(self, parts: list[Submission], now: float) -> None:
+        """Held calls become a scheduler task: one call alone, or a bundle."""
+        if len(parts) == 1:
+            sub = parts[0]
+            sub.future._bundle = 0
+            self.scheduler.submit(sub.future.task_id, now, policy=sub.policy)
+            return
+        bundle_id = self.new_task_id()
+        for sub in parts:
+            sub.future._bundle = bundle_id
+        self._bundles[bundle_id] = parts
+        self._bundled += len(parts)
+        self.scheduler.submit(bundle_id, now, policy=_BUNDLE_POLICY, weight=len(parts))
 
     def _bundle_size(self, slots: int) -> int:
         """Calls in the next bundle: `BUNDLE_SECONDS` of them, fewer as the held

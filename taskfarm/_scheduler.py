@@ -395,9 +395,15 @@ class Scheduler:
         self._submitted -= entry.weight  # its calls are submitted again, one by one
         return entry.weight
 
-    def room(self) -> int:
-        """The user's tasks the live ranks can take now (their free capacity)."""
-        return sum(max(0, r.capacity - r.load) for r in self._ranks.values() if r.alive)
+    def rooms(self) -> list[int]:
+        """The user's tasks each live rank would be sent now (its free capacity,
+        once half its pipeline is free or it is idle: see `_pick_rank`), freest first."""
+        out = []
+        for r in self._ranks.values():
+            free = r.capacity - r.load
+            if r.alive and free > 0 and (free >= max(1, r.capacity // 2) or not r.inflight):
+                out.append(free)
+        return sorted(out, reverse=True)
 
     def ready_weight(self) -> int:
         """The user's tasks in the ready queue (bundles count their calls)."""
@@ -474,7 +480,7 @@ class Scheduler:
                 self._duplicates += entry.weight
             return Decision.DISCARD
         if ok:
-            self._observe(duration / max(1, entry.weight))  # per call: capacity counts calls
+            self._observe(duration / max(1, entry.weight), entry.weight)  # per call: capacity counts calls
             entry.failed_parts = failed_parts
             if info is not None:
                 info.done += entry.weight - failed_parts
@@ -841,9 +847,13 @@ class Scheduler:
         if info.alive:
             self._place(info)
 
-    def _observe(self, duration: float) -> None:
+    def _observe(self, duration: float, count: int = 1) -> None:
+        """``count`` calls took ``duration`` seconds each (a bundle: its mean),
+        weighed as that many results, so that bundles move the mean as fast
+        as the tasks they stand for would have."""
         mean = self._mean_duration
-        mean = duration if mean is None else mean + DURATION_EWMA * (duration - mean)
+        weight = DURATION_EWMA if count == 1 else 1.0 - (1.0 - DURATION_EWMA) ** count
+        mean = duration if mean is None else mean + weight * (duration - mean)
         self._mean_duration = mean
         wanted = MAX_PREFETCH if mean <= 0 else math.ceil(PIPELINE_SECONDS / mean)
         wanted = max(1, min(MAX_PREFETCH, wanted))

@@ -1322,14 +1322,23 @@ class TestWeights:
         submit(s, 1, weight=2)
         submit(s, 2, weight=2)
         submit(s, 3)
-        assert s.room() == 4
+        assert s.rooms() == [2, 2]
         actions = s.poll(0.0)
         assert sorted(sent(actions)) == [1, 2]  # each rank full with one bundle
-        assert s.room() == 0 and s.ready_weight() == 1
+        assert s.rooms() == [] and s.ready_weight() == 1
         rank_of_1 = next(r for r, ids in actions.dispatch.items() if 1 in ids)
         assert succeed(s, 1, rank_of_1) is Decision.ACCEPT
-        assert s.room() == 2
+        assert s.rooms() == [2]
         assert s.poll(1.0).dispatch == {rank_of_1: [3]}
+
+    def test_rooms_are_what_a_refill_would_send(self) -> None:
+        s = farm(ranks=2)
+        observe(s, PIPELINE_SECONDS / 8)  # prefetch 8: each rank holds 9 calls
+        submit(s, 1, weight=6)
+        assert s.poll(0.0).dispatch and s.rooms() == [9]  # 3 free of 9: no refill before half is free
+        submit(s, 2, weight=9)
+        assert sent(s.poll(0.0)) == [2]
+        assert s.rooms() == []
 
     def test_prefetch_follows_the_time_per_call(self) -> None:
         one, bundled = farm(), farm()
@@ -1339,12 +1348,22 @@ class TestWeights:
         assert bundled.finished(1, 0, 0.0, ok=True, duration=0.01) is Decision.ACCEPT
         assert bundled.prefetch == one.prefetch > 1
 
+    def test_a_bundle_moves_the_mean_as_its_calls_would(self) -> None:
+        one_by_one, bundled = farm(), farm()
+        observe(one_by_one, 1.0)
+        observe(one_by_one, 0.001, times=20)
+        observe(bundled, 1.0)
+        submit(bundled, 1, weight=20)
+        bundled.poll(0.0)
+        bundled.finished(1, 0, 0.0, ok=True, duration=0.02)
+        assert bundled._mean_duration == pytest.approx(one_by_one._mean_duration)
+
     def test_stolen_and_resubmitted_count_calls(self) -> None:
         s = farm()
         submit(s, 1)
         submit(s, 2, weight=3)
         assert sent(s.poll(0.0)) == [1, 2]  # one refill may overfill the rank
-        assert s.room() == 0
+        assert s.rooms() == []
         assert s.add_worker(1, 1, 0.0)
         assert s.poll(0.0).steal == {0: [2]}  # rank 1 sits idle: the queued bundle comes back
         s.released(0, [2], 0.1)

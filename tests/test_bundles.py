@@ -1,0 +1,105 @@
+"""How the master forms bundles (taskfarm._master, "Bundles"), driven without
+MPI: a bare `Farm` with a real scheduler, no transport and no service thread.
+The end-to-end behaviour (outcomes, cancels, inputs, lost ranks) is tested
+under mpiexec in test_executor.py and test_faults.py."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from taskfarm._future import FarmFuture
+from taskfarm._master import BUNDLE_SECONDS, Farm, Submission
+from taskfarm._scheduler import PIPELINE_SECONDS, Scheduler
+from taskfarm._task import TaskPolicy
+
+#: seconds per call the tests pretend to have measured
+CALL = 0.001
+
+
+def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Farm:
+    """A Farm with only what `_feed` touches: ranks of one slot holding ``capacity`` calls."""
+    farm = object.__new__(Farm)
+    scheduler = Scheduler()
+    for rank in range(1, ranks + 1):
+        scheduler.add_worker(rank, 1, 0.0)
+    task = 10**9
+    while scheduler.prefetch != capacity - 1:  # feed the mean until prefetch fits
+        task += 1
+        scheduler.submit(task, 0.0, policy=TaskPolicy())
+        (rank,) = scheduler.poll(0.0).dispatch
+        scheduler.finished(task, rank, 0.0, ok=True, duration=PIPELINE_SECONDS / (capacity - 1))
+    farm.scheduler = scheduler
+    farm._held = collections.deque()
+    farm._held_live = 0
+    farm._tasks = {}
+    farm._bundles = {}
+    farm._bundled = 0
+    farm._call_time = call_time
+    farm._id_lock = threading.Lock()
+    farm._next_task_id = 0
+    return farm
+
+
+def _hold(farm: Farm, n: int) -> list[FarmFuture]:
+    futures = []
+    for _ in range(n):
+        future = FarmFuture(farm.new_task_id())
+        sub = Submission(future, 1, (b"fn", b""), (b"call", ()), (), TaskPolicy(), 0, None, None, None, None)
+        farm._tasks[future.task_id] = sub
+        farm._held.append(sub)
+        farm._held_live += 1
+        future._bundle = -1
+        futures.append(future)
+    return futures
+
+
+def _sizes(farm: Farm) -> list[int]:
+    return sorted(len(parts) for parts in farm._bundles.values())
+
+
+def test_bundles_fill_each_rank_without_overfilling_one() -> None:
+    farm = _bare_farm(ranks=2, capacity=9)
+    assert int(BUNDLE_SECONDS / CALL) > 9  # the measured time alone would make bigger bundles
+    _hold(farm, 100)
+    before = farm.scheduler.statistics().submitted
+    farm._feed(0.0)
+    assert _sizes(farm) == [9, 9]  # one per rank, each its room
+    assert farm._held_live == 82 and farm._bundled == 18
+    dispatch = farm.scheduler.poll(0.0).dispatch
+    assert sorted(dispatch) == [1, 2]  # both ranks get work, not one rank two bundles
+    assert farm.scheduler.statistics().submitted - before == 18
+
+
+def test_calls_go_one_by_one_until_one_has_been_timed() -> None:
+    farm = _bare_farm(ranks=2, capacity=9, call_time=None)
+    futures = _hold(farm, 50)
+    before = farm.scheduler.statistics().submitted
+    farm._feed(0.0)
+    assert farm._bundles == {} and farm._bundled == 0
+    assert [f._bundle for f in futures[:18]] == [0] * 18 and futures[18]._bundle == -1
+    assert farm.scheduler.statistics().submitted - before == 18
+
+
+def test_guided_bundles_shrink_as_the_held_calls_run_out() -> None:
+    farm = _bare_farm(ranks=2, capacity=65)
+    _hold(farm, 30)
+    farm._feed(0.0)
+    # at most held / (2 x slots) each: 30 -> 8, 22 -> 6, 16 -> 4, ...
+    assert max(_sizes(farm)) == 8 and farm._held_live == 0
+    assert sum(_sizes(farm)) + (30 - farm._bundled) == 30
+
+
+def test_a_flush_bundles_every_held_call_and_skips_cancelled_ones() -> None:
+    farm = _bare_farm(ranks=1, capacity=3)
+    futures = _hold(farm, 40)
+    cancelled = futures[5]
+    del farm._tasks[cancelled.task_id]  # what `_cancelled_outside` does
+    farm._held_live -= 1
+    before = farm.scheduler.statistics().submitted
+    farm._feed(0.0, flush=True)
+    assert farm._held_live == 0 and not farm._held
+    assert cancelled._bundle == -1
+    assert all(f._bundle >= 0 for f in futures if f is not cancelled)  # every call has its task now
+    assert farm._bundled == sum(_sizes(farm)) > 20  # beyond the rank's room
+    assert farm.scheduler.statistics().submitted - before == 39

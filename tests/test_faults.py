@@ -387,14 +387,19 @@ def test_ulfm_every_worker_killed_breaks_the_farm(openmpi: MPI, tmp_path: Path, 
     assert ended_after < 30, "no hang after the last worker died"
 
 
-def test_stopped_worker_rank_is_lost_then_its_late_results_count_once(mpi: MPI, tmp_path: Path, script: Any) -> None:
+@pytest.mark.parametrize(("tasks", "seconds"), [(150, 0.05), (3000, 0.001)], ids=["50ms", "1ms-bundled"])
+def test_stopped_worker_rank_is_lost_then_its_late_results_count_once(
+    mpi: MPI, tmp_path: Path, script: Any, tasks: int, seconds: float
+) -> None:
     """SIGSTOP a worker rank: declared lost after heartbeat_timeout, tasks resubmitted;
-    SIGCONT: its late results are zombies, discarded, and it still stops cleanly."""
+    SIGCONT: its late results are zombies, discarded, and it still stops cleanly.
+    With 1 ms tasks it holds bundles: their calls go out again one by one, and
+    the bundle's late result is discarded whole."""
     marks = tmp_path / "marks"
     marks.mkdir()
     stats_path = tmp_path / "stats.json"
     cli = ["--heartbeat-timeout", "1", "--stats-json", str(stats_path), "-q"]
-    launched = _launch(mpi, 4, [*cli, str(script(LONG_RUN)), str(marks), "150", "0.05"])
+    launched = _launch(mpi, 4, [*cli, str(script(LONG_RUN)), str(marks), str(tasks), str(seconds)])
     try:
         _wait_for(lambda: len(_started(marks)) == 3 and len(os.listdir(marks)) >= 20, launched, 90)
         victim, pid = sorted(_started(marks).items())[0]
@@ -405,10 +410,12 @@ def test_stopped_worker_rank_is_lost_then_its_late_results_count_once(mpi: MPI, 
     finally:
         launched.kill()
     assert res.returncode == 0, res.explain()
-    assert _result_line(res) == {"counts": {"ok": 150}, "wrong": 0}
+    assert _result_line(res) == {"counts": {"ok": tasks}, "wrong": 0}
     stats = read_json(stats_path)
     assert stats["lost_ranks"] == [victim]
-    assert stats["done"] == 150
+    assert stats["done"] == tasks
+    if seconds < 0.005:
+        assert stats["bundled"] > tasks // 2
     assert stats["resubmitted"] >= 1
     assert stats["zombies"] >= 1  # its late results arrived, and were not counted as done
     assert stats["ranks"][str(victim)]["alive"] is False

@@ -926,12 +926,8 @@ class Farm:
                 what, arg = sub
                 if what == "cancel" and self.scheduler.cancel(arg):
                     task = self._tasks.pop(arg, None)
-                    if task is not None and self.journal is not None and task.key is not None:
-                        self.journal.cancelled(task.key, t=time.time())
-                    if task is not None and self._listeners:
-                        self._emit("cancelled", task=arg, key=task.key, label=task.future.label)
                     if task is not None:
-                        task.future.set_running_or_notify_cancel()  # lets wait() see it
+                        self._record_cancel(task)
                     self._fail_dependents_of_cancelled(arg)
                     # resolve those failures now: a later submission in this batch may
                     # name one of them as its input and must see it done
@@ -1109,12 +1105,18 @@ class Farm:
             self.scheduler.cancelled_outside()
         elif bundle:
             self.scheduler.drop_parts(bundle, 1)
+        self._record_cancel(sub)
+
+    def _record_cancel(self, sub: Submission) -> None:
+        """A cancelled task's journal record and event; wait() and as_completed()
+        count a cancelled future only once it is marked notified."""
+        future = sub.future
         if self.journal is not None and sub.key is not None:
             self.journal.cancelled(sub.key, t=time.time())
         if self._listeners:
-            self._emit("cancelled", task=task_id, key=sub.key, label=future.label)
+            self._emit("cancelled", task=future.task_id, key=sub.key, label=future.label)
         if future._state == _CANCELLED:
-            future.set_running_or_notify_cancel()  # lets wait() see it
+            future.set_running_or_notify_cancel()
 
     def _dissolve(self, requeued: list[int], now: float) -> list[int]:
         """Bundles among ``requeued`` (their rank was lost) go out again one call
@@ -1205,8 +1207,10 @@ class Farm:
                 self._fail_dependents_of_cancelled(task_id)
                 continue
             if not _mark_running(future):
+                # cancelled just now: its "cancel" note, still queued, will find nothing
                 self.scheduler.withdraw(task_id, rank)
                 self._tasks.pop(task_id, None)
+                self._record_cancel(sub)
                 self._fail_dependents_of_cancelled(task_id)
                 continue
             future._task_state = TaskState.RUNNING

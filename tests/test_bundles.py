@@ -1,15 +1,19 @@
-"""How the master forms bundles (taskfarm._master, "Bundles"), driven without
-MPI: a bare `Farm` with a real scheduler, no transport and no service thread.
-The end-to-end behaviour (outcomes, cancels, inputs, lost ranks) is tested
-under mpiexec in test_executor.py and test_faults.py."""
+"""How the master forms and sends bundles (taskfarm._master, "Bundles"), and a
+cancel that races a dispatch, driven without MPI: a bare `Farm` with a real
+scheduler, a transport that only records what it is asked to send, and no
+service thread.  The end-to-end behaviour (outcomes, cancels, inputs, lost
+ranks) is tested under mpiexec in test_executor.py and test_faults.py."""
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
+from typing import Any
 
 from taskfarm._future import FarmFuture
 from taskfarm._master import BUNDLE_SECONDS, Farm, Submission
+from taskfarm._protocol import Kind, TaskBatch
 from taskfarm._scheduler import PIPELINE_SECONDS, Scheduler
 from taskfarm._task import TaskPolicy
 
@@ -38,7 +42,23 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
     farm._call_time = call_time
     farm._id_lock = threading.Lock()
     farm._next_task_id = 0
+    farm.journal = None
+    farm._listeners = []
+    farm._fn_sent = collections.defaultdict(set)
+    farm._executors = {}
+    farm._init_sent = collections.defaultdict(set)
+    farm.transport = _Recorder()  # type: ignore[assignment]
     return farm
+
+
+class _Recorder:
+    """A transport that keeps what it is asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, Kind, Any]] = []
+
+    def send(self, peer: int, kind: Kind, record: Any) -> None:
+        self.sent.append((peer, kind, record))
 
 
 def _hold(farm: Farm, n: int) -> list[FarmFuture]:
@@ -103,3 +123,44 @@ def test_a_flush_bundles_every_held_call_and_skips_cancelled_ones() -> None:
     assert all(f._bundle >= 0 for f in futures if f is not cancelled)  # every call has its task now
     assert farm._bundled == sum(_sizes(farm)) > 20  # beyond the rank's room
     assert farm.scheduler.statistics().submitted - before == 39
+
+
+def test_a_task_cancelled_as_it_is_dispatched_is_notified_and_not_sent() -> None:
+    """The user's cancel lands between the scheduler's choice and the send; its
+    note to the service thread comes after and finds nothing: the dispatch
+    itself must tell wait() (it hung on such a future before)."""
+    farm = _bare_farm(ranks=1, capacity=3)
+    (future,) = _hold(farm, 1)
+    farm._feed(0.0)  # no call timed yet: a task of its own
+    assert future._bundle == 0
+    (rank, task_ids), = farm.scheduler.poll(0.0).dispatch.items()
+    assert future.cancel()
+    farm._send_tasks(rank, task_ids)
+    assert farm.transport.sent == []  # type: ignore[attr-defined]
+    done, _ = concurrent.futures.wait([future], timeout=0)
+    assert done == {future}
+    assert future.task_id not in farm._tasks
+    st = farm.scheduler.statistics()
+    assert (st.cancelled, st.running, st.pending) == (1, 0, 0)
+
+
+def test_a_call_cancelled_as_its_bundle_is_sent_leaves_the_bundle() -> None:
+    farm = _bare_farm(ranks=1, capacity=4)
+    futures = _hold(farm, 8)[:4]  # the first four fill the rank: one bundle
+    before = farm.scheduler.statistics()
+    farm._feed(0.0)
+    (bundle_id,) = farm._bundles
+    (rank, task_ids), = farm.scheduler.poll(0.0).dispatch.items()
+    assert task_ids == [bundle_id]
+    assert futures[1].cancel()
+    farm._send_tasks(rank, task_ids)
+    ((peer, kind, batch),) = farm.transport.sent  # type: ignore[attr-defined]
+    assert (peer, kind) == (rank, Kind.TASKS) and isinstance(batch, TaskBatch)
+    (item,) = batch.items
+    assert item.task_id == bundle_id
+    assert [part.task_id for part in item.parts] == [f.task_id for f in futures if f is not futures[1]]
+    assert item.parts[0].fn.payload is not None and item.parts[1].fn.payload is None  # the function goes once
+    assert concurrent.futures.wait([futures[1]], timeout=0).done == {futures[1]}
+    assert all(f.running() for f in futures if f is not futures[1])
+    st = farm.scheduler.statistics()
+    assert st.submitted - before.submitted == 4 and st.cancelled == 1 and st.running == 3

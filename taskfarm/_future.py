@@ -92,7 +92,7 @@ class FarmFuture(concurrent.futures.Future[Any]):
     """A `concurrent.futures.Future` with the task's id, state and rank."""
 
     #: the master's: -1 while the call waits to be bundled, then its bundle's
-    #: task id; 0 for a task of its own (see `taskfarm._master`, "Bundles")
+    #: task id; 0 for a task of its own (see `taskfarm._bundles`)
     _bundle = 0
 
     def __init__(self, task_id: int, key: str | None = None, label: str = "") -> None:

@@ -11,6 +11,7 @@ futures and the submission queue)::
                        (queue)+----> 3. take submissions and cancellations
                                      4. notice lost ranks (ULFM)
     Future.result() <-- futures <--- 5. dispatch   --> TaskBatch/Steal -->
+                                        (held plain calls -> bundles, as ranks have room)
                                      6. progress sends
                                      7. wait       (backoff; a submit or a worker's ring wakes it at once)
 
@@ -18,15 +19,11 @@ Decisions (who runs what, retries, dependencies) are the scheduler's; this
 module only carries them out.  A result is made durable in the journal before
 its future resolves.
 
-Bundles.  A task costs the farm ~60 us of Python over its life (its scheduler
-entry, its message item, a slot's round on the worker, its result item);
-on 1 ms tasks that is 6% of the machine.  So plain calls submitted faster than
-they run ride together: a submission with nothing special about it (no inputs,
-schedule, priority, time limit, retries, isolation, speculation or out-of-band
-arguments) waits in a held queue, and step 5 takes from it only as many
-scheduler tasks as the ranks have room for, each a *bundle* of calls worth
-`BUNDLE_SECONDS` of measured time (guided self-scheduling: smaller as the held
-queue empties; one call per task until calls have been timed).  To the
+Bundles.  Plain calls submitted faster than they run ride together (why,
+and the size rule: `taskfarm._bundles`): a submission with nothing special
+about it (no inputs, schedule, priority, time limit, retries, isolation,
+speculation or out-of-band arguments) is held, and step 5 takes from the held
+calls only what the ranks have room for, each rank's share a bundle.  To the
 scheduler and the wire a bundle is one task (its entry's weight counts its
 calls); the worker runs its parts one after another and sends one outcome per
 part; each call keeps its own future, journal record, events and traceback.
@@ -47,6 +44,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from . import _serialization as ser
+from ._bundles import HELD, Bundler
 from ._errors import (
     BrokenFarmError,
     DependencyFailed,
@@ -122,22 +120,8 @@ DRAIN_BYE_TIMEOUT = 2.0
 #: the same for a rank declared lost by its heartbeat: a woken one answers in
 #: milliseconds, one still stopped is not waited for long (the job is aborted)
 LOST_BYE_TIMEOUT = 5.0
-#: measured seconds of calls per bundle (see "Bundles" above): as map's chunks
-#: (`taskfarm._executor.MAP_CHUNK_SECONDS`), long enough that a bundle's own
-#: cost is noise, short enough to balance; a quarter of the prefetch pipeline
-BUNDLE_SECONDS = 0.02
-#: most calls in one bundle (no-op calls): bounds a bundle's message and what
-#: one lost rank takes down
-BUNDLE_MAX = 512
-#: guided self-scheduling: a bundle holds at most the held calls / (this * slots)
-BUNDLE_GUIDED_FACTOR = 2
-#: weight of the newest measurement in the running mean of seconds per call
-CALL_TIME_EWMA = 0.3
 #: a task's scheduler function slot in a bundle's message (its parts carry theirs)
 _NO_FN = FnRef(b"", None)
-#: ``FarmFuture._bundle`` of a call waiting in the held queue (else its bundle's
-#: task id, or 0 for a task of its own)
-_HELD = -1
 #: a bundle's policy to the scheduler: its calls have the default one (no retries)
 _BUNDLE_POLICY = TaskPolicy()
 
@@ -298,15 +282,9 @@ class Farm:
             self._apply_configuration()
         #: a task's submission from its admission to its outcome
         self._tasks: dict[int, Submission] = {}
-        #: plain calls waiting to be bundled (see "Bundles"); cancelled ones are
-        #: skipped when taken (no longer in ``_tasks``)
-        self._held: collections.deque[Submission] = collections.deque()
-        self._held_live = 0  # of those, the ones not cancelled
-        #: a bundle's scheduler task id -> its calls' submissions
-        self._bundles: dict[int, list[Submission]] = {}
-        #: running mean of seconds per call (tasks and bundles' parts), None until one is timed
-        self._call_time: float | None = None
-        self._bundled = 0  # calls handed to the scheduler in bundles
+        #: plain calls waiting to be bundled, and the bundles (see "Bundles");
+        #: a cancelled held call is skipped when taken (no longer in ``_tasks``)
+        self._bundler: Bundler[Submission] = Bundler()
         self._executors: dict[int, _ExecutorInfo] = {}
         self._next_task_id = 0
         self._next_executor_id = 0
@@ -551,7 +529,7 @@ class Farm:
 
     def _has_work(self) -> bool:
         """True while any task is neither done nor cancelled (held ones included)."""
-        return self._held_live > 0 or self.scheduler.has_work()
+        return self._bundler.live > 0 or self.scheduler.has_work()
 
     def _draining(self) -> bool:
         if self._drain_grace is None and self._drain_at is not None and time.monotonic() >= self._drain_at:
@@ -581,7 +559,7 @@ class Farm:
         for task_id in list(self._tasks):
             task = self._tasks.pop(task_id)
             self._resolve.append((task.future, None, error))
-        self._forget_held()
+        self._bundler.clear()
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
@@ -699,10 +677,10 @@ class Farm:
 
     def _on_results(self, peer: int, batch: ResultBatch, now: float) -> None:
         for item in batch.items:
-            if item.parts or item.task_id in self._bundles:
+            if item.parts or item.task_id in self._bundler.bundles:
                 self._on_bundle(peer, item, now)
                 continue
-            self._observe_call(item.t_end - item.t_start)
+            self._bundler.observe(item.t_end - item.t_start)
             task = self._tasks.get(item.task_id)
             retryable = False
             error: BaseException | None = None
@@ -771,17 +749,17 @@ class Farm:
         decision = self.scheduler.finished(
             item.task_id, peer, now, ok=item.ok, duration=item.t_end - item.t_start, failed_parts=failed
         )
-        subs = self._bundles.get(item.task_id)
+        subs = self._bundler.bundles.get(item.task_id)
         if subs is None or decision is Decision.DISCARD or decision is Decision.RETRY:
             return  # a late copy; or put back in the queue, whole
-        del self._bundles[item.task_id]
+        del self._bundler.bundles[item.task_id]
         if decision is not Decision.ACCEPT:  # the bundle itself failed (a worker fault)
             error = self._decode_error(item, peer)
             for sub in subs:
                 self._fail(sub.future.task_id, error, journaled=False)
             return
         if item.parts:
-            self._observe_call((item.t_end - item.t_start) / len(item.parts))
+            self._bundler.observe((item.t_end - item.t_start) / len(item.parts))
         journal = self.journal
         for part in item.parts:
             task = self._tasks.pop(part.task_id, None)
@@ -869,7 +847,7 @@ class Farm:
         return error  # type: ignore[no-any-return]
 
     def _fail(self, task_id: int, error: BaseException, *, journaled: bool = True) -> None:
-        for sub in self._bundles.pop(task_id, ()):  # a bundle: each of its calls fails
+        for sub in self._bundler.bundles.pop(task_id, ()):  # a bundle: each of its calls fails
             self._fail(sub.future.task_id, error, journaled=journaled)
         task = self._tasks.pop(task_id, None)
         if task is not None and not journaled and self._listeners:
@@ -980,9 +958,7 @@ class Farm:
         if self._listeners:
             self._emit("submitted", task=task_id, key=sub.key, label=future.label)
         if not waiting and self._bundleable(sub):
-            future._bundle = _HELD
-            self._held.append(sub)
-            self._held_live += 1
+            self._bundler.hold(sub)
             return
         ready = self.scheduler.submit(
             task_id,
@@ -1015,23 +991,23 @@ class Farm:
 
     def _scheduled_as(self, dep: FarmFuture) -> int:
         """The scheduler task that runs ``dep``'s call: its own, or its bundle's."""
-        if dep._bundle == _HELD:
+        if dep._bundle == HELD:
             self._feed(time.monotonic(), flush=True)  # a task waits for it: it needs a task id now
         return dep._bundle or dep.task_id
 
     def _backlog(self) -> bool:
         """True while tasks wait for room on the ranks (held calls included)."""
-        return self._held_live > 0 or self.scheduler.has_ready()
+        return self._bundler.live > 0 or self.scheduler.has_ready()
 
     def _feed(self, now: float, *, flush: bool = False) -> None:
         """Hand held calls to the scheduler, as many as the ranks have room for
         (all of them with ``flush``), in bundles sized from the calls' measured
-        time, or one by one while none has been timed; no bundle larger than
-        the room of the rank it will go to."""
-        held = self._held
+        time (`Bundler.size`), or one by one while none has been timed; no
+        bundle larger than the room of the rank it will go to."""
+        bundler = self._bundler
         scheduler = self.scheduler
         if flush:
-            rooms = [len(held)]
+            rooms = [len(bundler.held)]
         else:
             rooms = scheduler.rooms()
             ready = scheduler.ready_weight()  # tasks already waiting take the freest ranks first
@@ -1039,59 +1015,26 @@ class Farm:
                 taken = min(room, ready)
                 rooms[i] -= taken
                 ready -= taken
-        slots = max(1, scheduler.live_slots())
+        slots = scheduler.live_slots()
+        tasks = self._tasks
+
+        def alive(sub: Submission) -> bool:
+            return tasks.get(sub.future.task_id) is sub  # else cancelled while held (counted then)
+
         for room in rooms:
-            while held and room > 0:
-                parts = self._take_held(min(self._bundle_size(slots), room))
+            while bundler.held and room > 0:
+                parts = bundler.take(min(bundler.size(slots), room), alive)
                 if not parts:
                     return
                 room -= len(parts)
-                self._hand_over(parts, now)
-
-    def _take_held(self, size: int) -> list[Submission]:
-        """Up to ``size`` held calls of one executor (its initializer runs before them)."""
-        held = self._held
-        tasks = self._tasks
-        parts: list[Submission] = []
-        while held and len(parts) < size:
-            sub = held[0]
-            if tasks.get(sub.future.task_id) is not sub:
-                held.popleft()  # cancelled while it waited (counted then)
-                continue
-            if parts and sub.executor_id != parts[0].executor_id:
-                break
-            held.popleft()
-            parts.append(sub)
-        self._held_live -= len(parts)
-        return parts
-
-    def _hand_over(self, parts: list[Submission], now: float) -> None:
-        """Held calls become a scheduler task: one call alone, or a bundle."""
-        if len(parts) == 1:
-            sub = parts[0]
-            sub.future._bundle = 0
-            self.scheduler.submit(sub.future.task_id, now, policy=sub.policy)
-            return
-        bundle_id = self.new_task_id()
-        for sub in parts:
-            sub.future._bundle = bundle_id
-        self._bundles[bundle_id] = parts
-        self._bundled += len(parts)
-        self.scheduler.submit(bundle_id, now, policy=_BUNDLE_POLICY, weight=len(parts))
-
-    def _bundle_size(self, slots: int) -> int:
-        """Calls in the next bundle: `BUNDLE_SECONDS` of them, fewer as the held
-        queue empties (guided self-scheduling); 1 until a call has been timed."""
-        mean = self._call_time
-        if mean is None:
-            return 1
-        size = BUNDLE_MAX if mean <= 0 else int(BUNDLE_SECONDS / mean)
-        guided = -(-self._held_live // (BUNDLE_GUIDED_FACTOR * slots))
-        return max(1, min(size, BUNDLE_MAX, guided))
-
-    def _observe_call(self, seconds: float) -> None:
-        mean = self._call_time
-        self._call_time = seconds if mean is None else mean + CALL_TIME_EWMA * (seconds - mean)
+                if len(parts) == 1:  # a task of its own
+                    sub = parts[0]
+                    sub.future._bundle = 0
+                    scheduler.submit(sub.future.task_id, now, policy=sub.policy)
+                    continue
+                bundle_id = self.new_task_id()
+                bundler.made(bundle_id, parts)
+                scheduler.submit(bundle_id, now, policy=_BUNDLE_POLICY, weight=len(parts))
 
     def _cancelled_outside(self, sub: Submission) -> None:
         """A held call, or one in a bundle not yet sent, was cancelled: the
@@ -1100,8 +1043,8 @@ class Farm:
         task_id = future.task_id
         self._tasks.pop(task_id, None)
         bundle = future._bundle
-        if bundle == _HELD:
-            self._held_live -= 1
+        if bundle == HELD:
+            self._bundler.live -= 1
             self.scheduler.cancelled_outside()
         elif bundle:
             self.scheduler.drop_parts(bundle, 1)
@@ -1124,11 +1067,11 @@ class Farm:
         Returns ``requeued`` with each bundle replaced by its calls' ids."""
         out = []
         for task_id in requeued:
-            subs = self._bundles.get(task_id)
+            subs = self._bundler.bundles.get(task_id)
             if subs is None or not self.scheduler.dissolve(task_id):
                 out.append(task_id)  # a task, or a bundle others wait for: it stays whole
                 continue
-            del self._bundles[task_id]
+            del self._bundler.bundles[task_id]
             for sub in subs:
                 future = sub.future
                 if self._tasks.get(future.task_id) is sub:
@@ -1161,7 +1104,7 @@ class Farm:
     # step 5
     def _dispatch(self) -> bool:
         now = time.monotonic()
-        if self._held:
+        if self._bundler.held:
             self._feed(now)
         actions = self.scheduler.poll(now)
         wakeup = self.scheduler.next_wakeup()
@@ -1189,7 +1132,7 @@ class Farm:
         attempt_of = self.scheduler.attempt
         awaited = self.scheduler.awaited
         for task_id in task_ids:
-            bundle = self._bundles.get(task_id)
+            bundle = self._bundler.bundles.get(task_id)
             if bundle is not None:
                 item = self._bundle_item(rank, task_id, bundle, sent_fns)
                 if item is not None:
@@ -1263,7 +1206,7 @@ class Farm:
         if len(live) != len(subs):
             subs[:] = live
         if not live:
-            del self._bundles[bundle_id]
+            del self._bundler.bundles[bundle_id]
             self.scheduler.withdraw(bundle_id, rank)
             return None
         attempt = self.scheduler.attempt(bundle_id)
@@ -1313,19 +1256,13 @@ class Farm:
         self._broken = error
         for task_id in list(self._tasks):
             self._fail(task_id, BrokenFarmError(str(error)), journaled=False)
-        self._forget_held()
+        self._bundler.clear()
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
                 self._resolve.append((sub.future, None, BrokenFarmError(str(error))))
         self._commit()
         self._closing = True
-
-    def _forget_held(self) -> None:
-        """The farm ends early: its held calls and bundles have failed with their tasks."""
-        self._held.clear()
-        self._held_live = 0
-        self._bundles.clear()
 
     def _stop_workers(self) -> None:
         """Send Stop to every worker whose process lives, and collect their Byes.
@@ -1391,7 +1328,7 @@ class Farm:
                 doorbell=bye.rung and self.transport.rings_from(rank) if bye is not None else None,
             )
         return FarmStatistics(
-            submitted=s.submitted + self._held_live,
+            submitted=s.submitted + self._bundler.live,
             done=s.done,
             failed=s.failed,
             cancelled=s.cancelled,
@@ -1401,8 +1338,8 @@ class Farm:
             zombies=s.zombies,
             duplicates=s.duplicates,
             speculated=s.speculated,
-            bundled=self._bundled,
-            pending=s.pending + self._held_live,
+            bundled=self._bundler.bundled,
+            pending=s.pending + self._bundler.live,
             running=s.running,
             workers=sum(1 for r in s.ranks.values() if r.alive),
             lost_ranks=s.lost_ranks,

@@ -11,8 +11,9 @@ import concurrent.futures
 import threading
 from typing import Any
 
+from taskfarm._bundles import BUNDLE_GUIDED_FACTOR, BUNDLE_MAX, BUNDLE_SECONDS, HELD, Bundler
 from taskfarm._future import FarmFuture
-from taskfarm._master import BUNDLE_SECONDS, Farm, Submission
+from taskfarm._master import Farm, Submission
 from taskfarm._protocol import Kind, TaskBatch
 from taskfarm._scheduler import PIPELINE_SECONDS, Scheduler
 from taskfarm._task import TaskPolicy
@@ -34,12 +35,9 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
         (rank,) = scheduler.poll(0.0).dispatch
         scheduler.finished(task, rank, 0.0, ok=True, duration=PIPELINE_SECONDS / (capacity - 1))
     farm.scheduler = scheduler
-    farm._held = collections.deque()
-    farm._held_live = 0
     farm._tasks = {}
-    farm._bundles = {}
-    farm._bundled = 0
-    farm._call_time = call_time
+    farm._bundler = Bundler()
+    farm._bundler.call_time = call_time
     farm._id_lock = threading.Lock()
     farm._next_task_id = 0
     farm.journal = None
@@ -61,21 +59,23 @@ class _Recorder:
         self.sent.append((peer, kind, record))
 
 
+def _submission(task_id: int, executor_id: int = 1) -> Submission:
+    future = FarmFuture(task_id)
+    return Submission(future, executor_id, (b"fn", b""), (b"call", ()), (), TaskPolicy(), 0, None, None, None, None)
+
+
 def _hold(farm: Farm, n: int) -> list[FarmFuture]:
     futures = []
     for _ in range(n):
-        future = FarmFuture(farm.new_task_id())
-        sub = Submission(future, 1, (b"fn", b""), (b"call", ()), (), TaskPolicy(), 0, None, None, None, None)
-        farm._tasks[future.task_id] = sub
-        farm._held.append(sub)
-        farm._held_live += 1
-        future._bundle = -1
-        futures.append(future)
+        sub = _submission(farm.new_task_id())
+        farm._tasks[sub.future.task_id] = sub
+        farm._bundler.hold(sub)
+        futures.append(sub.future)
     return futures
 
 
 def _sizes(farm: Farm) -> list[int]:
-    return sorted(len(parts) for parts in farm._bundles.values())
+    return sorted(len(parts) for parts in farm._bundler.bundles.values())
 
 
 def test_bundles_fill_each_rank_without_overfilling_one() -> None:
@@ -85,7 +85,7 @@ def test_bundles_fill_each_rank_without_overfilling_one() -> None:
     before = farm.scheduler.statistics().submitted
     farm._feed(0.0)
     assert _sizes(farm) == [9, 9]  # one per rank, each its room
-    assert farm._held_live == 82 and farm._bundled == 18
+    assert farm._bundler.live == 82 and farm._bundler.bundled == 18
     dispatch = farm.scheduler.poll(0.0).dispatch
     assert sorted(dispatch) == [1, 2]  # both ranks get work, not one rank two bundles
     assert farm.scheduler.statistics().submitted - before == 18
@@ -96,8 +96,8 @@ def test_calls_go_one_by_one_until_one_has_been_timed() -> None:
     futures = _hold(farm, 50)
     before = farm.scheduler.statistics().submitted
     farm._feed(0.0)
-    assert farm._bundles == {} and farm._bundled == 0
-    assert [f._bundle for f in futures[:18]] == [0] * 18 and futures[18]._bundle == -1
+    assert farm._bundler.bundles == {} and farm._bundler.bundled == 0
+    assert [f._bundle for f in futures[:18]] == [0] * 18 and futures[18]._bundle == HELD
     assert farm.scheduler.statistics().submitted - before == 18
 
 
@@ -106,8 +106,8 @@ def test_guided_bundles_shrink_as_the_held_calls_run_out() -> None:
     _hold(farm, 30)
     farm._feed(0.0)
     # at most held / (2 x slots) each: 30 -> 8, 22 -> 6, 16 -> 4, ...
-    assert max(_sizes(farm)) == 8 and farm._held_live == 0
-    assert sum(_sizes(farm)) + (30 - farm._bundled) == 30
+    assert max(_sizes(farm)) == 8 and farm._bundler.live == 0
+    assert sum(_sizes(farm)) + (30 - farm._bundler.bundled) == 30
 
 
 def test_a_flush_bundles_every_held_call_and_skips_cancelled_ones() -> None:
@@ -115,13 +115,13 @@ def test_a_flush_bundles_every_held_call_and_skips_cancelled_ones() -> None:
     futures = _hold(farm, 40)
     cancelled = futures[5]
     del farm._tasks[cancelled.task_id]  # what `_cancelled_outside` does
-    farm._held_live -= 1
+    farm._bundler.live -= 1
     before = farm.scheduler.statistics().submitted
     farm._feed(0.0, flush=True)
-    assert farm._held_live == 0 and not farm._held
-    assert cancelled._bundle == -1
+    assert farm._bundler.live == 0 and not farm._bundler.held
+    assert cancelled._bundle == HELD
     assert all(f._bundle >= 0 for f in futures if f is not cancelled)  # every call has its task now
-    assert farm._bundled == sum(_sizes(farm)) > 20  # beyond the rank's room
+    assert farm._bundler.bundled == sum(_sizes(farm)) > 20  # beyond the rank's room
     assert farm.scheduler.statistics().submitted - before == 39
 
 
@@ -149,7 +149,7 @@ def test_a_call_cancelled_as_its_bundle_is_sent_leaves_the_bundle() -> None:
     futures = _hold(farm, 8)[:4]  # the first four fill the rank: one bundle
     before = farm.scheduler.statistics()
     farm._feed(0.0)
-    (bundle_id,) = farm._bundles
+    (bundle_id,) = farm._bundler.bundles
     (rank, task_ids), = farm.scheduler.poll(0.0).dispatch.items()
     assert task_ids == [bundle_id]
     assert futures[1].cancel()
@@ -164,3 +164,42 @@ def test_a_call_cancelled_as_its_bundle_is_sent_leaves_the_bundle() -> None:
     assert all(f.running() for f in futures if f is not futures[1])
     st = farm.scheduler.statistics()
     assert st.submitted - before.submitted == 4 and st.cancelled == 1 and st.running == 3
+
+
+# -- the Bundler alone ----------------------------------------------------------
+def test_size_is_the_target_time_of_calls_capped_and_guided() -> None:
+    bundler: Bundler[Submission] = Bundler()
+    assert bundler.size(slots=2) == 1  # nothing timed yet
+    bundler.observe(0.001)
+    bundler.live = 10_000
+    assert bundler.size(slots=2) == int(BUNDLE_SECONDS / 0.001)
+    bundler.call_time = 0.0  # calls too short to time
+    assert bundler.size(slots=2) == BUNDLE_MAX
+    bundler.live = 40
+    assert bundler.size(slots=2) == 40 // (BUNDLE_GUIDED_FACTOR * 2)
+    bundler.live = 1
+    assert bundler.size(slots=2) == 1
+
+
+def test_observe_is_a_running_mean() -> None:
+    bundler: Bundler[Submission] = Bundler()
+    bundler.observe(0.01)
+    assert bundler.call_time == 0.01
+    bundler.observe(0.0)
+    assert 0.0 < bundler.call_time < 0.01
+
+
+def test_take_keeps_one_executor_per_bundle_and_drops_dead_calls() -> None:
+    bundler: Bundler[Submission] = Bundler()
+    subs = [_submission(i, executor_id=1 if i < 4 else 2) for i in range(6)]
+    for sub in subs:
+        bundler.hold(sub)
+    dead = {subs[1].future.task_id}
+    taken = bundler.take(10, lambda sub: sub.future.task_id not in dead)
+    assert [sub.future.task_id for sub in taken] == [0, 2, 3]  # the rest belong to executor 2
+    assert bundler.live == 3 and [sub.future.task_id for sub in bundler.held] == [4, 5]
+    bundler.made(99, taken)
+    assert bundler.bundled == 3 and all(sub.future._bundle == 99 for sub in taken)
+    assert subs[4].future._bundle == HELD
+    bundler.clear()
+    assert (bundler.live, len(bundler.held), bundler.bundles) == (0, 0, {})

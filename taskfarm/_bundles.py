@@ -1,0 +1,110 @@
+"""Which plain calls ride together, and how many: the held queue and its bundles.
+
+A task costs the farm ~60 us of Python over its life (its scheduler entry,
+its item in a message each way, a slot's round on the worker); on 1 ms tasks
+that is 6% of the machine.  So plain calls submitted faster than they run
+wait here, and the master takes from them only what the ranks have room for,
+as bundles: one task to the scheduler and the wire, one outcome per call
+(`taskfarm._master`, "Bundles").  This module keeps the record and the size
+rule; it does no I/O and reads no clock.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from ._future import FarmFuture
+
+#: measured seconds of calls per bundle: as map's chunks
+#: (`taskfarm._executor.MAP_CHUNK_SECONDS`), long enough that a bundle's own
+#: cost is noise, short enough to balance; a quarter of the prefetch pipeline
+BUNDLE_SECONDS = 0.02
+#: most calls in one bundle (no-op calls): bounds a bundle's message
+BUNDLE_MAX = 512
+#: guided self-scheduling: a bundle holds at most the held calls / (this * slots)
+BUNDLE_GUIDED_FACTOR = 2
+#: weight of the newest measurement in the running mean of seconds per call
+CALL_TIME_EWMA = 0.3
+#: ``FarmFuture._bundle`` of a call waiting here (else its bundle's task id,
+#: or 0 for a task of its own)
+HELD = -1
+
+
+class Call(Protocol):
+    """What a held call offers (the master's submission record)."""
+
+    @property
+    def future(self) -> FarmFuture: ...
+
+    @property
+    def executor_id(self) -> int: ...
+
+
+C = TypeVar("C", bound=Call)
+
+
+class Bundler(Generic[C]):
+    """The held calls, the bundles made of them, and how big the next one is."""
+
+    def __init__(self) -> None:
+        self.held: collections.deque[C] = collections.deque()
+        #: held calls not cancelled (a cancelled one stays in ``held`` until taken)
+        self.live = 0
+        #: a bundle's scheduler task id -> its calls
+        self.bundles: dict[int, list[C]] = {}
+        #: running mean of seconds per call, None until one has been timed
+        self.call_time: float | None = None
+        #: calls that went out in bundles (the statistics' ``bundled``)
+        self.bundled = 0
+
+    def hold(self, call: C) -> None:
+        call.future._bundle = HELD
+        self.held.append(call)
+        self.live += 1
+
+    def take(self, size: int, alive: Callable[[C], bool]) -> list[C]:
+        """Up to ``size`` held calls, oldest first, of one executor (its
+        initializer runs before them); calls not ``alive`` (cancelled) are dropped."""
+        held = self.held
+        parts: list[C] = []
+        while held and len(parts) < size:
+            call = held[0]
+            if not alive(call):
+                held.popleft()
+                continue
+            if parts and call.executor_id != parts[0].executor_id:
+                break
+            held.popleft()
+            parts.append(call)
+        self.live -= len(parts)
+        return parts
+
+    def size(self, slots: int) -> int:
+        """Calls in the next bundle: `BUNDLE_SECONDS` of them, fewer as the held
+        queue empties (guided self-scheduling); 1 until a call has been timed."""
+        mean = self.call_time
+        if mean is None:
+            return 1
+        size = BUNDLE_MAX if mean <= 0 else int(BUNDLE_SECONDS / mean)
+        guided = -(-self.live // (BUNDLE_GUIDED_FACTOR * max(1, slots)))
+        return max(1, min(size, BUNDLE_MAX, guided))
+
+    def observe(self, seconds: float) -> None:
+        """A call took ``seconds`` (a bundle: its calls' mean)."""
+        mean = self.call_time
+        self.call_time = seconds if mean is None else mean + CALL_TIME_EWMA * (seconds - mean)
+
+    def made(self, bundle_id: int, parts: list[C]) -> None:
+        """``parts`` go out as the bundle ``bundle_id``."""
+        for call in parts:
+            call.future._bundle = bundle_id
+        self.bundles[bundle_id] = parts
+        self.bundled += len(parts)
+
+    def clear(self) -> None:
+        """The farm ended early: its held calls and bundles failed with their tasks."""
+        self.held.clear()
+        self.live = 0
+        self.bundles.clear()

@@ -27,6 +27,9 @@ BUNDLE_MAX = 512
 BUNDLE_GUIDED_FACTOR = 2
 #: weight of the newest measurement in the running mean of seconds per call
 CALL_TIME_EWMA = 0.3
+#: functions whose call time is kept, at most (the oldest is forgotten first):
+#: closures over different values are different functions
+TIMED_FUNCTIONS_MAX = 1024
 #: ``FarmFuture._bundle`` of a call waiting here (else its bundle's task id,
 #: or 0 for a task of its own)
 HELD = -1
@@ -41,12 +44,20 @@ class Call(Protocol):
     @property
     def executor_id(self) -> int: ...
 
+    @property
+    def fn(self) -> tuple[bytes, bytes]: ...  # digest, payload
+
 
 C = TypeVar("C", bound=Call)
 
 
 class Bundler(Generic[C]):
-    """The held calls, the bundles made of them, and how big the next one is."""
+    """The held calls, the bundles made of them, and how big the next one is.
+
+    Call times are kept per function: calls of a function never timed go one
+    by one, however short the calls of another function were, so that a
+    burst of long calls after short ones is never bundled by the short ones'
+    time (a running bundle cannot be stolen back at the tail)."""
 
     def __init__(self) -> None:
         self.held: collections.deque[C] = collections.deque()
@@ -54,8 +65,8 @@ class Bundler(Generic[C]):
         self.live = 0
         #: a bundle's scheduler task id -> its calls
         self.bundles: dict[int, list[C]] = {}
-        #: running mean of seconds per call, None until one has been timed
-        self.call_time: float | None = None
+        #: function digest -> running mean of seconds per call
+        self.call_time: dict[bytes, float] = {}
         #: calls that went out in bundles (the statistics' ``bundled``)
         self.bundled = 0
 
@@ -64,37 +75,50 @@ class Bundler(Generic[C]):
         self.held.append(call)
         self.live += 1
 
-    def take(self, size: int, alive: Callable[[C], bool]) -> list[C]:
-        """Up to ``size`` held calls, oldest first, of one executor (its
-        initializer runs before them); calls not ``alive`` (cancelled) are dropped."""
+    def take(self, room: int, slots: int, alive: Callable[[C], bool]) -> list[C]:
+        """The next bundle's calls, oldest first: at most ``room`` and `size`
+        of them, all of one executor (its initializer runs before them) and
+        one function; calls not ``alive`` (cancelled) are dropped."""
         held = self.held
+        while held and not alive(held[0]):
+            held.popleft()
+        if not held:
+            return []
+        first = held[0]
+        size = min(room, self.size(first.fn[0], slots))
         parts: list[C] = []
         while held and len(parts) < size:
             call = held[0]
             if not alive(call):
                 held.popleft()
                 continue
-            if parts and call.executor_id != parts[0].executor_id:
+            if call.executor_id != first.executor_id or call.fn[0] != first.fn[0]:
                 break
             held.popleft()
             parts.append(call)
         self.live -= len(parts)
         return parts
 
-    def size(self, slots: int) -> int:
-        """Calls in the next bundle: `BUNDLE_SECONDS` of them, fewer as the held
-        queue empties (guided self-scheduling); 1 until a call has been timed."""
-        mean = self.call_time
+    def size(self, fn: bytes, slots: int) -> int:
+        """Calls of ``fn`` in the next bundle: `BUNDLE_SECONDS` of them, fewer as
+        the held queue empties (guided self-scheduling); 1 until one has been timed."""
+        mean = self.call_time.get(fn)
         if mean is None:
             return 1
         size = BUNDLE_MAX if mean <= 0 else int(BUNDLE_SECONDS / mean)
         guided = -(-self.live // (BUNDLE_GUIDED_FACTOR * max(1, slots)))
         return max(1, min(size, BUNDLE_MAX, guided))
 
-    def observe(self, seconds: float) -> None:
-        """A call took ``seconds`` (a bundle: its calls' mean)."""
-        mean = self.call_time
-        self.call_time = seconds if mean is None else mean + CALL_TIME_EWMA * (seconds - mean)
+    def observe(self, fn: bytes, seconds: float) -> None:
+        """A call of ``fn`` took ``seconds`` (a bundle: its calls' mean)."""
+        times = self.call_time
+        mean = times.get(fn)
+        if mean is None:
+            if len(times) >= TIMED_FUNCTIONS_MAX:
+                del times[next(iter(times))]
+            times[fn] = seconds
+        else:
+            times[fn] = mean + CALL_TIME_EWMA * (seconds - mean)
 
     def made(self, bundle_id: int, parts: list[C]) -> None:
         """``parts`` go out as the bundle ``bundle_id``."""

@@ -680,8 +680,9 @@ class Farm:
             if item.parts or item.task_id in self._bundler.bundles:
                 self._on_bundle(peer, item, now)
                 continue
-            self._bundler.observe(item.t_end - item.t_start)
             task = self._tasks.get(item.task_id)
+            if task is not None:
+                self._bundler.observe(task.fn[0], item.t_end - item.t_start)
             retryable = False
             error: BaseException | None = None
             if not item.ok and task is not None:
@@ -759,7 +760,7 @@ class Farm:
                 self._fail(sub.future.task_id, error, journaled=False)
             return
         if item.parts:
-            self._bundler.observe((item.t_end - item.t_start) / len(item.parts))
+            self._bundler.observe(subs[0].fn[0], (item.t_end - item.t_start) / len(item.parts))
         journal = self.journal
         for part in item.parts:
             task = self._tasks.pop(part.task_id, None)
@@ -1023,7 +1024,7 @@ class Farm:
 
         for room in rooms:
             while bundler.held and room > 0:
-                parts = bundler.take(min(bundler.size(slots), room), alive)
+                parts = bundler.take(room, slots, alive)
                 if not parts:
                     return
                 room -= len(parts)

@@ -11,7 +11,7 @@ import concurrent.futures
 import threading
 from typing import Any
 
-from taskfarm._bundles import BUNDLE_GUIDED_FACTOR, BUNDLE_MAX, BUNDLE_SECONDS, HELD, Bundler
+from taskfarm._bundles import BUNDLE_GUIDED_FACTOR, BUNDLE_MAX, BUNDLE_SECONDS, HELD, TIMED_FUNCTIONS_MAX, Bundler
 from taskfarm._future import FarmFuture
 from taskfarm._master import Farm, Submission
 from taskfarm._protocol import Kind, TaskBatch
@@ -20,6 +20,8 @@ from taskfarm._task import TaskPolicy
 
 #: seconds per call the tests pretend to have measured
 CALL = 0.001
+#: the function every test call runs: (digest, payload)
+FN = (b"fn", b"")
 
 
 def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Farm:
@@ -37,7 +39,8 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
     farm.scheduler = scheduler
     farm._tasks = {}
     farm._bundler = Bundler()
-    farm._bundler.call_time = call_time
+    if call_time is not None:
+        farm._bundler.call_time[FN[0]] = call_time
     farm._id_lock = threading.Lock()
     farm._next_task_id = 0
     farm.journal = None
@@ -59,9 +62,9 @@ class _Recorder:
         self.sent.append((peer, kind, record))
 
 
-def _submission(task_id: int, executor_id: int = 1) -> Submission:
+def _submission(task_id: int, executor_id: int = 1, fn: tuple[bytes, bytes] = FN) -> Submission:
     future = FarmFuture(task_id)
-    return Submission(future, executor_id, (b"fn", b""), (b"call", ()), (), TaskPolicy(), 0, None, None, None, None)
+    return Submission(future, executor_id, fn, (b"call", ()), (), TaskPolicy(), 0, None, None, None, None)
 
 
 def _hold(farm: Farm, n: int) -> list[FarmFuture]:
@@ -169,37 +172,57 @@ def test_a_call_cancelled_as_its_bundle_is_sent_leaves_the_bundle() -> None:
 # -- the Bundler alone ----------------------------------------------------------
 def test_size_is_the_target_time_of_calls_capped_and_guided() -> None:
     bundler: Bundler[Submission] = Bundler()
-    assert bundler.size(slots=2) == 1  # nothing timed yet
-    bundler.observe(0.001)
+    assert bundler.size(FN[0], slots=2) == 1  # nothing timed yet
+    bundler.observe(FN[0], 0.001)
     bundler.live = 10_000
-    assert bundler.size(slots=2) == int(BUNDLE_SECONDS / 0.001)
-    bundler.call_time = 0.0  # calls too short to time
-    assert bundler.size(slots=2) == BUNDLE_MAX
+    assert bundler.size(FN[0], slots=2) == int(BUNDLE_SECONDS / 0.001)
+    bundler.call_time[FN[0]] = 0.0  # calls too short to time
+    assert bundler.size(FN[0], slots=2) == BUNDLE_MAX
     bundler.live = 40
-    assert bundler.size(slots=2) == 40 // (BUNDLE_GUIDED_FACTOR * 2)
+    assert bundler.size(FN[0], slots=2) == 40 // (BUNDLE_GUIDED_FACTOR * 2)
     bundler.live = 1
-    assert bundler.size(slots=2) == 1
+    assert bundler.size(FN[0], slots=2) == 1
 
 
-def test_observe_is_a_running_mean() -> None:
+def test_call_times_are_per_function() -> None:
+    """Long calls submitted after short ones of another function are not
+    bundled by the short ones' time: they go one by one until timed."""
     bundler: Bundler[Submission] = Bundler()
-    bundler.observe(0.01)
-    assert bundler.call_time == 0.01
-    bundler.observe(0.0)
-    assert 0.0 < bundler.call_time < 0.01
+    bundler.observe(b"short", 0.0001)
+    for i in range(100):
+        bundler.hold(_submission(i, fn=(b"long", b"")))
+    assert len(bundler.take(room=50, slots=1, alive=lambda sub: True)) == 1  # never timed: alone
+    bundler.observe(b"long", 0.01)
+    assert len(bundler.take(room=50, slots=1, alive=lambda sub: True)) == int(BUNDLE_SECONDS / 0.01)
 
 
-def test_take_keeps_one_executor_per_bundle_and_drops_dead_calls() -> None:
+def test_observe_is_a_running_mean_and_forgets_the_oldest_function() -> None:
     bundler: Bundler[Submission] = Bundler()
+    bundler.observe(FN[0], 0.01)
+    assert bundler.call_time[FN[0]] == 0.01
+    bundler.observe(FN[0], 0.0)
+    assert 0.0 < bundler.call_time[FN[0]] < 0.01
+    for i in range(TIMED_FUNCTIONS_MAX):
+        bundler.observe(str(i).encode(), 0.001)
+    assert len(bundler.call_time) == TIMED_FUNCTIONS_MAX and FN[0] not in bundler.call_time
+
+
+def test_take_keeps_one_executor_and_one_function_per_bundle_and_drops_dead_calls() -> None:
+    bundler: Bundler[Submission] = Bundler()
+    bundler.observe(FN[0], 0.0001)
+    other = (b"other", b"")
     subs = [_submission(i, executor_id=1 if i < 4 else 2) for i in range(6)]
+    subs += [_submission(6, executor_id=2, fn=other)]
     for sub in subs:
         bundler.hold(sub)
-    dead = {subs[1].future.task_id}
-    taken = bundler.take(10, lambda sub: sub.future.task_id not in dead)
-    assert [sub.future.task_id for sub in taken] == [0, 2, 3]  # the rest belong to executor 2
-    assert bundler.live == 3 and [sub.future.task_id for sub in bundler.held] == [4, 5]
+    dead = {subs[0].future.task_id, subs[1].future.task_id}
+    alive = lambda sub: sub.future.task_id not in dead  # noqa: E731
+    taken = bundler.take(10, 1, alive)
+    assert [sub.future.task_id for sub in taken] == [2, 3]  # the rest belong to executor 2
+    assert bundler.live == 5 and [sub.future.task_id for sub in bundler.held] == [4, 5, 6]
+    assert [sub.future.task_id for sub in bundler.take(10, 1, alive)] == [4, 5]  # 6 runs another function
     bundler.made(99, taken)
-    assert bundler.bundled == 3 and all(sub.future._bundle == 99 for sub in taken)
-    assert subs[4].future._bundle == HELD
+    assert bundler.bundled == 2 and all(sub.future._bundle == 99 for sub in taken)
+    assert subs[6].future._bundle == HELD
     bundler.clear()
     assert (bundler.live, len(bundler.held), bundler.bundles) == (0, 0, {})

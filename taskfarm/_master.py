@@ -1011,7 +1011,8 @@ class Farm:
             rooms = [len(bundler.held)]
         else:
             rooms = scheduler.rooms()
-            ready = scheduler.ready_weight()  # tasks already waiting take the freest ranks first
+            # tasks already waiting take the freest ranks first
+            ready = scheduler.ready_weight(limit=sum(rooms))
             for i, room in enumerate(rooms):
                 taken = min(room, ready)
                 rooms[i] -= taken

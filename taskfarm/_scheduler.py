@@ -405,10 +405,18 @@ class Scheduler:
                 out.append(free)
         return sorted(out, reverse=True)
 
-    def ready_weight(self) -> int:
-        """The user's tasks in the ready queue (bundles count their calls)."""
+    def ready_weight(self, limit: int | None = None) -> int:
+        """The user's tasks in the ready queue (bundles count their calls);
+        counting stops once ``limit`` is reached (the queue may be long)."""
         entries = self._entries
-        return sum(entry.weight for _, _, task_id in self._ready if (entry := entries.get(task_id)) is not None)
+        total = 0
+        for _, _, task_id in self._ready:
+            entry = entries.get(task_id)
+            if entry is not None:
+                total += entry.weight
+                if limit is not None and total >= limit:
+                    break
+        return total
 
     def live_slots(self) -> int:
         return sum(r.slots for r in self._ranks.values() if r.alive)

@@ -1331,6 +1331,13 @@ class TestWeights:
         assert s.rooms() == [2]
         assert s.poll(1.0).dispatch == {rank_of_1: [3]}
 
+    def test_ready_weight_stops_counting_at_its_limit(self) -> None:
+        s = farm()
+        for task_id in range(1, 101):
+            submit(s, task_id, weight=2)
+        assert s.ready_weight() == 200
+        assert 10 <= s.ready_weight(limit=10) < 12
+
     def test_rooms_are_what_a_refill_would_send(self) -> None:
         s = farm(ranks=2)
         observe(s, PIPELINE_SECONDS / 8)  # prefetch 8: each rank holds 9 calls

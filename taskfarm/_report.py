@@ -60,7 +60,7 @@ def summary_rows(stats: Mapping[str, Any], *, slowest: int = SLOWEST_SHOWN) -> l
     """The summary's numbers, from a statistics dict (`FarmStatistics.as_dict` + ``slowest``).
 
     Sections: ``tasks`` (counts by state), ``time`` (wall seconds, tasks per
-    second, workers alive, mean busy fraction), ``recovery`` (retries,
+    second, workers alive, mean busy fraction, tasks that went in bundles), ``recovery`` (retries,
     resubmissions, steals, lost ranks), ``ranks`` (per worker rank: tasks,
     failed attempts, busy seconds and fraction of the wall time, alive) and
     ``slowest`` (the slowest tasks, longest first).
@@ -97,8 +97,16 @@ def summary_rows(stats: Mapping[str, Any], *, slowest: int = SLOWEST_SHOWN) -> l
         ),
         Section(
             "time",
-            ("wall_s", "tasks_per_s", "workers", "mean_busy"),
-            ((wall, done / wall if wall > 0 else 0.0, int(stats.get("workers") or 0), mean_busy),),
+            ("wall_s", "tasks_per_s", "workers", "mean_busy", "bundled"),
+            (
+                (
+                    wall,
+                    done / wall if wall > 0 else 0.0,
+                    int(stats.get("workers") or 0),
+                    mean_busy,
+                    int(stats.get("bundled") or 0),
+                ),
+            ),
         ),
         Section(
             "recovery",
@@ -139,7 +147,8 @@ def format_summary(stats: Mapping[str, Any]) -> str:
         f"  tasks     submitted {t['submitted']}  done {t['done']}  failed {t['failed']}  "
         f"cancelled {t['cancelled']}  unfinished {t['unfinished']}",
         f"  time      wall {tm['wall_s']:.2f} s  throughput {_rate(tm['tasks_per_s'])} tasks/s  "
-        f"workers {tm['workers']}  mean busy {tm['mean_busy']:.0%}",
+        f"workers {tm['workers']}  mean busy {tm['mean_busy']:.0%}"
+        + (f"  bundled {tm['bundled']}" if tm["bundled"] else ""),
         f"  recovery  retried {rc['retried']}  resubmitted {rc['resubmitted']}  stolen {rc['stolen']}  "
         f"lost ranks {','.join(map(str, rc['lost_ranks'])) or '-'}",
     ]

@@ -59,6 +59,7 @@ STATS: dict[str, Any] = {
     "retried": 3,
     "resubmitted": 4,
     "stolen": 1,
+    "bundled": 12,
     "workers": 2,
     "lost_ranks": [3],
     "wall_time": 10.0,
@@ -86,6 +87,7 @@ def test_summary_rows_carry_the_statistics_numbers() -> None:
     time_row = s["time"].dicts()[0]
     assert time_row["wall_s"] == 10.0 and time_row["tasks_per_s"] == pytest.approx(1.5)
     assert time_row["workers"] == 2 and time_row["mean_busy"] == pytest.approx(15.0 / 30.0)
+    assert time_row["bundled"] == 12
     assert s["recovery"].dicts() == [{"retried": 3, "resubmitted": 4, "stolen": 1, "lost_ranks": (3,)}]
     ranks = s["ranks"].dicts()
     assert [(r["rank"], r["tasks"], r["failed"], r["alive"]) for r in ranks] == [
@@ -407,6 +409,7 @@ def test_summary_numbers_match_the_stats_json(job: Job) -> None:
     ]
     t = s["time"].dicts()[0]
     assert t["wall_s"] == stats["wall_time"] and t["tasks_per_s"] == pytest.approx(stats["done"] / stats["wall_time"])
+    assert t["bundled"] == stats["bundled"]
     ranks = s["ranks"].dicts()
     assert [r["rank"] for r in ranks] == [1, 2, 3]
     assert sum(r["tasks"] for r in ranks) == stats["done"]

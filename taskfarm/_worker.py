@@ -209,19 +209,26 @@ class Worker:
                 # with rings, no message can wait unless one rang: a round woken
                 # by a slot's poke (results to send) skips the probes, which
                 # cost ~10 us each on MPICH (ch4 polls every netmod)
+                got = False
                 if probe or rung or not ringing:
                     while (message := t.poll()) is not None:
-                        active = True
+                        got = True
                         self._handle(*message)
+                active = active or got
                 probe = False
                 sending = t.progress(push=not ringing)  # a ringing master says when it took a large send
                 if self._stopping:
                     break
                 woken = 0
-                if active:
+                if got:
                     recheck = len(RING_RECHECKS)
                 elif rung:
+                    # rung, and the probe found nothing yet (MPI shows a message a
+                    # moment late): look again, even if this round was busy sending
+                    # results, which used to skip the rechecks and leave a refill
+                    # unseen until DOORBELL_POLL_CAP (250 ms idle, seen in skewed runs)
                     recheck = 0
+                    probe = True
                 if active or (sending and not ringing):
                     backoff.reset()
                     continue

@@ -15,7 +15,7 @@ import pytest
 
 import taskfarm._serialization as ser
 import taskfarm._worker as worker_module
-from taskfarm._loopback import LOCAL_PEER, Loopback
+from taskfarm._loopback import LOCAL_PEER, LocalEnd, Loopback
 from taskfarm._protocol import Config, FnRef, Kind, Part, ResultBatch, Stop, TaskBatch, TaskItem
 from taskfarm._transport import Transport
 
@@ -134,3 +134,63 @@ def test_a_bundle_runs_its_calls_in_order_each_with_its_own_outcome() -> None:
     assert item.parts[1].traceback.startswith("Traceback on rank 0") and "attempt 2" in item.parts[1].traceback
     assert "ZeroDivisionError" in item.parts[1].traceback
     assert item.t_start <= item.parts[0].t_start <= item.parts[0].t_end <= item.parts[2].t_end <= item.t_end
+
+
+class _LateEnd(LocalEnd):
+    """The local link as MPI may behave: each message rings once, and the probe
+    right after a ring may miss its message (it shows a moment later)."""
+
+    def __init__(self, link: Loopback) -> None:
+        super().__init__(link)
+        self._announced = 0  # messages whose ring was taken
+        self._late = False  # the next probe misses (a ring was just taken)
+
+    def take_rings(self) -> bool:
+        waiting = len(self._link.to_worker)
+        fresh = waiting > self._announced
+        self._announced = waiting
+        self._late = self._late or fresh
+        return fresh
+
+    def poll(self) -> tuple[int, Kind, Any] | None:
+        if self._late:
+            self._late = False
+            return None
+        message = super().poll()
+        if message is not None:
+            self._announced -= 1
+        return message
+
+
+#: the link of the running test, for `_send_next` (which runs as a task)
+_LATE_LINK: list[Loopback] = []
+
+
+def _send_next() -> str:
+    """A task that sends the worker its next batch while finishing: the ring
+    lands in the round that sends this task's result."""
+    _LATE_LINK[0].send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (_task(2, operator.add, 2, 20),)))
+    return "sent"
+
+
+def test_a_ring_whose_message_shows_late_is_rechecked_in_a_busy_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker must look again after a ring whose probe found nothing, even
+    when that round was busy sending results; it used to sleep the doorbell's
+    safety cap (250 ms) with a batch waiting."""
+    monkeypatch.setattr(worker_module, "DOORBELL_POLL_CAP", 3600.0)  # a missed ring would never be seen
+    answered = threading.Event()
+    link = Loopback(cast(Transport, None), answered.set)
+    link.local = _LateEnd(link)
+    _LATE_LINK[:] = [link]
+    thread = worker_module.serve_in_thread(link.local)
+    try:
+        link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (_task(1, _send_next),)))
+        results: list[tuple[int, Any]] = []
+        while len(results) < 2:
+            results += _results(link, answered, f"after {results}")
+        assert results == [(1, "sent"), (2, 22)]
+    finally:
+        link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
+        thread.join(ANSWER_WITHIN)
+    assert not thread.is_alive()

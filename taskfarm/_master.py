@@ -474,7 +474,8 @@ class Farm:
         cpu0 = time.thread_time()
         try:
             while True:
-                progressed = self._receive()
+                got = self._receive()
+                progressed = got
                 self._commit()
                 progressed |= self._take_submissions()
                 progressed |= self._notice_lost()
@@ -497,8 +498,9 @@ class Farm:
                 if progressed and self.scheduler.live_workers() == 0 and self._all_peers_gone():
                     self._break(BrokenFarmError("every worker rank of the farm was lost"))
                 if progressed:
-                    self._rung = False  # what rang came in
-                    self._recheck = len(RING_RECHECKS)
+                    if got:  # what rang came in; a ring with nothing found yet keeps its rechecks
+                        self._rung = False
+                        self._recheck = len(RING_RECHECKS)
                     if not self._backlog() or self.scheduler.prefetch >= MAX_PREFETCH:
                         backoff.reset()  # results are awaited: poll sooner (unless ranks ring)
                     # else: every rank holds a deep pipeline (long tasks, a backlog): no hurry

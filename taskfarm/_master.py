@@ -706,19 +706,7 @@ class Farm:
             key = task.key
             if decision is Decision.ACCEPT:
                 self._tasks.pop(item.task_id, None)
-                frame = (item.payload, item.buffers)
-                if self.journal is not None and key is not None:
-                    self.journal.succeeded(
-                        key,
-                        rank=peer,
-                        attempt=item.attempt,
-                        t_start=item.t_start,
-                        t_end=item.t_end,
-                        result=frame,
-                    )
-                self._resolve.append((future, _Encoded(frame), None))
-                if self._listeners:
-                    self._emit_outcome("succeeded", item, peer, key, future.label)
+                self._succeeded(task, peer, item.attempt, item)
                 continue
             if self._listeners:
                 event = "retried" if decision is Decision.RETRY else "failed"
@@ -768,24 +756,28 @@ class Farm:
             task = self._tasks.pop(part.task_id, None)
             if task is None:
                 continue  # failed meanwhile (the farm broke)
+            if part.ok:
+                self._succeeded(task, peer, item.attempt, part)
+                continue
             future = task.future
             key = task.key
-            if part.ok:
-                frame = (part.payload, part.buffers)
-                if journal is not None and key is not None:
-                    journal.succeeded(
-                        key, rank=peer, attempt=item.attempt, t_start=part.t_start, t_end=part.t_end, result=frame
-                    )
-                self._resolve.append((future, _Encoded(frame), None))
-                if self._listeners:
-                    self._emit_outcome("succeeded", part, peer, key, future.label, attempt=item.attempt)
-                continue
             error = self._decode_error(part, peer)
             if self._listeners:
                 self._emit_outcome("failed", part, peer, key, future.label, error, attempt=item.attempt)
             if journal is not None and key is not None:
                 self._journal_failure(key, peer, item.attempt, part, error, final=True, counts=True)
             self._resolve.append((future, None, error))
+
+    def _succeeded(self, task: Submission, peer: int, attempt: int, result: ResultItem | PartResult) -> None:
+        """A task's (or a bundle's call's) success: journal first, then its future at the commit."""
+        frame = (result.payload, result.buffers)
+        if self.journal is not None and task.key is not None:
+            self.journal.succeeded(
+                task.key, rank=peer, attempt=attempt, t_start=result.t_start, t_end=result.t_end, result=frame
+            )
+        self._resolve.append((task.future, _Encoded(frame), None))
+        if self._listeners:
+            self._emit_outcome("succeeded", result, peer, task.key, task.future.label, attempt=attempt)
 
     def _journal_failure(
         self,
@@ -1132,7 +1124,6 @@ class Farm:
     def _send_tasks(self, rank: int, task_ids: list[int]) -> None:
         by_executor: dict[int, list[TaskItem]] = {}
         sent_fns = self._fn_sent[rank]
-        journal = self.journal
         attempt_of = self.scheduler.attempt
         awaited = self.scheduler.awaited
         for task_id in task_ids:
@@ -1160,24 +1151,13 @@ class Farm:
                 self._record_cancel(sub)
                 self._fail_dependents_of_cancelled(task_id)
                 continue
-            future._task_state = TaskState.RUNNING
-            future.rank = rank
             attempt = attempt_of(task_id)
-            if journal is not None and sub.key is not None:
-                journal.dispatched(sub.key, rank=rank, attempt=attempt, t=time.time())
-            if self._listeners:
-                self._emit("dispatched", task=task_id, key=sub.key, rank=rank, attempt=attempt)
-            digest, payload = sub.fn
-            if digest in sent_fns:
-                fn = FnRef(digest, None)
-            else:
-                fn = FnRef(digest, payload)
-                sent_fns.add(digest)
+            self._mark_dispatched(sub, rank, attempt)
             by_executor.setdefault(sub.executor_id, []).append(
                 TaskItem(
                     task_id,
                     attempt,
-                    fn,
+                    _fn_ref(sub.fn, sent_fns),
                     sub.call[0],
                     sub.call[1],
                     deps,
@@ -1214,31 +1194,24 @@ class Farm:
             self.scheduler.withdraw(bundle_id, rank)
             return None
         attempt = self.scheduler.attempt(bundle_id)
-        journal = self.journal
-        listeners = self._listeners
-        refs: dict[bytes, FnRef] = {}
         parts = []
         for sub in live:
-            future = sub.future
-            future._task_state = TaskState.RUNNING
-            future.rank = rank
-            if journal is not None and sub.key is not None:
-                journal.dispatched(sub.key, rank=rank, attempt=attempt, t=time.time())
-            if listeners:
-                self._emit("dispatched", task=future.task_id, key=sub.key, rank=rank, attempt=attempt)
-            digest, payload = sub.fn
-            fn = refs.get(digest)
-            if fn is None:
-                if digest in sent_fns:
-                    fn = FnRef(digest, None)
-                else:
-                    fn = FnRef(digest, payload)  # the first part carries it, the rest refer to it
-                    sent_fns.add(digest)
-                refs[digest] = FnRef(digest, None)
-            parts.append(Part(future.task_id, fn, sub.call[0]))
+            self._mark_dispatched(sub, rank, attempt)
+            # the first part of a function new to the rank carries it, the rest refer to it
+            parts.append(Part(sub.future.task_id, _fn_ref(sub.fn, sent_fns), sub.call[0]))
         return TaskItem(
             bundle_id, attempt, _NO_FN, b"", (), (), None, None, self.scheduler.awaited(bundle_id), tuple(parts)
         )
+
+    def _mark_dispatched(self, sub: Submission, rank: int, attempt: int) -> None:
+        """A task (or a bundle's call) goes to ``rank``: its state, journal record and event."""
+        future = sub.future
+        future._task_state = TaskState.RUNNING
+        future.rank = rank
+        if self.journal is not None and sub.key is not None:
+            self.journal.dispatched(sub.key, rank=rank, attempt=attempt, t=time.time())
+        if self._listeners:
+            self._emit("dispatched", task=future.task_id, key=sub.key, rank=rank, attempt=attempt)
 
     @staticmethod
     def _dep_value(dep: FarmFuture) -> tuple[int, bytes, tuple[Any, ...]]:
@@ -1373,6 +1346,16 @@ def _relay_logs(peer: int, records: Any) -> None:
             record.msg = f"[rank {peer}] {message}"
             record.created, record.msecs = created, (created % 1) * 1000
             logger.handle(record)
+
+
+def _fn_ref(fn: tuple[bytes, bytes], sent: set[bytes]) -> FnRef:
+    """A function in a message to a rank: in full the first time (``sent``
+    holds what that rank has), by digest after."""
+    digest, payload = fn
+    if digest in sent:
+        return FnRef(digest, None)
+    sent.add(digest)
+    return FnRef(digest, payload)
 
 
 def _mark_running(future: FarmFuture) -> bool:

@@ -15,8 +15,9 @@ Rules, in the order `poll` applies them:
    rank with a free slot; a retried task avoids the rank it failed on when
    another is free.  Each rank holds up to ``slots * (1 + prefetch)`` tasks
    (a bundle counts its calls), where prefetch grows as tasks get shorter, so
-   tiny tasks never leave a worker waiting for the master.  A task with an expiry goes only to a free slot,
-   never into a queue behind a running task, where it could start too late.
+   tiny tasks never leave a worker waiting for the master.  A task with an
+   expiry goes only to a free slot, never into a queue behind a running task,
+   where it could start too late.
 4. When nothing is ready and a rank sits idle, tasks queued (not started)
    behind a busy rank's running task are stolen back, so the tail of a skewed
    workload never waits behind one long task.
@@ -81,6 +82,12 @@ def _without(holders: tuple[int, ...], rank: int) -> tuple[int, ...]:
     if len(holders) == 1:  # the usual case
         return ()
     return tuple(h for h in holders if h != rank)
+
+
+def _refillable(info: _Rank, free: int) -> bool:
+    """A rank is sent more once half its pipeline is free, or when idle: tasks
+    go in batches (one message for many tiny tasks) while it runs the rest."""
+    return free >= max(1, info.capacity // 2) or not info.inflight
 
 
 class Decision(enum.Enum):
@@ -401,7 +408,7 @@ class Scheduler:
         out = []
         for r in self._ranks.values():
             free = r.capacity - r.load
-            if r.alive and free > 0 and (free >= max(1, r.capacity // 2) or not r.inflight):
+            if r.alive and free > 0 and _refillable(r, free):
                 out.append(free)
         return sorted(out, reverse=True)
 
@@ -720,7 +727,7 @@ class Scheduler:
         for free in range(top, 0, -1):
             for rank in buckets[free]:
                 info = self._ranks[rank]
-                if free < max(1, info.capacity // 2) and info.inflight and rank not in filling:
+                if not _refillable(info, free) and rank not in filling:
                     continue
                 if rank in skip:
                     continue

@@ -35,6 +35,31 @@ TIMED_FUNCTIONS_MAX = 1024
 HELD = -1
 
 
+def guided_size(
+    per_item: float,
+    remaining: int | None,
+    workers: int,
+    *,
+    target: float,
+    factor: int,
+    cap: int,
+    floor_seconds: float = 0.0,
+) -> int:
+    """Items in the next chunk of work (map's chunks, bundles of calls):
+    ``target`` seconds of them at ``per_item`` seconds each, at most ``cap``;
+    with ``remaining`` known, at most remaining / (``factor`` * workers), so
+    that chunks shrink as the work runs out (guided self-scheduling), but never
+    below ``floor_seconds`` of work."""
+    size = int(target / per_item) if per_item > 0 else cap
+    if remaining is not None:
+        guided = -(-remaining // (factor * max(1, workers)))
+        floor = 0
+        if floor_seconds > 0:
+            floor = int(floor_seconds / per_item) if per_item > 0 else cap
+        size = min(size, max(guided, floor))
+    return max(1, min(cap, size))
+
+
 class Call(Protocol):
     """What a held call offers (the master's submission record)."""
 
@@ -105,9 +130,9 @@ class Bundler(Generic[C]):
         mean = self.call_time.get(fn)
         if mean is None:
             return 1
-        size = BUNDLE_MAX if mean <= 0 else int(BUNDLE_SECONDS / mean)
-        guided = -(-self.live // (BUNDLE_GUIDED_FACTOR * max(1, slots)))
-        return max(1, min(size, BUNDLE_MAX, guided))
+        return guided_size(
+            mean, self.live, slots, target=BUNDLE_SECONDS, factor=BUNDLE_GUIDED_FACTOR, cap=BUNDLE_MAX
+        )
 
     def observe(self, fn: bytes, seconds: float) -> None:
         """A call of ``fn`` took ``seconds`` (a bundle: its calls' mean)."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import _periodic, _transport
 from . import _serialization as ser
+from ._bundles import guided_size
 from ._errors import BrokenFarmError, ExitCode, JournalError, RemoteTraceback
 from ._future import FarmFuture, _Encoded
 from ._journal import JournalNotFoundError, JournalWriter, read_journal
@@ -505,12 +506,16 @@ class FarmExecutor(concurrent.futures.Executor):
                         return  # probing: wait for the first timings
                     size = 1
                 else:
-                    size = int(MAP_CHUNK_SECONDS / per_item) if per_item > 0 else MAP_CHUNK_MAX
-                    if remaining is not None:
-                        guided = -(-remaining // (MAP_GUIDED_FACTOR * workers))
-                        floor = int(MAP_CHUNK_MIN_SECONDS / per_item) if per_item > 0 else MAP_CHUNK_MAX
-                        size = min(size, max(guided, floor))
-                    size = max(1, min(MAP_CHUNK_MAX, size, MAP_ITEMS_IN_FLIGHT - in_flight))
+                    size = guided_size(
+                        per_item,
+                        remaining,
+                        workers,
+                        target=MAP_CHUNK_SECONDS,
+                        factor=MAP_GUIDED_FACTOR,
+                        cap=MAP_CHUNK_MAX,
+                        floor_seconds=MAP_CHUNK_MIN_SECONDS,
+                    )
+                    size = max(1, min(size, MAP_ITEMS_IN_FLIGHT - in_flight))
                 chunk = list(itertools.islice(calls, size))
                 if len(chunk) < size:
                     exhausted = True

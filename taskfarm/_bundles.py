@@ -23,6 +23,10 @@ from ._future import FarmFuture
 BUNDLE_SECONDS = 0.02
 #: most calls in one bundle (no-op calls): bounds a bundle's message
 BUNDLE_MAX = 512
+#: a call whose arguments pickle to more bytes goes as a task of its own:
+#: copying them costs more than a task's own overhead, and a bundle's message
+#: stays under BUNDLE_MAX x this (32 MiB)
+BUNDLE_CALL_BYTES = 64 << 10
 #: guided self-scheduling: a bundle holds at most the held calls / (this * slots)
 BUNDLE_GUIDED_FACTOR = 2
 #: weight of the newest measurement in the running mean of seconds per call

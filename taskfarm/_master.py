@@ -44,7 +44,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from . import _serialization as ser
-from ._bundles import HELD, Bundler
+from ._bundles import BUNDLE_CALL_BYTES, HELD, Bundler
 from ._errors import (
     BrokenFarmError,
     DependencyFailed,
@@ -963,6 +963,7 @@ class Farm:
             not_before=sub.not_before,
             expires=None if sub.expires is None else now + (sub.expires - time.time()),
             inputs=waiting,
+            nbytes=ser.frame_nbytes(sub.call),
         )
         if not ready:
             future._task_state = TaskState.SCHEDULED
@@ -978,6 +979,7 @@ class Farm:
             and sub.time_limit is None
             and sub.priority == 0
             and not sub.call[1]
+            and len(sub.call[0]) <= BUNDLE_CALL_BYTES
             and policy.max_retries == 0
             and not policy.speculative
             and policy.isolation != "process"
@@ -1026,11 +1028,12 @@ class Farm:
                 if len(parts) == 1:  # a task of its own
                     sub = parts[0]
                     sub.future._bundle = 0
-                    scheduler.submit(sub.future.task_id, now, policy=sub.policy)
+                    scheduler.submit(sub.future.task_id, now, policy=sub.policy, nbytes=len(sub.call[0]))
                     continue
                 bundle_id = self.new_task_id()
                 bundler.made(bundle_id, parts)
-                scheduler.submit(bundle_id, now, policy=_BUNDLE_POLICY, weight=len(parts))
+                nbytes = sum(len(sub.call[0]) for sub in parts)  # in-band only: see _bundleable
+                scheduler.submit(bundle_id, now, policy=_BUNDLE_POLICY, weight=len(parts), nbytes=nbytes)
 
     def _cancelled_outside(self, sub: Submission) -> None:
         """A held call, or one in a bundle not yet sent, was cancelled: the
@@ -1072,7 +1075,7 @@ class Farm:
                 future = sub.future
                 if self._tasks.get(future.task_id) is sub:
                     future._bundle = 0
-                    self.scheduler.submit(future.task_id, now, policy=sub.policy)
+                    self.scheduler.submit(future.task_id, now, policy=sub.policy, nbytes=len(sub.call[0]))
                     out.append(future.task_id)
         return out
 

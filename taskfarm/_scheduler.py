@@ -56,6 +56,11 @@ from ._task import TaskPolicy, TaskState
 PIPELINE_SECONDS = 0.08
 #: upper bound on prefetched tasks per slot (bounds what a lost rank takes down)
 MAX_PREFETCH = 64
+#: bytes of arguments a rank may hold beyond what fills its idle slots: tasks
+#: of large arrays are prefetched only while the rank holds less than this, so
+#: the pipeline's depth in seconds never becomes gigabytes queued on one rank
+#: (16 MB echoes still go four deep)
+PREFETCH_BYTES = 64 << 20
 #: weight of the newest task duration in the running mean
 DURATION_EWMA = 0.05
 
@@ -85,9 +90,19 @@ def _without(holders: tuple[int, ...], rank: int) -> tuple[int, ...]:
 
 
 def _refillable(info: _Rank, free: int) -> bool:
-    """A rank is sent more once half its pipeline is free, or when idle: tasks
-    go in batches (one message for many tiny tasks) while it runs the rest."""
-    return free >= max(1, info.capacity // 2) or not info.inflight
+    """A rank is sent more once half its pipeline is free, or when a slot is
+    idle: tasks go in batches (one message for many tiny tasks) while it runs
+    the rest."""
+    return free >= max(1, info.capacity // 2) or len(info.inflight) < info.slots
+
+
+def _free_of(info: _Rank) -> int:
+    """The user's tasks ``info`` may be sent: its free capacity, or only its
+    idle slots while it holds `PREFETCH_BYTES` of arguments or more."""
+    free = info.capacity - info.load
+    if info.nbytes >= PREFETCH_BYTES:
+        free = min(free, info.slots - len(info.inflight))
+    return max(0, free)
 
 
 class Decision(enum.Enum):
@@ -125,6 +140,8 @@ class _Entry:
     inputs: tuple[int, ...] = ()
     #: the user's tasks this entry stands for (a bundle's parts; 1 for a task)
     weight: int = 1
+    #: bytes of its arguments on the wire (see `PREFETCH_BYTES`)
+    nbytes: int = 0
     #: of those, the ones that failed inside a bundle that ran (set on its result)
     failed_parts: int = 0
 
@@ -138,6 +155,9 @@ class _Rank:
     inflight: dict[int, int] = dataclasses.field(default_factory=dict)
     #: the weights of ``inflight`` summed: the user's tasks the rank holds
     load: int = 0
+    #: argument bytes of the tasks in ``inflight`` that have any, and their sum
+    sizes: dict[int, int] = dataclasses.field(default_factory=dict)
+    nbytes: int = 0
     alive: bool = True
     last_heard: float = 0.0
     stealing: set[int] = dataclasses.field(default_factory=set)
@@ -285,6 +305,8 @@ class Scheduler:
             requeued.append(task_id)
         info.inflight.clear()
         info.load = 0
+        info.sizes.clear()
+        info.nbytes = 0
         info.stealing.clear()
         return requeued
 
@@ -315,12 +337,14 @@ class Scheduler:
         expires: float | None = None,
         inputs: Iterable[int] = (),
         weight: int = 1,
+        nbytes: int = 0,
     ) -> bool:
         """Add a task; True if it is ready to run now (no wait for inputs or time).
 
         ``inputs`` are ids of unfinished tasks it depends on; inputs already
         finished are the master's business (it passes their values or fails
-        the task at once).  ``weight``: the user's tasks it stands for (a bundle)."""
+        the task at once).  ``weight``: the user's tasks it stands for (a
+        bundle); ``nbytes``: its arguments' size, which bounds prefetching."""
         self._seq += 1
         self._submitted += weight
         self._speculative = self._speculative or policy.speculative
@@ -334,6 +358,7 @@ class Scheduler:
             0,
             TaskState.PENDING,
             weight=weight,
+            nbytes=nbytes,
         )
         self._entries[task_id] = entry
         waiting = []
@@ -407,7 +432,7 @@ class Scheduler:
         once half its pipeline is free or it is idle: see `_pick_rank`), freest first."""
         out = []
         for r in self._ranks.values():
-            free = r.capacity - r.load
+            free = _free_of(r)
             if r.alive and free > 0 and _refillable(r, free):
                 out.append(free)
         return sorted(out, reverse=True)
@@ -697,9 +722,7 @@ class Scheduler:
 
     def _place(self, info: _Rank) -> None:
         """Put ``info`` in the bucket of its free capacity (it is in none)."""
-        free = info.capacity - info.load
-        if free < 0:
-            free = 0
+        free = _free_of(info)
         buckets = self._free
         while len(buckets) <= free:
             buckets.append({})
@@ -849,15 +872,20 @@ class Scheduler:
 
     def _hold(self, info: _Rank, task_id: int) -> None:
         self._free[info.bucket].pop(info.rank, None)
-        weight = self._entries[task_id].weight
+        entry = self._entries[task_id]
+        weight = entry.weight
         info.inflight[task_id] = weight
         info.load += weight
+        if entry.nbytes:
+            info.sizes[task_id] = entry.nbytes
+            info.nbytes += entry.nbytes
         self._place(info)
 
     def _unhold(self, info: _Rank, task_id: int) -> None:
         if info.alive:
             self._free[info.bucket].pop(info.rank, None)
         info.load -= info.inflight.pop(task_id)
+        info.nbytes -= info.sizes.pop(task_id, 0)
         info.stealing.discard(task_id)
         if info.alive:
             self._place(info)

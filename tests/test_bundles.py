@@ -11,9 +11,18 @@ import concurrent.futures
 import threading
 from typing import Any
 
-from taskfarm._bundles import BUNDLE_GUIDED_FACTOR, BUNDLE_MAX, BUNDLE_SECONDS, HELD, TIMED_FUNCTIONS_MAX, Bundler
+from taskfarm._bundles import (
+    BUNDLE_CALL_BYTES,
+    BUNDLE_GUIDED_FACTOR,
+    BUNDLE_MAX,
+    BUNDLE_SECONDS,
+    HELD,
+    TIMED_FUNCTIONS_MAX,
+    Bundler,
+)
 from taskfarm._future import FarmFuture
 from taskfarm._master import Farm, Submission
+from taskfarm._pools import PoolSpec
 from taskfarm._protocol import Kind, TaskBatch
 from taskfarm._scheduler import PIPELINE_SECONDS, Scheduler
 from taskfarm._task import TaskPolicy
@@ -62,15 +71,17 @@ class _Recorder:
         self.sent.append((peer, kind, record))
 
 
-def _submission(task_id: int, executor_id: int = 1, fn: tuple[bytes, bytes] = FN) -> Submission:
+def _submission(
+    task_id: int, executor_id: int = 1, fn: tuple[bytes, bytes] = FN, call: bytes = b"call"
+) -> Submission:
     future = FarmFuture(task_id)
-    return Submission(future, executor_id, fn, (b"call", ()), (), TaskPolicy(), 0, None, None, None, None)
+    return Submission(future, executor_id, fn, (call, ()), (), TaskPolicy(), 0, None, None, None, None)
 
 
-def _hold(farm: Farm, n: int) -> list[FarmFuture]:
+def _hold(farm: Farm, n: int, call: bytes = b"call") -> list[FarmFuture]:
     futures = []
     for _ in range(n):
-        sub = _submission(farm.new_task_id())
+        sub = _submission(farm.new_task_id(), call=call)
         farm._tasks[sub.future.task_id] = sub
         farm._bundler.hold(sub)
         futures.append(sub.future)
@@ -111,6 +122,33 @@ def test_guided_bundles_shrink_as_the_held_calls_run_out() -> None:
     # at most held / (2 x slots) each: 30 -> 8, 22 -> 6, 16 -> 4, ...
     assert max(_sizes(farm)) == 8 and farm._bundler.live == 0
     assert sum(_sizes(farm)) + (30 - farm._bundler.bundled) == 30
+
+
+def test_calls_with_large_arguments_go_alone() -> None:
+    farm = _bare_farm(ranks=1, capacity=3)
+    farm.pool = PoolSpec()
+    assert farm._bundleable(_submission(1, call=b"x" * BUNDLE_CALL_BYTES))
+    assert not farm._bundleable(_submission(2, call=b"x" * (BUNDLE_CALL_BYTES + 1)))
+
+
+def test_a_bundle_weighs_its_calls_arguments_in_the_scheduler() -> None:
+    farm = _bare_farm(ranks=1, capacity=9)
+    _hold(farm, 9, call=b"x" * 1000)
+    farm._feed(0.0)
+    bundles = farm._bundler.bundles
+    assert len(bundles) >= 2  # guided: 5, then 4
+    for bundle_id, parts in bundles.items():  # what bounds prefetching
+        assert farm.scheduler._entries[bundle_id].nbytes == len(parts) * 1000
+
+
+def test_a_task_of_its_own_weighs_its_arguments_and_buffers_in_the_scheduler() -> None:
+    farm = _bare_farm(ranks=1, capacity=3)
+    farm.pool = PoolSpec()
+    farm._broken = None
+    future = FarmFuture(farm.new_task_id())
+    buffer = bytearray(100_000)  # out of band: never bundled
+    farm._admit(Submission(future, 1, FN, (b"call", (buffer,)), (), TaskPolicy(), 0, None, None, None, None), 0.0)
+    assert farm.scheduler._entries[future.task_id].nbytes == 4 + 100_000
 
 
 def test_a_flush_bundles_every_held_call_and_skips_cancelled_ones() -> None:

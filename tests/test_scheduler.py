@@ -19,6 +19,7 @@ from taskfarm._scheduler import (
     DURATION_EWMA,
     MAX_PREFETCH,
     PIPELINE_SECONDS,
+    PREFETCH_BYTES,
     Actions,
     Decision,
     Scheduler,
@@ -1413,6 +1414,44 @@ class TestWeights:
         assert succeed(s, 1, 0) is Decision.ACCEPT
         st = s.statistics()
         assert st.done + st.failed + st.cancelled == st.submitted == 6
+
+
+class TestPrefetchBytes:
+    """Large arguments are prefetched only up to PREFETCH_BYTES per rank; idle slots always get work."""
+
+    def test_large_tasks_stop_the_prefetch_at_the_bound(self) -> None:
+        s = farm(ranks=1)
+        observe(s, 0.0)  # instant tasks: the deepest pipeline
+        half = PREFETCH_BYTES // 2
+        submit(s, *range(1, 11), nbytes=half)
+        assert sent(s.poll(0.0)) == [1, 2]  # the second reaches the bound: no third
+        assert s.rooms() == []
+        assert s.finished(1, 0, 0.0, ok=True, duration=0.0) is Decision.ACCEPT
+        assert sent(s.poll(0.0)) == [3]  # under the bound again: one more
+        submit(s, 11, 12)  # small ones behind the large: still held back by the bound
+        assert sent(s.poll(0.0)) == []
+
+    def test_small_tasks_fill_the_whole_pipeline(self) -> None:
+        s = farm(ranks=1)
+        observe(s, 0.0)
+        submit(s, *range(1, 1001), nbytes=1000)
+        assert len(sent(s.poll(0.0))) == 1 + MAX_PREFETCH
+
+    def test_a_task_larger_than_the_bound_still_reaches_an_idle_slot(self) -> None:
+        s = farm(ranks=1, slots=3)
+        submit(s, *range(1, 6), nbytes=2 * PREFETCH_BYTES)
+        assert sent(s.poll(0.0)) == [1, 2, 3]  # one per slot, none queued behind them
+        assert s.finished(2, 0, 0.0, ok=True, duration=LONG) is Decision.ACCEPT
+        assert sent(s.poll(0.0)) == [4]  # its slot is idle: refilled at once
+
+    def test_requeued_large_tasks_go_out_under_the_bound_again(self) -> None:
+        s = farm(ranks=1)
+        observe(s, 0.0)
+        submit(s, 1, 2, 3, nbytes=PREFETCH_BYTES // 2)
+        assert sent(s.poll(0.0)) == [1, 2]
+        assert sorted(s.rank_lost(0, 0.0)) == [1, 2]
+        assert s.add_worker(1, 1, 0.0)
+        assert sent(s.poll(0.0)) == [1, 2]  # the new rank's bound, not the lost one's
 
 
 class TestRandomEventOrders:

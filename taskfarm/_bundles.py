@@ -19,7 +19,7 @@ from ._future import FarmFuture
 
 #: measured seconds of calls per bundle: as map's chunks
 #: (`taskfarm._executor.MAP_CHUNK_SECONDS`), long enough that a bundle's own
-#: cost is noise, short enough to balance; a quarter of the prefetch pipeline
+#: cost is noise, short enough to balance (a sixteenth of the prefetch pipeline)
 BUNDLE_SECONDS = 0.02
 #: most calls in one bundle (no-op calls): bounds a bundle's message
 BUNDLE_MAX = 512

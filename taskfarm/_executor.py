@@ -43,7 +43,7 @@ MAP_WINDOW_MIN = 1024
 #: map(chunksize=None): seconds of work per chunk, once items have been timed;
 #: long enough that the ~0.1 ms a task costs the farm is noise, short enough
 #: that chunks still balance (and guided self-scheduling shrinks them at the
-#: end).  A quarter of the prefetch pipeline (`_scheduler.PIPELINE_SECONDS`).
+#: end).  A sixteenth of the prefetch pipeline (`_scheduler.PIPELINE_SECONDS`).
 #: 1 ms items, 2 workers: 5 -> 20 ms took 2,000 items from ~500 chunks to
 #: ~120 and efficiency from 0.95-0.96 to 0.96-0.97 (4 of 4 pairs); a skewed
 #: map's makespan did not move beyond noise (1.04-1.07 either way).

@@ -51,11 +51,16 @@ from ._task import TaskPolicy, TaskState
 #: thread on each side, and on an oversubscribed node each wake-up also
 #: preempts a task.  1 ms tasks, 2 workers on 2 cores (with the worker's
 #: `RESULT_LINGER` at half of it): 20 ms -> 80 ms gave efficiency 0.90 -> 0.93
-#: with submit, 0.93 -> 0.96 with map, skewed makespan 1.09 -> 1.06.  Stealing
-#: takes queued tasks back from behind a long one, so the depth costs no balance.
-PIPELINE_SECONDS = 0.08
-#: upper bound on prefetched tasks per slot (bounds what a lost rank takes down)
-MAX_PREFETCH = 64
+#: with submit, 0.93 -> 0.96 with map, skewed makespan 1.09 -> 1.06; with
+#: bundles, 80 -> 320 ms gave 0.909-0.921 -> 0.940-0.948 with submit,
+#: 0.959-0.969 -> 0.976-0.981 with map, skewed 1.07-1.08 -> 1.05-1.07 (3
+#: pairs; docs/performance.md).  Stealing takes queued tasks back from behind
+#: a long one, so the depth costs no balance; `PREFETCH_BYTES` bounds the
+#: memory it holds.
+PIPELINE_SECONDS = 0.32
+#: upper bound on prefetched tasks per slot (bounds what a lost rank takes down):
+#: the pipeline's worth of 1 ms tasks
+MAX_PREFETCH = 320
 #: bytes of arguments a rank may hold beyond what fills its idle slots: tasks
 #: of large arrays are prefetched only while the rank holds less than this, so
 #: the pipeline's depth in seconds never becomes gigabytes queued on one rank

@@ -83,14 +83,15 @@ DEFAULT_HEARTBEAT_INTERVAL = 5.0
 RESULT_BATCH = 64
 #: how long a finished result may wait for company while more tasks are queued
 #: (seconds): fewer messages, rings and wake-ups on both sides for short tasks.
-#: Half the scheduler's pipeline (`_scheduler.PIPELINE_SECONDS`, 80 ms), which
+#: Half the scheduler's pipeline (`_scheduler.PIPELINE_SECONDS`, 320 ms), which
 #: the master refills when half of it is free, so no rank runs dry meanwhile.
 #: A result with nothing queued behind it, one that other tasks wait for, or
 #: one of `OOB_EMPTY_MIN` or more (its copy dwarfs a message) goes at once.
 #: 1 ms tasks, 2 workers: 2 ms -> 10 ms gave efficiency 0.86 -> 0.91, master
 #: CPU 59 -> 33 us per task; 10 -> 40 ms (with the pipeline at 80 ms) 0.90 ->
-#: 0.93 (see `_scheduler.PIPELINE_SECONDS`).
-RESULT_LINGER = 0.04
+#: 0.93; 40 -> 160 ms (pipeline 320 ms) 0.91-0.92 -> 0.94-0.95, where a 320 ms
+#: pipeline with 80 ms gave 0.936-0.937: the message rate is what costs.
+RESULT_LINGER = 0.16
 #: environment variable that tells a task (and its child processes) its worker's rank
 RANK_ENV = "TASKFARM_RANK"
 #: GIL switch interval on workers, so the comm thread sends a finished result

@@ -329,6 +329,7 @@ def test_timing_and_states_under_mpiexec(mpi: MPI, tmp_path: Path) -> None:
 
 
 def test_max_prefetch_is_what_the_script_assumes() -> None:
-    # the MPI script sizes its queues from MAX_PREFETCH; a pipeline deeper than that per
-    # slot would make the priority/pending checks vacuous
-    assert 1 <= MAX_PREFETCH <= 64
+    # the MPI script sizes its queues from MAX_PREFETCH (so that the priority/pending
+    # checks are not vacuous), about 2 x MAX_PREFETCH tasks each: a much deeper cap
+    # would make it long
+    assert 1 <= MAX_PREFETCH <= 512

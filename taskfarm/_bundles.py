@@ -86,7 +86,9 @@ class Bundler(Generic[C]):
     Call times are kept per function: calls of a function never timed go one
     by one, however short the calls of another function were, so that a
     burst of long calls after short ones is never bundled by the short ones'
-    time (a running bundle cannot be stolen back at the tail)."""
+    time (a running bundle cannot be stolen back at the tail).  The master
+    sends such calls only to idle slots (`first`, `timed`): one of them times
+    the function, and none waits queued behind another of unknown length."""
 
     def __init__(self) -> None:
         self.held: collections.deque[C] = collections.deque()
@@ -104,16 +106,25 @@ class Bundler(Generic[C]):
         self.held.append(call)
         self.live += 1
 
+    def first(self, alive: Callable[[C], bool]) -> C | None:
+        """The oldest held call that is ``alive`` (the cancelled ones before it are dropped)."""
+        held = self.held
+        while held and not alive(held[0]):
+            held.popleft()
+        return held[0] if held else None
+
+    def timed(self, fn: bytes) -> bool:
+        """True once a call of ``fn`` has been timed (its calls may be bundled)."""
+        return fn in self.call_time
+
     def take(self, room: int, slots: int, alive: Callable[[C], bool]) -> list[C]:
         """The next bundle's calls, oldest first: at most ``room`` and `size`
         of them, all of one executor (its initializer runs before them) and
         one function; calls not ``alive`` (cancelled) are dropped."""
-        held = self.held
-        while held and not alive(held[0]):
-            held.popleft()
-        if not held:
+        first = self.first(alive)
+        if first is None:
             return []
-        first = held[0]
+        held = self.held
         size = min(room, self.size(first.fn[0], slots))
         parts: list[C] = []
         while held and len(parts) < size:

@@ -999,16 +999,22 @@ class Farm:
     def _feed(self, now: float, *, flush: bool = False) -> None:
         """Hand held calls to the scheduler, as many as the ranks have room for
         (all of them with ``flush``), in bundles sized from the calls' measured
-        time (`Bundler.size`), or one by one while none has been timed; no
-        bundle larger than the room of the rank it will go to."""
+        time (`Bundler.size`); no bundle larger than the room of the rank it
+        will go to.  Calls of a function not yet timed go one by one, and no
+        more than there are idle slots: the first result times the function,
+        and until then no rank queues hundreds of calls of unknown length
+        (the other functions' mean may have made its pipeline deep)."""
         bundler = self._bundler
         scheduler = self.scheduler
+        probes: int | None = None  # untimed calls that may still go: computed when first needed
+        waiting = 0
         if flush:
             rooms = [len(bundler.held)]
+            probes = len(bundler.held)
         else:
             rooms = scheduler.rooms()
             # tasks already waiting take the freest ranks first
-            ready = scheduler.ready_weight(limit=sum(rooms))
+            ready = waiting = scheduler.ready_weight(limit=sum(rooms))
             for i, room in enumerate(rooms):
                 taken = min(room, ready)
                 rooms[i] -= taken
@@ -1021,6 +1027,15 @@ class Farm:
 
         for room in rooms:
             while bundler.held and room > 0:
+                head = bundler.first(alive)
+                if head is None:
+                    return
+                if not bundler.timed(head.fn[0]):
+                    if probes is None:
+                        probes = scheduler.idle_slots() - waiting
+                    if probes <= 0:
+                        return  # held in order: what follows waits for the first result too
+                    probes -= 1
                 parts = bundler.take(room, slots, alive)
                 if not parts:
                     return

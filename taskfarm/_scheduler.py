@@ -458,6 +458,10 @@ class Scheduler:
     def live_slots(self) -> int:
         return sum(r.slots for r in self._ranks.values() if r.alive)
 
+    def idle_slots(self) -> int:
+        """Slots of live ranks with no task: what a task sent now starts in at once."""
+        return sum(max(0, r.slots - len(r.inflight)) for r in self._ranks.values() if r.alive)
+
     def state(self, task_id: int) -> TaskState | None:
         entry = self._entries.get(task_id)
         return None if entry is None else entry.state

@@ -105,14 +105,30 @@ def test_bundles_fill_each_rank_without_overfilling_one() -> None:
     assert farm.scheduler.statistics().submitted - before == 18
 
 
-def test_calls_go_one_by_one_until_one_has_been_timed() -> None:
+def test_untimed_calls_go_one_by_one_and_only_to_idle_slots() -> None:
     farm = _bare_farm(ranks=2, capacity=9, call_time=None)
     futures = _hold(farm, 50)
     before = farm.scheduler.statistics().submitted
     farm._feed(0.0)
+    # one per idle slot, though each rank has room for 9: the rest wait for a timing
     assert farm._bundler.bundles == {} and farm._bundler.bundled == 0
-    assert [f._bundle for f in futures[:18]] == [0] * 18 and futures[18]._bundle == HELD
-    assert farm.scheduler.statistics().submitted - before == 18
+    assert [f._bundle for f in futures[:3]] == [0, 0, HELD]
+    assert farm.scheduler.statistics().submitted - before == 2
+    farm._feed(0.0)  # the two still wait in the scheduler for those slots: no more
+    dispatch = farm.scheduler.poll(0.0).dispatch
+    assert sorted(dispatch) == [1, 2]
+    farm._feed(0.0)  # both slots busy: none queued behind a call of unknown length
+    assert futures[2]._bundle == HELD
+    farm._bundler.observe(FN[0], CALL)  # the first result came back
+    farm._feed(0.0)
+    assert farm._bundler.bundled > 0
+
+
+def test_a_flush_does_not_wait_for_a_timing() -> None:
+    farm = _bare_farm(ranks=1, capacity=3, call_time=None)
+    futures = _hold(farm, 5)
+    farm._feed(0.0, flush=True)  # a dependent needs their task ids now
+    assert HELD not in [f._bundle for f in futures]
 
 
 def test_guided_bundles_shrink_as_the_held_calls_run_out() -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 from conftest import _VENVS, MPI, farm_run, read_json
 
+from taskfarm._master import MASTER_SWITCH_INTERVAL, _fast_switching, _restore_switching
+
 pytestmark = pytest.mark.mpi
 
 RANKS = 3
@@ -146,8 +148,29 @@ SUBMIT_AND_RESULT = section(
         out["many"] = [g.result(60) for g in [ex.submit(add, i, i) for i in range(100)]]
         out["workers"] = ex.workers
         out["pids"] = sorted({ex.submit(os.getpid).result(60) for _ in range(4)} | {os.getpid()})
+        out["switch_interval"] = sys.getswitchinterval()
     """,
 )
+
+
+def test_the_switch_interval_is_shortened_for_the_farm_and_given_back() -> None:
+    import sys
+
+    original = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        previous = _fast_switching()
+        assert previous == pytest.approx(0.005) and sys.getswitchinterval() == MASTER_SWITCH_INTERVAL
+        _restore_switching(previous)
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+        sys.setswitchinterval(0.0002)  # the program's own, shorter: kept
+        assert _fast_switching() == pytest.approx(0.0002) and sys.getswitchinterval() == pytest.approx(0.0002)
+        previous = _fast_switching()
+        sys.setswitchinterval(0.002)  # the program set one of its own meanwhile: kept
+        _restore_switching(previous)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(original)
 
 
 def test_submit_and_result(farm_results: Results) -> None:
@@ -158,6 +181,7 @@ def test_submit_and_result(farm_results: Results) -> None:
     assert got["rank"] in (1, 2)
     assert got["many"] == [2 * i for i in range(100)]
     assert got["workers"] == RANKS - 1
+    assert got["switch_interval"] == MASTER_SWITCH_INTERVAL  # the service thread gets the GIL soon
     assert len(got["pids"]) >= 2  # tasks ran in other processes than the script
 
 

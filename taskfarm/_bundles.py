@@ -34,6 +34,10 @@ CALL_TIME_EWMA = 0.3
 #: functions whose call time is kept, at most (the oldest is forgotten first):
 #: closures over different values are different functions
 TIMED_FUNCTIONS_MAX = 1024
+#: calls of a function not yet timed a worker slot may hold, its running one
+#: included: a few, so that the slot works on while the first result travels
+#: back to time the function, and never hundreds of unknown length
+UNTIMED_DEPTH = 4
 #: ``FarmFuture._bundle`` of a call waiting here (else its bundle's task id,
 #: or 0 for a task of its own)
 HELD = -1
@@ -87,8 +91,9 @@ class Bundler(Generic[C]):
     by one, however short the calls of another function were, so that a
     burst of long calls after short ones is never bundled by the short ones'
     time (a running bundle cannot be stolen back at the tail).  The master
-    sends such calls only to idle slots (`first`, `timed`): one of them times
-    the function, and none waits queued behind another of unknown length."""
+    sends such calls only while no slot holds `UNTIMED_DEPTH` tasks (`first`,
+    `timed`): the first result times the function, and no rank queues
+    hundreds of calls of unknown length meanwhile."""
 
     def __init__(self) -> None:
         self.held: collections.deque[C] = collections.deque()

@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from . import _serialization as ser
-from ._bundles import BUNDLE_CALL_BYTES, HELD, Bundler
+from ._bundles import BUNDLE_CALL_BYTES, HELD, UNTIMED_DEPTH, Bundler
 from ._errors import (
     BrokenFarmError,
     DependencyFailed,
@@ -1012,9 +1012,10 @@ class Farm:
         (all of them with ``flush``), in bundles sized from the calls' measured
         time (`Bundler.size`); no bundle larger than the room of the rank it
         will go to.  Calls of a function not yet timed go one by one, and no
-        more than there are idle slots: the first result times the function,
-        and until then no rank queues hundreds of calls of unknown length
-        (the other functions' mean may have made its pipeline deep)."""
+        slot holds more than `UNTIMED_DEPTH` tasks meanwhile: the first result
+        times the function, and until then no rank queues hundreds of calls
+        of unknown length (the other functions' mean may have made its
+        pipeline deep)."""
         bundler = self._bundler
         scheduler = self.scheduler
         probes: int | None = None  # untimed calls that may still go: computed when first needed
@@ -1043,7 +1044,7 @@ class Farm:
                     return
                 if not bundler.timed(head.fn[0]):
                     if probes is None:
-                        probes = scheduler.idle_slots() - waiting
+                        probes = scheduler.shallow_rooms(UNTIMED_DEPTH) - waiting
                     if probes <= 0:
                         return  # held in order: what follows waits for the first result too
                     probes -= 1

@@ -458,9 +458,10 @@ class Scheduler:
     def live_slots(self) -> int:
         return sum(r.slots for r in self._ranks.values() if r.alive)
 
-    def idle_slots(self) -> int:
-        """Slots of live ranks with no task: what a task sent now starts in at once."""
-        return sum(max(0, r.slots - len(r.inflight)) for r in self._ranks.values() if r.alive)
+    def shallow_rooms(self, depth: int) -> int:
+        """Tasks the live ranks could take if each slot held at most ``depth``
+        (its running task and those queued behind it)."""
+        return sum(max(0, r.slots * depth - len(r.inflight)) for r in self._ranks.values() if r.alive)
 
     def state(self, task_id: int) -> TaskState | None:
         entry = self._entries.get(task_id)

@@ -18,6 +18,7 @@ from taskfarm._bundles import (
     BUNDLE_SECONDS,
     HELD,
     TIMED_FUNCTIONS_MAX,
+    UNTIMED_DEPTH,
     Bundler,
 )
 from taskfarm._future import FarmFuture
@@ -105,20 +106,21 @@ def test_bundles_fill_each_rank_without_overfilling_one() -> None:
     assert farm.scheduler.statistics().submitted - before == 18
 
 
-def test_untimed_calls_go_one_by_one_and_only_to_idle_slots() -> None:
-    farm = _bare_farm(ranks=2, capacity=9, call_time=None)
+def test_untimed_calls_go_one_by_one_and_only_a_few_deep() -> None:
+    farm = _bare_farm(ranks=2, capacity=12, call_time=None)
     futures = _hold(farm, 50)
     before = farm.scheduler.statistics().submitted
+    depth = 2 * UNTIMED_DEPTH  # 2 ranks of one slot
     farm._feed(0.0)
-    # one per idle slot, though each rank has room for 9: the rest wait for a timing
+    # UNTIMED_DEPTH per slot, though each rank has room for 12: the rest wait for a timing
     assert farm._bundler.bundles == {} and farm._bundler.bundled == 0
-    assert [f._bundle for f in futures[:3]] == [0, 0, HELD]
-    assert farm.scheduler.statistics().submitted - before == 2
-    farm._feed(0.0)  # the two still wait in the scheduler for those slots: no more
+    assert [f._bundle for f in futures[: depth + 1]] == [0] * depth + [HELD]
+    assert farm.scheduler.statistics().submitted - before == depth
+    farm._feed(0.0)  # they still wait in the scheduler for those slots: no more
     dispatch = farm.scheduler.poll(0.0).dispatch
     assert sorted(dispatch) == [1, 2]
-    farm._feed(0.0)  # both slots busy: none queued behind a call of unknown length
-    assert futures[2]._bundle == HELD
+    farm._feed(0.0)  # both slots full that deep: none more of unknown length
+    assert futures[depth]._bundle == HELD
     farm._bundler.observe(FN[0], CALL)  # the first result came back
     farm._feed(0.0)
     assert farm._bundler.bundled > 0

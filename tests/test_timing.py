@@ -274,7 +274,9 @@ with taskfarm.FarmExecutor() as ex:
     states["running_seen"] = watch(running, {"RUNNING"})
     states["running_rank"] = running.rank
     behind_running = [ex.submit(stamp, i) for i in range(2 * (MAX_PREFETCH + 1) + 10)]
-    time.sleep(0.3)  # the master has sent what the worker's pipeline holds (RUNNING: queued there)
+    # the worker is blocked: once the first is sent (RUNNING: queued there) the pipeline's
+    # worth went with it, and nothing more goes until the gate opens
+    states["first_queued"] = watch(behind_running[0], {"RUNNING"})[-1]
     states["pending"] = sum(1 for x in behind_running if x.state is TaskState.PENDING)
     states["queued_on_worker"] = sum(1 for x in behind_running if x.state is TaskState.RUNNING)
     open(gate("run"), "w").close()
@@ -322,6 +324,7 @@ def test_timing_and_states_under_mpiexec(mpi: MPI, tmp_path: Path) -> None:
     assert st["scheduled"] == "SCHEDULED" and st["cancel"] is True and st["cancelled"] == "CANCELLED"
     assert st["running_seen"][-1] == "RUNNING" and st["running_rank"] == 1
     # more than the worker's pipeline holds: some are sent there (RUNNING), the rest wait, PENDING
+    assert st["first_queued"] == "RUNNING"
     assert st["pending"] > 0 and st["queued_on_worker"] > 0
     assert st["success"] == "SUCCESS"
     assert "RETRY" in st["retry_seen"] and st["retry_result"] == "ok" and st["retry_final"] == "SUCCESS"

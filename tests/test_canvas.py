@@ -317,7 +317,10 @@ with taskfarm.FarmExecutor() as ex:
     gate = ex.submit(wait_file, sys.argv[3])
     b = ex.submit(inc, gate)
     c = ex.submit(inc, b)
-    time.sleep(0.3)  # the master has admitted them
+    deadline = time.monotonic() + 30  # until the master has admitted them: waiting for inputs
+    while {b.state.value, c.state.value} != {"SCHEDULED"} and time.monotonic() < deadline:
+        time.sleep(0.002)
+    out["admitted"] = [b.state.value, c.state.value]
     sys.setswitchinterval(1.0)
     out["cancelled"] = b.cancel()
     d = ex.submit(inc, c)
@@ -349,6 +352,7 @@ def test_dependents_of_inputs_failed_in_the_same_round_fail_too(mpich: MPI, tmp_
     assert r == {
         "first": "DependencyFailed",
         "second": "DependencyFailed",
+        "admitted": ["SCHEDULED", "SCHEDULED"],
         "cancelled": True,
         "c": "DependencyFailed",
         "d": "DependencyFailed",

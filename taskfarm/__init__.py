@@ -23,8 +23,8 @@ from ._errors import (
 )
 from ._executor import FarmExecutor, as_completed_async, farm
 from ._future import FarmFuture
-from ._master import FarmStatistics, RankStatistics
 from ._periodic import PeriodicTask
+from ._statistics import FarmStatistics, RankStatistics
 from ._task import Task, TaskState
 
 __version__ = "0.1.0"

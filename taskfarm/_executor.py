@@ -29,10 +29,11 @@ from ._bundles import guided_size
 from ._errors import BrokenFarmError, ExitCode, JournalError, RemoteTraceback
 from ._future import FarmFuture, _Encoded
 from ._journal import JournalNotFoundError, JournalWriter, read_journal
-from ._master import DEFAULT_HEARTBEAT_TIMEOUT, Farm, FarmStatistics, Submission
+from ._master import DEFAULT_HEARTBEAT_TIMEOUT, Farm, Submission
 from ._pools import PoolSpec
 from ._protocol import FnRef, Initializer
 from ._resume import Recorded, ResumeIndex, content_key, function_digest, label_for
+from ._statistics import FarmStatistics
 from ._task import Task, TaskPolicy, TaskState, wall_time_of
 from ._worker import serve
 

@@ -48,7 +48,20 @@ PUBLIC = [
 #: low to high: a module may import its own layer and the layers below, never above
 LAYERS: list[tuple[str, set[str]]] = [
     ("base", {"_errors", "_task"}),
-    ("core", {"_protocol", "_serialization", "_scheduler", "_journal", "_future", "_resume", "_events", "_bundles"}),
+    (
+        "core",
+        {
+            "_protocol",
+            "_serialization",
+            "_scheduler",
+            "_journal",
+            "_future",
+            "_resume",
+            "_events",
+            "_bundles",
+            "_statistics",
+        },
+    ),
     ("io", {"_transport", "_loopback"}),
     ("runtime", {"_worker", "_master", "_pools"}),
     ("api", {"_executor", "_canvas", "_periodic"}),

@@ -17,7 +17,7 @@ futures and the submission queue)::
 
 Decisions (who runs what, retries, dependencies) are the scheduler's; this
 module only carries them out.  A result is made durable in the journal before
-its future resolves.
+its future resolves (`taskfarm._outcomes`: records, events, the commit).
 
 Bundles.  Plain calls submitted faster than they run ride together (why,
 and the size rule: `taskfarm._bundles`): a submission with nothing special
@@ -34,13 +34,11 @@ so a call that kills workers is quarantined alone.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import contextlib
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from . import _serialization as ser
@@ -50,15 +48,14 @@ from ._errors import (
     DependencyFailed,
     FarmStopped,
     MaxRetriesExceededError,
-    RemoteTraceback,
-    SerializationError,
     TaskExpired,
     TimeLimitExceeded,
     WorkerLostError,
 )
-from ._future import _CANCELLED, _PENDING, _RESOLVED, _RUNNING, FarmFuture, _Encoded
+from ._future import _CANCELLED, _PENDING, _RUNNING, FarmFuture
 from ._journal import JournalWriter
 from ._loopback import Loopback
+from ._outcomes import Listener, Outcomes, decode_error, fail_future
 from ._pools import PoolSpec
 from ._protocol import (
     PROTOCOL_VERSION,
@@ -68,7 +65,6 @@ from ._protocol import (
     Initializer,
     Kind,
     Part,
-    PartResult,
     ResultBatch,
     ResultItem,
     Steal,
@@ -133,11 +129,6 @@ MASTER_SWITCH_INTERVAL = 0.001
 _NO_FN = FnRef(b"", None)
 #: a bundle's policy to the scheduler: its calls have the default one (no retries)
 _BUNDLE_POLICY = TaskPolicy()
-
-
-#: a listener gets (event, fields); events: worker_joined, submitted, dispatched,
-#: succeeded, failed, retried, cancelled, rank_lost, drained (see docs/events.md)
-Listener = Callable[[str, dict[str, Any]], None]
 
 
 class Submission(NamedTuple):
@@ -223,13 +214,12 @@ class Farm:
         self._byes: dict[int, Bye] = {}
         self._fn_sent: dict[int, set[bytes]] = collections.defaultdict(set)
         self._init_sent: dict[int, set[int]] = collections.defaultdict(set)
-        #: outcomes to resolve at the next commit, in order: (future, value, None) or
-        #: (future, None, error); tuples, not closures (fewer objects per task)
-        self._resolve: list[tuple[FarmFuture, Any, BaseException | None]] = []
         self._closing = False
         self._stopped = False
         self._submit_lock = threading.Lock()
         self._listeners: list[Listener] = []
+        #: outcomes on their way to the journal, the listeners and the futures (step 2)
+        self._outcomes = Outcomes(self.journal, self._listeners, self._emit)
         self.unanswered: list[int] = []
         self._broken: BaseException | None = None
         self._snapshot: FarmStatistics | None = None
@@ -456,7 +446,7 @@ class Farm:
                 self._submissions.clear()
             error = RuntimeError("the farm ended before this task could be scheduled")
             for sub in late:
-                _fail_future(sub.future, FarmStopped(str(error)) if self.drained else error)
+                fail_future(sub.future, FarmStopped(str(error)) if self.drained else error)
             self._service_cpu = time.thread_time() - cpu0
             self._snapshot = self._take_snapshot()
             self._snapshot_ready.set()
@@ -492,12 +482,12 @@ class Farm:
         )
         for task_id in list(self._tasks):
             task = self._tasks.pop(task_id)
-            self._resolve.append((task.future, None, error))
+            self._outcomes.fail(task.future, error)
         self._bundler.clear()
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
-                self._resolve.append((sub.future, None, error))
+                self._outcomes.fail(sub.future, error)
         self._commit()
         self._closing = True
 
@@ -620,7 +610,7 @@ class Farm:
             retryable = False
             error: BaseException | None = None
             if not item.ok and task is not None:
-                error = self._decode_error(item, peer)
+                error = decode_error(item, peer)
                 always = (TimeLimitExceeded, WorkerLostError)  # the farm's own, always retryable
                 retryable = isinstance(error, (*always, *task.policy.retry_on))
             decision = self.scheduler.finished(
@@ -635,19 +625,23 @@ class Farm:
             if task is None or decision is Decision.DISCARD:
                 continue
             future = task.future
-            key = task.key
             if decision is Decision.ACCEPT:
                 self._tasks.pop(item.task_id, None)
-                self._succeeded(task, peer, item.attempt, item)
+                self._outcomes.succeeded(future, task.key, peer, item.attempt, item)
                 continue
-            if self._listeners:
-                event = "retried" if decision is Decision.RETRY else "failed"
-                self._emit_outcome(event, item, peer, key, future.label, error)
-            if self.journal is not None and key is not None:
-                self._journal_failure(
-                    key, peer, item.attempt, item, error, final=decision is not Decision.RETRY, counts=not item.crashed
-                )
-            if decision is Decision.RETRY:
+            retry = decision is Decision.RETRY
+            self._outcomes.attempt_failed(
+                "retried" if retry else "failed",
+                future.label,
+                task.key,
+                peer,
+                item.attempt,
+                item,
+                error,
+                final=not retry,
+                counts=not item.crashed,
+            )
+            if retry:
                 future._task_state = TaskState.RETRY
             else:
                 assert error is not None
@@ -677,101 +671,26 @@ class Farm:
             return  # a late copy; or put back in the queue, whole
         del self._bundler.bundles[item.task_id]
         if decision is not Decision.ACCEPT:  # the bundle itself failed (a worker fault)
-            error = self._decode_error(item, peer)
+            error = decode_error(item, peer)
             for sub in subs:
                 self._fail(sub.future.task_id, error, journaled=False)
             return
         if item.parts:
             self._bundler.observe(subs[0].fn[0], (item.t_end - item.t_start) / len(item.parts))
-        journal = self.journal
+        outcomes = self._outcomes
         for part in item.parts:
             task = self._tasks.pop(part.task_id, None)
             if task is None:
                 continue  # failed meanwhile (the farm broke)
-            if part.ok:
-                self._succeeded(task, peer, item.attempt, part)
-                continue
             future = task.future
-            key = task.key
-            error = self._decode_error(part, peer)
-            if self._listeners:
-                self._emit_outcome("failed", part, peer, key, future.label, error, attempt=item.attempt)
-            if journal is not None and key is not None:
-                self._journal_failure(key, peer, item.attempt, part, error, final=True, counts=True)
-            self._resolve.append((future, None, error))
-
-    def _succeeded(self, task: Submission, peer: int, attempt: int, result: ResultItem | PartResult) -> None:
-        """A task's (or a bundle's call's) success: journal first, then its future at the commit."""
-        frame = (result.payload, result.buffers)
-        if self.journal is not None and task.key is not None:
-            self.journal.succeeded(
-                task.key, rank=peer, attempt=attempt, t_start=result.t_start, t_end=result.t_end, result=frame
+            if part.ok:
+                outcomes.succeeded(future, task.key, peer, item.attempt, part)
+                continue
+            error = decode_error(part, peer)
+            outcomes.attempt_failed(
+                "failed", future.label, task.key, peer, item.attempt, part, error, final=True, counts=True
             )
-        self._resolve.append((task.future, _Encoded(frame), None))
-        if self._listeners:
-            self._emit_outcome("succeeded", result, peer, task.key, task.future.label, attempt=attempt)
-
-    def _journal_failure(
-        self,
-        key: str,
-        peer: int,
-        attempt: int,
-        result: ResultItem | PartResult,
-        error: BaseException | None,
-        *,
-        final: bool,
-        counts: bool,
-    ) -> None:
-        """Record a failed attempt, as the worker sent it (its exception, pickled)."""
-        assert self.journal is not None
-        self.journal.failed(
-            key,
-            rank=peer,
-            attempt=attempt,
-            t=result.t_end,
-            error=(result.payload, result.buffers),
-            error_text=result.traceback or repr(error),
-            final=final,
-            counts_as_attempt=counts,
-        )
-
-    def _emit_outcome(
-        self,
-        event: str,
-        item: ResultItem | PartResult,
-        peer: int,
-        key: str | None,
-        label: str,
-        error: BaseException | None = None,
-        *,
-        attempt: int | None = None,
-    ) -> None:
-        fields: dict[str, Any] = {
-            "task": item.task_id,
-            "key": key,
-            "label": label,
-            "rank": peer,
-            "attempt": item.attempt if isinstance(item, ResultItem) else attempt,
-            "start": item.t_start,
-            "end": item.t_end,
-        }
-        if error is not None:
-            fields.update(error=f"{type(error).__name__}: {error}", crashed=getattr(item, "crashed", False))
-        self._emit(event, **fields)
-
-    def _decode_error(self, item: ResultItem | PartResult, peer: int) -> BaseException:
-        try:
-            error = ser.loads(item.payload, item.buffers)
-        except Exception as exc:  # noqa: BLE001 - an exception the master cannot load
-            error = SerializationError(
-                f"the exception of task {item.task_id} could not be loaded on the master: {exc!r}",
-                where="exception",
-            )
-        if not isinstance(error, BaseException):
-            error = BrokenFarmError(f"rank {peer} sent a non-exception as an error: {error!r}")
-        if item.traceback:
-            error.__cause__ = RemoteTraceback(item.traceback)
-        return error  # type: ignore[no-any-return]
+            outcomes.fail(future, error)
 
     def _fail(self, task_id: int, error: BaseException, *, journaled: bool = True) -> None:
         for sub in self._bundler.bundles.pop(task_id, ()):  # a bundle: each of its calls fails
@@ -798,7 +717,7 @@ class Farm:
                     error_text=f"{type(error).__name__}: {error}",
                     final=True,
                 )
-            self._resolve.append((task.future, None, error))
+            self._outcomes.fail(task.future, error)
         for dependent, failed in self.scheduler.fail_dependents(task_id):
             self._fail(
                 dependent,
@@ -808,17 +727,8 @@ class Farm:
 
     # step 2
     def _commit(self) -> None:
-        """Make outcomes durable (journal), then resolve their futures."""
-        if not self._resolve:
-            return
-        if self.journal is not None:
-            self.journal.sync()  # group commit: one fsync for this round's outcomes
-        resolve, self._resolve = self._resolve, []
-        for future, value, error in resolve:
-            if error is None:
-                _succeed(future, value)
-            else:
-                _fail_future(future, error)
+        """Make the round's outcomes durable (journal), then resolve their futures."""
+        self._outcomes.commit()
 
     # step 3
     def _take_submissions(self) -> bool:
@@ -868,7 +778,7 @@ class Farm:
         # submission in this same batch may name this future as its input, and
         # must see it done (nothing here needs the journal's group commit)
         if self._broken is not None:
-            _fail_future(future, BrokenFarmError(str(self._broken)))
+            fail_future(future, BrokenFarmError(str(self._broken)))
             return
         waiting = []
         for dep in sub.inputs:  # usually none
@@ -876,7 +786,7 @@ class Farm:
                 waiting.append(self._scheduled_as(dep))
             elif dep.cancelled() or dep.exception(0) is not None:
                 error = DependencyFailed(f"input task {dep.task_id} of task {future.task_id} failed or was cancelled")
-                _fail_future(future, error)
+                fail_future(future, error)
                 return
         task_id = future.task_id
         self._tasks[task_id] = sub
@@ -1092,7 +1002,7 @@ class Farm:
                 log.exception("task %d: cannot prepare its inputs", task_id)
                 self.scheduler.withdraw(task_id, rank)
                 self._tasks.pop(task_id, None)
-                _fail_future(future, DependencyFailed(f"task {task_id}: an input could not be passed on: {exc!r}"))
+                fail_future(future, DependencyFailed(f"task {task_id}: an input could not be passed on: {exc!r}"))
                 self._fail_dependents_of_cancelled(task_id)
                 continue
             if not _mark_running(future):
@@ -1188,7 +1098,7 @@ class Farm:
         while self._submissions:
             sub = self._submissions.popleft()
             if type(sub) is not tuple:
-                self._resolve.append((sub.future, None, BrokenFarmError(str(error))))
+                self._outcomes.fail(sub.future, BrokenFarmError(str(error)))
         self._commit()
         self._closing = True
 
@@ -1330,28 +1240,3 @@ def _mark_running(future: FarmFuture) -> bool:
     if state == _PENDING:
         return future.set_running_or_notify_cancel()
     return state == _RUNNING  # a retry of a task already running
-
-
-def _succeed(future: concurrent.futures.Future[Any], value: Any) -> None:
-    """Resolve ``future`` with ``value`` unless it already is (or was cancelled).
-
-    The state is read without the future's lock first: a resolved future
-    stays resolved, and ``set_result`` checks again under the lock.
-    """
-    if future._state in _RESOLVED:  # type: ignore[attr-defined]
-        return
-    # a user thread may cancel a pending future between the check and the set
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        future.set_result(value)
-
-
-def _fail_future(future: concurrent.futures.Future[Any], error: BaseException) -> None:
-    """Fail ``future`` with ``error`` unless it is resolved or cancelled."""
-    if future.done():
-        return
-    # a user thread may cancel a pending future between these steps (seen in a
-    # drain: the service thread died on InvalidStateError and the job hung)
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if future._state == _PENDING and not future.set_running_or_notify_cancel():  # type: ignore[attr-defined]
-            return
-        future.set_exception(error)

@@ -63,7 +63,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         },
     ),
     ("io", {"_transport", "_loopback"}),
-    ("runtime", {"_worker", "_master", "_pools"}),
+    ("runtime", {"_worker", "_master", "_outcomes", "_pools"}),
     ("api", {"_executor", "_canvas", "_periodic"}),
     ("front", {"_cli", "__main__", "_commands", "_report", "_progress", "slurm", "_spawned"}),
 ]

@@ -1,0 +1,167 @@
+"""What rank 0 does with a task's outcome once it is decided: the journal's
+record, the listeners' event, and the future, resolved only at the next
+commit, after the journal has made that round's outcomes durable.
+
+Which task an outcome belongs to, and what it means (accept, retry, fail,
+quarantine), is decided by `taskfarm._master` and `taskfarm._scheduler`; this
+module only records and resolves.  It runs on the service thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from . import _serialization as ser
+from ._errors import BrokenFarmError, RemoteTraceback, SerializationError
+from ._future import _PENDING, _RESOLVED, FarmFuture, _Encoded
+from ._journal import JournalWriter
+from ._protocol import PartResult, ResultItem
+
+#: a listener gets (event, fields); events: worker_joined, submitted, dispatched,
+#: succeeded, failed, retried, cancelled, rank_lost, drained (see docs/events.md)
+Listener = Callable[[str, dict[str, Any]], None]
+
+#: a task's or a bundled call's outcome as a worker sent it
+Result = ResultItem | PartResult
+
+
+class Outcomes:
+    """The round's outcomes on their way to the journal, the listeners and the futures.
+
+    ``listeners`` is the farm's own list (an event is built only while it is
+    not empty); ``emit`` sends one event to them.
+    """
+
+    def __init__(self, journal: JournalWriter | None, listeners: list[Listener], emit: Callable[..., None]) -> None:
+        self.journal = journal
+        self._listeners = listeners
+        self._emit = emit
+        #: futures to resolve at the next commit, in order: (future, value, None)
+        #: or (future, None, error); tuples, not closures (fewer objects per task)
+        self._pending: list[tuple[FarmFuture, Any, BaseException | None]] = []
+
+    def succeeded(self, future: FarmFuture, key: str | None, peer: int, attempt: int, result: Result) -> None:
+        """A task's (or a bundled call's) success: journal first, its future at the commit."""
+        frame = (result.payload, result.buffers)
+        if self.journal is not None and key is not None:
+            self.journal.succeeded(
+                key, rank=peer, attempt=attempt, t_start=result.t_start, t_end=result.t_end, result=frame
+            )
+        self._pending.append((future, _Encoded(frame), None))
+        if self._listeners:
+            self._event("succeeded", result, peer, key, future.label, attempt)
+
+    def attempt_failed(
+        self,
+        event: str,
+        label: str,
+        key: str | None,
+        peer: int,
+        attempt: int,
+        result: Result,
+        error: BaseException | None,
+        *,
+        final: bool,
+        counts: bool,
+    ) -> None:
+        """A failed attempt as the worker sent it (its exception, pickled): the
+        ``event`` ("failed" or "retried") and the journal's record.  Whether and
+        how its future fails is the caller's (`fail`)."""
+        if self._listeners:
+            self._event(event, result, peer, key, label, attempt, error)
+        if self.journal is not None and key is not None:
+            self.journal.failed(
+                key,
+                rank=peer,
+                attempt=attempt,
+                t=result.t_end,
+                error=(result.payload, result.buffers),
+                error_text=result.traceback or repr(error),
+                final=final,
+                counts_as_attempt=counts,
+            )
+
+    def fail(self, future: FarmFuture, error: BaseException) -> None:
+        """``future`` fails with ``error`` at the next commit."""
+        self._pending.append((future, None, error))
+
+    def commit(self) -> None:
+        """Make this round's outcomes durable (one journal sync), then resolve their futures."""
+        if not self._pending:
+            return
+        if self.journal is not None:
+            self.journal.sync()  # group commit: one fsync for this round's outcomes
+        pending, self._pending = self._pending, []
+        for future, value, error in pending:
+            if error is None:
+                succeed(future, value)
+            else:
+                fail_future(future, error)
+
+    def _event(
+        self,
+        event: str,
+        result: Result,
+        peer: int,
+        key: str | None,
+        label: str,
+        attempt: int,
+        error: BaseException | None = None,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "task": result.task_id,
+            "key": key,
+            "label": label,
+            "rank": peer,
+            "attempt": attempt,
+            "start": result.t_start,
+            "end": result.t_end,
+        }
+        if error is not None:
+            fields.update(error=f"{type(error).__name__}: {error}", crashed=getattr(result, "crashed", False))
+        self._emit(event, **fields)
+
+
+def decode_error(result: Result, peer: int) -> BaseException:
+    """The exception a worker sent for a failed task, with its remote traceback
+    as the cause; a stand-in when it cannot be loaded here."""
+    try:
+        error = ser.loads(result.payload, result.buffers)
+    except Exception as exc:  # noqa: BLE001 - an exception the master cannot load
+        error = SerializationError(
+            f"the exception of task {result.task_id} could not be loaded on the master: {exc!r}",
+            where="exception",
+        )
+    if not isinstance(error, BaseException):
+        error = BrokenFarmError(f"rank {peer} sent a non-exception as an error: {error!r}")
+    if result.traceback:
+        error.__cause__ = RemoteTraceback(result.traceback)
+    return error  # type: ignore[no-any-return]
+
+
+def succeed(future: concurrent.futures.Future[Any], value: Any) -> None:
+    """Resolve ``future`` with ``value`` unless it already is (or was cancelled).
+
+    The state is read without the future's lock first: a resolved future
+    stays resolved, and ``set_result`` checks again under the lock.
+    """
+    if future._state in _RESOLVED:  # type: ignore[attr-defined]
+        return
+    # a user thread may cancel a pending future between the check and the set
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        future.set_result(value)
+
+
+def fail_future(future: concurrent.futures.Future[Any], error: BaseException) -> None:
+    """Fail ``future`` with ``error`` unless it is resolved or cancelled."""
+    if future.done():
+        return
+    # a user thread may cancel a pending future between these steps (seen in a
+    # drain: the service thread died on InvalidStateError and the job hung)
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if future._state == _PENDING and not future.set_running_or_notify_cancel():  # type: ignore[attr-defined]
+            return
+        future.set_exception(error)

@@ -1,0 +1,102 @@
+"""taskfarm._outcomes without MPI: durable before resolved, one event and one
+journal record per outcome, and errors that load on the master or stand in."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+
+import taskfarm._serialization as ser
+from taskfarm._errors import BrokenFarmError, RemoteTraceback, SerializationError
+from taskfarm._future import FarmFuture
+from taskfarm._outcomes import Outcomes, decode_error
+from taskfarm._protocol import PartResult, ResultItem
+
+
+class _Journal:
+    """Records the calls the outcomes make, and what was resolved at each sync."""
+
+    def __init__(self, futures: list[FarmFuture]) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self._futures = futures
+
+    def succeeded(self, key: str, **fields: Any) -> None:
+        self.calls.append(("succeeded", key))
+
+    def failed(self, key: str, **fields: Any) -> None:
+        self.calls.append(("failed", (key, fields["final"], fields["counts_as_attempt"], fields["error_text"])))
+
+    def sync(self) -> None:
+        self.calls.append(("sync", [f.done() for f in self._futures]))
+
+
+def _result(task_id: int, value: Any, *, ok: bool = True, traceback: str = "") -> ResultItem:
+    payload, buffers = ser.dumps(value, "result")
+    return ResultItem(task_id, 1, ok, payload, buffers, traceback, 10.0, 11.0, False)
+
+
+def test_futures_resolve_only_after_the_journal_synced() -> None:
+    futures = [FarmFuture(1), FarmFuture(2)]
+    journal = _Journal(futures)
+    outcomes = Outcomes(journal, [], lambda *a, **k: None)  # type: ignore[arg-type]
+    outcomes.succeeded(futures[0], "k1", 3, 1, _result(1, "one"))
+    outcomes.fail(futures[1], ValueError("two"))
+    assert not any(f.done() for f in futures)  # nothing before the commit
+    outcomes.commit()
+    assert journal.calls == [("succeeded", "k1"), ("sync", [False, False])]  # durable first
+    assert futures[0].result(0) == "one"
+    assert isinstance(futures[1].exception(0), ValueError)
+    outcomes.commit()  # nothing new: no second sync
+    assert [c[0] for c in journal.calls].count("sync") == 1
+
+
+def test_an_attempt_failed_is_one_event_and_one_record() -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    listeners = [lambda event, fields: None]
+    journal = _Journal([])
+    outcomes = Outcomes(journal, listeners, lambda event, **fields: events.append((event, fields)))  # type: ignore[arg-type]
+    part = PartResult(7, False, b"", (), "Traceback on rank 2", 1.0, 2.0)
+    outcomes.attempt_failed("retried", "f", "k7", 2, 3, part, KeyError("x"), final=False, counts=True)
+    assert journal.calls == [("failed", ("k7", False, True, "Traceback on rank 2"))]
+    ((event, fields),) = events
+    assert event == "retried"
+    assert (fields["task"], fields["rank"], fields["attempt"], fields["label"]) == (7, 2, 3, "f")
+    assert fields["error"] == "KeyError: 'x'" and fields["crashed"] is False
+
+
+def test_no_events_are_built_without_listeners_and_no_records_without_a_key() -> None:
+    built: list[str] = []
+    journal = _Journal([])
+    outcomes = Outcomes(journal, [], lambda event, **fields: built.append(event))  # type: ignore[arg-type]
+    outcomes.succeeded(FarmFuture(1), None, 1, 1, _result(1, 0))
+    outcomes.attempt_failed("failed", "f", None, 1, 1, _result(2, 0, ok=False), None, final=True, counts=True)
+    assert built == [] and journal.calls == []
+
+
+def test_decode_error_carries_the_remote_traceback() -> None:
+    error = decode_error(_result(1, ValueError("bad"), ok=False, traceback="Traceback on rank 1 (host)"), 1)
+    assert isinstance(error, ValueError) and isinstance(error.__cause__, RemoteTraceback)
+
+
+def test_decode_error_stands_in_for_what_cannot_be_an_error_here() -> None:
+    not_an_error = decode_error(_result(1, 42, ok=False), 5)
+    assert isinstance(not_an_error, BrokenFarmError) and "rank 5" in str(not_an_error)
+    garbage = ResultItem(2, 1, False, pickle.dumps(0)[:-1], (), "", 0.0, 0.0, False)  # truncated
+    assert isinstance(decode_error(garbage, 1), SerializationError)
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_commit_skips_futures_already_resolved_or_cancelled(cancelled: bool) -> None:
+    future = FarmFuture(1)
+    if cancelled:
+        assert future.cancel()
+    else:
+        future.set_running_or_notify_cancel()
+        future.set_result("first")
+    outcomes = Outcomes(None, [], lambda *a, **k: None)
+    outcomes.succeeded(future, None, 1, 1, _result(1, "second"))
+    outcomes.fail(future, ValueError("late"))
+    outcomes.commit()  # no InvalidStateError: the service thread must never die here
+    assert future.cancelled() if cancelled else future.result(0) == "first"

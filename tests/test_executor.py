@@ -342,22 +342,27 @@ def test_as_completed_and_wait_work_on_farm_futures(farm_results: Results) -> No
     assert got["blocker"] == "released"
 
 
+#: calls behind blocked workers: 100 more than their pipelines can hold, so that
+#: the last 100 are still at the master, however fast its thread dispatches
+BEHIND_BLOCKERS = (RANKS - 1) * (1 + MAX_PREFETCH) + 100
+SENT = BEHIND_BLOCKERS - 100
+
 CANCEL_BEFORE_DISPATCH = section(
     "basics",
     "cancel_before_dispatch",
-    """
+    f"""
     with taskfarm.FarmExecutor() as ex:
         s0 = ex.statistics()
         blockers = [ex.submit(wait_for, GATE) for _ in range(ex.workers)]
-        fs = [ex.submit(ident, i) for i in range(300)]
-        back = fs[200:]  # far behind what any worker holds
+        fs = [ex.submit(ident, i) for i in range({BEHIND_BLOCKERS})]
+        back = fs[{SENT}:]  # behind what the workers can hold
         out["cancel_returned"] = [f.cancel() for f in back]
         out["cancelled"] = [f.cancelled() for f in back]
-        out["states"] = sorted({f.state.value for f in back})
+        out["states"] = sorted({{f.state.value for f in back}})
         open_gate()
         done, not_done = cf.wait(fs + blockers, timeout=60)
         out["wait"] = [len(done), len(not_done)]
-        out["results"] = [f.result() for f in fs[:200]]
+        out["results"] = [f.result() for f in fs[:{SENT}]]
         try:
             back[0].result()
             out["result_of_cancelled"] = None
@@ -365,11 +370,11 @@ CANCEL_BEFORE_DISPATCH = section(
             out["result_of_cancelled"] = "CancelledError"
         out["cancel_done"] = fs[0].cancel()  # finished: cannot be cancelled
     s = ex.statistics()
-    out["stats"] = {
+    out["stats"] = {{
         "done": s.done - s0.done,
         "cancelled": s.cancelled - s0.cancelled,
         "submitted": s.submitted - s0.submitted,
-    }
+    }}
     """,
 )
 
@@ -379,24 +384,24 @@ def test_cancel_before_dispatch(farm_results: Results) -> None:
     assert all(got["cancel_returned"]) and len(got["cancel_returned"]) == 100
     assert all(got["cancelled"])
     assert got["states"] == ["CANCELLED"]
-    assert got["wait"] == [300 + RANKS - 1, 0]
-    assert got["results"] == list(range(200))
+    assert got["wait"] == [BEHIND_BLOCKERS + RANKS - 1, 0]
+    assert got["results"] == list(range(SENT))
     assert got["result_of_cancelled"] == "CancelledError"
     assert got["cancel_done"] is False
     # the cancelled tasks never ran (a task cancelled before the farm's thread
     # took it in is not counted at all; one cancelled later counts as cancelled)
     stats = got["stats"]
-    assert stats["done"] == 200 + RANKS - 1
+    assert stats["done"] == SENT + RANKS - 1
     assert stats["submitted"] == stats["done"] + stats["cancelled"]
 
 
 SHUTDOWN_WITH_CANCEL_FUTURES = section(
     "basics",
     "shutdown_with_cancel_futures",
-    """
+    f"""
     ex = taskfarm.FarmExecutor()
     blockers = [ex.submit(wait_for, GATE) for _ in range(ex.workers)]
-    fs = [ex.submit(ident, i) for i in range(300)]
+    fs = [ex.submit(ident, i) for i in range({BEHIND_BLOCKERS})]
     # the blockers go once shutdown cancels the last task, far back in the queue
     fs[-1].add_done_callback(lambda f: open_gate())
     ex.shutdown(wait=True, cancel_futures=True)
@@ -421,7 +426,7 @@ def test_shutdown_with_cancel_futures(farm_results: Results) -> None:
     assert got["last_cancelled"] is True
     assert got["all_done"] is True
     assert got["cancelled"] >= 100  # the queue beyond what workers held was cancelled, not run
-    assert all(got["ok"]) and len(got["ok"]) + got["cancelled"] == 300
+    assert all(got["ok"]) and len(got["ok"]) + got["cancelled"] == BEHIND_BLOCKERS
     assert set(got["blockers"]) <= {"released", "cancelled"}
     assert got["after"] == "RuntimeError"
 

@@ -582,7 +582,9 @@ class FarmExecutor(concurrent.futures.Executor):
 
     # -- ending ------------------------------------------------------------
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """No new tasks; optionally cancel queued ones; optionally wait for the rest."""
+        """No new tasks; optionally cancel queued ones (newest first, so that the
+        farm never starts a later task while cancelling earlier ones); optionally
+        wait for the rest."""
         with self._shutdown_lock:
             already = self._shutdown
             self._shutdown = True
@@ -590,6 +592,10 @@ class FarmExecutor(concurrent.futures.Executor):
         if cancel_futures:
             with self._pending_lock:
                 pending = list(self._pending)
+            # newest first: the service thread dispatches oldest first, so what
+            # it sends meanwhile is always older than every task cancelled so
+            # far, and no later task starts while earlier ones are being cancelled
+            pending.sort(key=_task_id, reverse=True)
             for future in pending:
                 future.cancel()
         if wait:
@@ -619,6 +625,10 @@ class FarmExecutor(concurrent.futures.Executor):
     def workers(self) -> int:
         """Number of worker ranks this executor's farm can use."""
         return len(self._farm.transport.peers())
+
+
+def _task_id(future: FarmFuture) -> int:
+    return future.task_id
 
 
 def _from_journal(future: FarmFuture, recorded: Recorded) -> FarmFuture:

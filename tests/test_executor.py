@@ -68,6 +68,14 @@ def wait_for(path, limit=60.0):
     return "released"
 
 
+def block_workers(ex):
+    """One task per worker that waits for the gate.  Each goes as a task of its
+    own (a time limit is an option), never bundled with the others, which would
+    block one worker twice and leave another free: the function may have been
+    timed as quick by an earlier section."""
+    return [ex.submit_task(taskfarm.Task(wait_for, (GATE,), time_limit=120)) for _ in range(ex.workers)]
+
+
 def open_gate():
     with open(GATE, "a"):
         pass
@@ -353,7 +361,7 @@ CANCEL_BEFORE_DISPATCH = section(
     f"""
     with taskfarm.FarmExecutor() as ex:
         s0 = ex.statistics()
-        blockers = [ex.submit(wait_for, GATE) for _ in range(ex.workers)]
+        blockers = block_workers(ex)
         fs = [ex.submit(ident, i) for i in range({BEHIND_BLOCKERS})]
         back = fs[{SENT}:]  # behind what the workers can hold
         out["cancel_returned"] = [f.cancel() for f in back]
@@ -369,6 +377,7 @@ CANCEL_BEFORE_DISPATCH = section(
         except cf.CancelledError:
             out["result_of_cancelled"] = "CancelledError"
         out["cancel_done"] = fs[0].cancel()  # finished: cannot be cancelled
+        out["blocker_ranks"] = sorted(b.rank for b in blockers)
     s = ex.statistics()
     out["stats"] = {{
         "done": s.done - s0.done,
@@ -388,6 +397,7 @@ def test_cancel_before_dispatch(farm_results: Results) -> None:
     assert got["results"] == list(range(SENT))
     assert got["result_of_cancelled"] == "CancelledError"
     assert got["cancel_done"] is False
+    assert got["blocker_ranks"] == list(range(1, RANKS))  # every worker was blocked
     # the cancelled tasks never ran (a task cancelled before the farm's thread
     # took it in is not counted at all; one cancelled later counts as cancelled)
     stats = got["stats"]
@@ -400,11 +410,15 @@ SHUTDOWN_WITH_CANCEL_FUTURES = section(
     "shutdown_with_cancel_futures",
     f"""
     ex = taskfarm.FarmExecutor()
-    blockers = [ex.submit(wait_for, GATE) for _ in range(ex.workers)]
+    blockers = block_workers(ex)
     fs = [ex.submit(ident, i) for i in range({BEHIND_BLOCKERS})]
+    cancel_order = []
+    for i, f in enumerate(fs):
+        f.add_done_callback(lambda f, i=i: f.cancelled() and cancel_order.append(i))
     # the blockers go once shutdown cancels the last task, far back in the queue
     fs[-1].add_done_callback(lambda f: open_gate())
     ex.shutdown(wait=True, cancel_futures=True)
+    out["cancelled_newest_first"] = cancel_order == sorted(cancel_order, reverse=True)
     out["last_cancelled"] = fs[-1].cancelled()
     out["all_done"] = all(f.done() for f in fs + blockers)
     out["cancelled"] = sum(f.cancelled() for f in fs)
@@ -425,6 +439,8 @@ def test_shutdown_with_cancel_futures(farm_results: Results) -> None:
     got = farm_results(SHUTDOWN_WITH_CANCEL_FUTURES)
     assert got["last_cancelled"] is True
     assert got["all_done"] is True
+    # newest first: no later task is dispatched while earlier ones are being cancelled
+    assert got["cancelled_newest_first"] is True
     assert got["cancelled"] >= 100  # the queue beyond what workers held was cancelled, not run
     assert all(got["ok"]) and len(got["ok"]) + got["cancelled"] == BEHIND_BLOCKERS
     assert set(got["blockers"]) <= {"released", "cancelled"}
@@ -974,13 +990,14 @@ BUNDLED_CALLS_AS_INPUTS_AND_CANCELLED = section(
         # sent; the workers are blocked meanwhile, so only their pipelines' worth
         # can have gone out, however fast no-ops would come back
         s0 = ex.statistics()
-        blockers = [ex.submit(wait_for, GATE) for _ in range(ex.workers)]
+        blockers = block_workers(ex)
         gs = [ex.submit(ident, i) for i in range({BURST})]
         cancelled = sum(g.cancel() for g in gs)
         open_gate()
         done, not_done = cf.wait(gs + blockers, timeout=90)
         s = ex.statistics()
     out["blockers"] = [b.result() for b in blockers]
+    out["blocker_ranks"] = sorted(b.rank for b in blockers)
     out["cancelled"] = cancelled
     out["not_done"] = len(not_done)
     out["ran_ok"] = all(g.result() == i for i, g in enumerate(gs) if not g.cancelled())
@@ -998,6 +1015,7 @@ def test_bundled_calls_as_inputs_and_cancelled(farm_results: Results) -> None:
     # the ranks hold only a pipeline's worth: at most 1 + MAX_PREFETCH calls per slot
     assert got["cancelled"] >= BURST - (RANKS - 1) * (1 + MAX_PREFETCH)
     assert got["blockers"] == ["released"] * (RANKS - 1)
+    assert got["blocker_ranks"] == list(range(1, RANKS))  # every worker was blocked
     assert got["stats"] == {
         "submitted": BURST + RANKS - 1,
         "done": BURST - got["cancelled"] + RANKS - 1,

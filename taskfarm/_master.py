@@ -696,27 +696,9 @@ class Farm:
         for sub in self._bundler.bundles.pop(task_id, ()):  # a bundle: each of its calls fails
             self._fail(sub.future.task_id, error, journaled=journaled)
         task = self._tasks.pop(task_id, None)
-        if task is not None and not journaled and self._listeners:
-            self._emit(
-                "failed",
-                task=task_id,
-                key=task.key,
-                label=task.future.label,
-                rank=None,
-                error=f"{type(error).__name__}: {error}",
-                crashed=False,
-            )
         if task is not None:
-            if self.journal is not None and task.key is not None and not journaled:
-                self.journal.failed(
-                    task.key,
-                    rank=-1,
-                    attempt=0,
-                    t=time.time(),
-                    error=None,
-                    error_text=f"{type(error).__name__}: {error}",
-                    final=True,
-                )
+            if not journaled:
+                self._outcomes.failed_here(task.future, task.key, error)
             self._outcomes.fail(task.future, error)
         for dependent, failed in self.scheduler.fail_dependents(task_id):
             self._fail(
@@ -742,7 +724,7 @@ class Farm:
                 if what == "cancel" and self.scheduler.cancel(arg):
                     task = self._tasks.pop(arg, None)
                     if task is not None:
-                        self._record_cancel(task)
+                        self._outcomes.cancelled(task.future, task.key)
                     self._fail_dependents_of_cancelled(arg)
                     # resolve those failures now: a later submission in this batch may
                     # name one of them as its input and must see it done
@@ -853,7 +835,6 @@ class Farm:
         waiting = 0
         if flush:
             rooms = [len(bundler.held)]
-            probes = len(bundler.held)
         else:
             rooms = scheduler.rooms()
             # tasks already waiting take the freest ranks first
@@ -873,7 +854,7 @@ class Farm:
                 head = bundler.first(alive)
                 if head is None:
                     return
-                if not bundler.timed(head.fn[0]):
+                if not flush and not bundler.timed(head.fn[0]):  # a flush needs every task id now
                     if probes is None:
                         probes = scheduler.shallow_rooms(UNTIMED_DEPTH) - waiting
                     if probes <= 0:
@@ -905,18 +886,7 @@ class Farm:
             self.scheduler.cancelled_outside()
         elif bundle:
             self.scheduler.drop_parts(bundle, 1)
-        self._record_cancel(sub)
-
-    def _record_cancel(self, sub: Submission) -> None:
-        """A cancelled task's journal record and event; wait() and as_completed()
-        count a cancelled future only once it is marked notified."""
-        future = sub.future
-        if self.journal is not None and sub.key is not None:
-            self.journal.cancelled(sub.key, t=time.time())
-        if self._listeners:
-            self._emit("cancelled", task=future.task_id, key=sub.key, label=future.label)
-        if future._state == _CANCELLED:
-            future.set_running_or_notify_cancel()
+        self._outcomes.cancelled(future, sub.key)
 
     def _dissolve(self, requeued: list[int], now: float) -> list[int]:
         """Bundles among ``requeued`` (their rank was lost) go out again one call
@@ -1009,7 +979,7 @@ class Farm:
                 # cancelled just now: its "cancel" note, still queued, will find nothing
                 self.scheduler.withdraw(task_id, rank)
                 self._tasks.pop(task_id, None)
-                self._record_cancel(sub)
+                self._outcomes.cancelled(future, sub.key)
                 self._fail_dependents_of_cancelled(task_id)
                 continue
             attempt = attempt_of(task_id)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 from . import _serialization as ser
 from ._errors import BrokenFarmError, RemoteTraceback, SerializationError
-from ._future import _PENDING, _RESOLVED, FarmFuture, _Encoded
+from ._future import _CANCELLED, _PENDING, _RESOLVED, FarmFuture, _Encoded
 from ._journal import JournalWriter
 from ._protocol import PartResult, ResultItem
 
@@ -83,6 +84,26 @@ class Outcomes:
                 final=final,
                 counts_as_attempt=counts,
             )
+
+    def failed_here(self, future: FarmFuture, key: str | None, error: BaseException) -> None:
+        """The event and the journal's record of a failure decided on rank 0, not
+        by a worker's attempt (a failed input, a lost bundle, a broken farm).
+        Whether and how its future fails is the caller's (`fail`)."""
+        text = f"{type(error).__name__}: {error}"
+        if self._listeners:
+            self._emit("failed", task=future.task_id, key=key, label=future.label, rank=None, error=text, crashed=False)
+        if self.journal is not None and key is not None:
+            self.journal.failed(key, rank=-1, attempt=0, t=time.time(), error=None, error_text=text, final=True)
+
+    def cancelled(self, future: FarmFuture, key: str | None) -> None:
+        """A cancelled task's journal record and event; wait() and as_completed()
+        count a cancelled future only once it is marked notified."""
+        if self.journal is not None and key is not None:
+            self.journal.cancelled(key, t=time.time())
+        if self._listeners:
+            self._emit("cancelled", task=future.task_id, key=key, label=future.label)
+        if future._state == _CANCELLED:
+            future.set_running_or_notify_cancel()
 
     def fail(self, future: FarmFuture, error: BaseException) -> None:
         """``future`` fails with ``error`` at the next commit."""

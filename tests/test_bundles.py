@@ -23,6 +23,7 @@ from taskfarm._bundles import (
 )
 from taskfarm._future import FarmFuture
 from taskfarm._master import Farm, Submission
+from taskfarm._outcomes import Outcomes
 from taskfarm._pools import PoolSpec
 from taskfarm._protocol import Kind, TaskBatch
 from taskfarm._scheduler import PIPELINE_SECONDS, Scheduler
@@ -55,6 +56,7 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
     farm._next_task_id = 0
     farm.journal = None
     farm._listeners = []
+    farm._outcomes = Outcomes(None, farm._listeners, farm._emit)
     farm._fn_sent = collections.defaultdict(set)
     farm._executors = {}
     farm._init_sent = collections.defaultdict(set)

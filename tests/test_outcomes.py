@@ -26,7 +26,8 @@ class _Journal:
         self.calls.append(("succeeded", key))
 
     def failed(self, key: str, **fields: Any) -> None:
-        self.calls.append(("failed", (key, fields["final"], fields["counts_as_attempt"], fields["error_text"])))
+        counts = fields.get("counts_as_attempt", True)  # the journal's default
+        self.calls.append(("failed", (key, fields["final"], counts, fields["error_text"])))
 
     def sync(self) -> None:
         self.calls.append(("sync", [f.done() for f in self._futures]))
@@ -100,3 +101,24 @@ def test_commit_skips_futures_already_resolved_or_cancelled(cancelled: bool) -> 
     outcomes.fail(future, ValueError("late"))
     outcomes.commit()  # no InvalidStateError: the service thread must never die here
     assert future.cancelled() if cancelled else future.result(0) == "first"
+
+
+def test_a_failure_decided_here_and_a_cancel_are_recorded_like_the_others() -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    journal = _Journal([])
+    outcomes = Outcomes(journal, [lambda e, f: None], lambda event, **fields: events.append((event, fields)))  # type: ignore[arg-type]
+    lost = FarmFuture(4, label="g")
+    outcomes.failed_here(lost, "k4", ValueError("input failed"))
+    assert journal.calls == [("failed", ("k4", True, True, "ValueError: input failed"))]
+    assert events == [
+        (
+            "failed",
+            {"task": 4, "key": "k4", "label": "g", "rank": None, "error": "ValueError: input failed", "crashed": False},
+        )
+    ]
+    assert not lost.done()  # the caller fails it (`fail`)
+    gone = FarmFuture(5)
+    assert gone.cancel()
+    outcomes.cancelled(gone, None)  # no key: an event, no record
+    assert events[-1][0] == "cancelled" and len(journal.calls) == 1
+    assert gone._state == "CANCELLED_AND_NOTIFIED"  # wait() and as_completed() see it

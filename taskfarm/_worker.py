@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import sys
@@ -43,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import BrokenFarmError
-from ._pools import Child, EventLoop, Library, Outcome, PoolSpec, execute, lost, traceback_head
+from ._pools import Child, EventLoop, Library, Outcome, PoolSpec, execute, execute_parts, lost, traceback_head
 from ._protocol import (
     PROTOCOL_VERSION,
     Bye,
@@ -52,7 +51,6 @@ from ._protocol import (
     Hello,
     Kind,
     LogRecords,
-    PartResult,
     Released,
     ResultBatch,
     ResultItem,
@@ -446,22 +444,9 @@ class Worker:
         library = self._library
         init_error = library.init_error(executor_id)
         loop = self._event_loop() if spec.kind == "threads" else None
-        parts = []
         t_start = time.time()
-        cpu0 = time.thread_time()  # of all the calls together (see `execute`'s measure_cpu)
-        for part in item.parts:
-            outcome = execute(
-                functools.partial(library.function, part.fn.digest),
-                part.call,
-                (),
-                (),
-                None,
-                head,
-                init_error=init_error,
-                loop=loop,
-                measure_cpu=False,
-            )
-            parts.append(PartResult(part.task_id, *outcome[:6]))  # ok, payload, buffers, traceback, t_start, t_end
+        cpu0 = time.thread_time()  # of all the calls together (a thread's CPU clock is a system call)
+        parts = execute_parts(item.parts, library.function, head, init_error=init_error, loop=loop)
         cpu = time.thread_time() - cpu0
         t_end = time.time()
         slot.busy += t_end - t_start

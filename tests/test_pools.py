@@ -30,9 +30,10 @@ from taskfarm._pools import (
     Outcome,
     PoolSpec,
     call_limited,
+    execute_parts,
     parse_size,
 )
-from taskfarm._protocol import FnRef, Initializer, TaskItem
+from taskfarm._protocol import FnRef, Initializer, Part, TaskItem
 
 # --------------------------------------------------------------------------
 # Runners in this process (tasks are mostly stdlib functions, so that a
@@ -222,6 +223,41 @@ def test_async_time_limit_cancels_on_a_shared_loop() -> None:
         assert time.monotonic() - started < 3
     finally:
         loop.close()
+
+
+def _parts(*calls: tuple[Any, tuple[Any, ...]]) -> tuple[tuple[Part, ...], Library]:
+    library = Library()
+    parts = []
+    for task_id, (fn, args) in enumerate(calls, 1):
+        ref = FnRef(*ser.FunctionCache().get(fn))
+        library.learn(ref)
+        parts.append(Part(task_id, FnRef(ref.digest, None), ser.dumps((args, {}), "argument")[0]))
+    return tuple(parts), library
+
+
+def test_bundle_parts_each_get_their_own_outcome() -> None:
+    parts, library = _parts((divmod, (7, 2)), (divmod, (1, 0)), (sleepy, (0,)), (len, ("abc",)))
+    results = execute_parts(parts, library.function, "HEAD\n")
+    assert [r.task_id for r in results] == [1, 2, 3, 4]
+    assert [r.ok for r in results] == [True, False, True, True]
+    assert [ser.loads(r.payload, r.buffers) for r in results[::2]] == [(3, 1), "slept"]  # a coroutine is awaited
+    error = ser.loads(results[1].payload, results[1].buffers)
+    assert isinstance(error, ZeroDivisionError)
+    assert results[1].traceback.startswith("HEAD\n") and "ZeroDivisionError" in results[1].traceback
+    assert results[0].traceback == "" and results[3].traceback == ""
+    # one clock reading ends a call and starts the next: the parts tile the bundle's time
+    assert all(a.t_end == b.t_start for a, b in zip(results, results[1:]))
+    assert all(r.t_start <= r.t_end for r in results)
+
+
+def test_bundle_parts_fail_alike_when_the_initializer_failed() -> None:
+    parts, library = _parts((len, ("a",)), (len, ("bc",)))
+    cause = RuntimeError("no database")
+    results = execute_parts(parts, library.function, "", init_error=cause)
+    assert [r.ok for r in results] == [False, False]
+    for r in results:
+        error = ser.loads(r.payload, r.buffers)
+        assert type(error).__name__ == "BrokenFarmError" and "no database" in str(error)
 
 
 def test_pool_spec_validation_and_sizes() -> None:

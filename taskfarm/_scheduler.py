@@ -20,7 +20,8 @@ Rules, in the order `poll` applies them:
    where it could start too late.
 4. When nothing is ready and a rank sits idle, tasks queued (not started)
    behind a busy rank's running task are stolen back, so the tail of a skewed
-   workload never waits behind one long task.
+   workload never waits behind one long task: the newest of them, an even
+   share of the queue's weight for each idle rank.
 5. When nothing is ready, nothing is left to steal and ranks still sit idle,
    running tasks whose policy is ``speculative`` (idempotent) and that have
    run for `SPECULATE_FACTOR` times the mean task duration get a copy on an
@@ -166,6 +167,8 @@ class _Rank:
     alive: bool = True
     last_heard: float = 0.0
     stealing: set[int] = dataclasses.field(default_factory=set)
+    #: how many idle ranks the tasks in ``stealing`` are meant for
+    steal_serves: int = 0
     done: int = 0
     failed: int = 0
     busy_time: float = 0.0
@@ -826,12 +829,12 @@ class Scheduler:
         idle = sum(
             1 for r in self._ranks.values() if r.alive and not r.inflight and r.rank not in actions.dispatch
         )
-        # a steal still under way already serves an idle rank: do not take more
-        idle -= sum(len(r.stealing) for r in self._ranks.values() if r.alive)
+        # a steal still under way already serves idle ranks: do not take more for them
+        idle -= sum(r.steal_serves for r in self._ranks.values() if r.alive and r.stealing)
         if idle <= 0:
             return
-        # the longest queues first
-        for info in sorted(self._ranks.values(), key=lambda r: -len(r.inflight)):
+        # the most queued work first
+        for info in sorted(self._ranks.values(), key=lambda r: -r.load):
             if idle <= 0 or not info.alive:
                 return
             if info.rank in actions.lost_ranks:
@@ -839,10 +842,23 @@ class Scheduler:
             queued = [t for t in list(info.inflight)[info.slots :] if t not in info.stealing]
             if not queued:
                 continue
-            take = queued[-idle:]
+            # the idle ranks' even share of the queue's weight, rounded up (the
+            # rank also has its running tasks to finish), the newest first: one
+            # task at a time left a thief idle for a round trip after each one
+            # at the tail of a burst
+            share = sum(info.inflight[t] for t in queued) * idle / (idle + 1)
+            take: list[int] = []
+            taken = 0
+            while queued and taken < share:
+                task_id = queued.pop()
+                take.append(task_id)
+                taken += info.inflight[task_id]
+            take.reverse()
+            serves = min(idle, len(take))
+            info.steal_serves = (info.steal_serves if info.stealing else 0) + serves
             info.stealing.update(take)
             actions.steal[info.rank] = take
-            idle -= len(take)
+            idle -= serves
 
     def _straggler_threshold(self) -> float:
         return max(SPECULATE_MIN_SECONDS, SPECULATE_FACTOR * (self._mean_duration or 0.0))

@@ -9,6 +9,7 @@ per rank, never by timing a run.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import os
 import signal
@@ -246,7 +247,7 @@ def test_bundle_parts_each_get_their_own_outcome() -> None:
     assert results[1].traceback.startswith("HEAD\n") and "ZeroDivisionError" in results[1].traceback
     assert results[0].traceback == "" and results[3].traceback == ""
     # one clock reading ends a call and starts the next: the parts tile the bundle's time
-    assert all(a.t_end == b.t_start for a, b in zip(results, results[1:]))
+    assert all(a.t_end == b.t_start for a, b in itertools.pairwise(results))
     assert all(r.t_start <= r.t_end for r in results)
 
 

@@ -818,6 +818,29 @@ class TestStealing:
         s.released(0, [4], 1.0)
         assert s.poll(1.0).dispatch == {1: [4]}
 
+    def test_an_idle_rank_steals_half_of_a_long_queue(self) -> None:
+        s = farm(ranks=1, slots=4)  # capacity 8: four running, four queued
+        submit(s, *range(1, 9))
+        assert sent(s.poll(0.0)) == list(range(1, 9))
+        s.add_worker(1, 2, 0.0)
+        assert s.poll(0.0).steal == {0: [7, 8]}  # the newest half, in one message
+        assert not s.poll(0.0).steal  # under way: it serves the idle rank already
+        s.released(0, [7, 8], 1.0)
+        assert s.poll(1.0).dispatch == {1: [7, 8]}
+        assert s.statistics().stolen == 2
+
+    def test_two_idle_ranks_share_a_long_queue(self) -> None:
+        s = farm(ranks=1, slots=4)
+        submit(s, *range(1, 9))
+        s.poll(0.0)
+        s.add_worker(1, 2, 0.0)
+        s.add_worker(2, 2, 0.0)
+        assert s.poll(0.0).steal == {0: [6, 7, 8]}  # two thirds of four, rounded up
+        assert not s.poll(0.0).steal
+        s.released(0, [6, 7, 8], 1.0)
+        got = s.poll(1.0).dispatch
+        assert sorted(got) == [1, 2] and sorted(sent(Actions(dispatch=got))) == [6, 7, 8]
+
     def test_two_idle_ranks_steal_two(self) -> None:
         s = farm(ranks=1, slots=2)
         submit(s, 1, 2, 3, 4)

@@ -946,7 +946,16 @@ class Farm:
             self._fail(task_id, TaskExpired(f"task {task_id} expired before it could start"), journaled=False)
         for rank, task_ids in actions.steal.items():
             self.transport.send(rank, Kind.STEAL, Steal(tuple(task_ids)))
-        for rank, task_ids in actions.dispatch.items():
+        dispatch = actions.dispatch
+        for rank in actions.starting:
+            # a burst's start: every idle rank gets one task (a bundle) of its own
+            # before any gets the rest of its pipeline, a message of hundreds of
+            # calls that takes milliseconds to build while the next rank waited
+            task_ids = dispatch[rank]
+            if len(task_ids) > 1 and len(dispatch) > 1:
+                self._send_tasks(rank, task_ids[:1])
+                dispatch[rank] = task_ids[1:]
+        for rank, task_ids in dispatch.items():
             self._send_tasks(rank, task_ids)
         if actions.lost_ranks:
             return self._dispatch() or True

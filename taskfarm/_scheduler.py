@@ -217,6 +217,9 @@ class Actions:
     """What `poll` asks the master to do now."""
 
     dispatch: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    #: ranks in ``dispatch`` that had nothing queued behind their running tasks:
+    #: the first task sent there is the next they start
+    starting: set[int] = dataclasses.field(default_factory=set)
     steal: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     expired: list[int] = dataclasses.field(default_factory=list)
     lost_ranks: list[int] = dataclasses.field(default_factory=list)
@@ -806,6 +809,8 @@ class Scheduler:
             heapq.heappop(self._ready)
             if not info.inflight:
                 info.last_heard = now  # the heartbeat clock starts with its first task
+            if len(info.inflight) <= info.slots and info.rank not in actions.dispatch:
+                actions.starting.add(info.rank)
             self._hold(info, task_id)
             if info.rank not in entry.holders:
                 entry.holders += (info.rank,)

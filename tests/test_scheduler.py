@@ -271,6 +271,23 @@ class TestPrefetch:
 
 
 # -- priorities ---------------------------------------------------------------
+    def test_ranks_with_nothing_queued_are_marked_starting(self) -> None:
+        """The master sends such a rank its first task on its own before the
+        rest of a large dispatch: it is the next the rank starts."""
+        s = farm(ranks=2, slots=1)  # prefetch 1: each rank holds two
+        submit(s, 1, 2, 3, 4)
+        actions = s.poll(0.0)
+        assert actions.dispatch == {0: [1, 3], 1: [2, 4]} and actions.starting == {0, 1}
+        succeed(s, 1, 0, 1.0)  # rank 0 runs task 3 with nothing behind it; rank 1 has 4 queued
+        submit(s, 5, 6, now=1.0)
+        actions = s.poll(1.0)
+        assert actions.dispatch == {0: [5]} and actions.starting == {0}
+        succeed(s, 3, 0, 2.0)
+        succeed(s, 5, 0, 2.0)
+        assert s.poll(2.0).starting == {0}  # idle: task 6 goes there
+        assert not s.poll(2.0).starting  # nothing dispatched, nothing starting
+
+
 class TestPriority:
     def test_higher_first(self) -> None:
         s = Scheduler()

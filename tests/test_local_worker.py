@@ -102,6 +102,29 @@ def test_some_results_do_not_linger(monkeypatch: pytest.MonkeyPatch, why: str) -
         assert _results(link, answered, "the held task") == [(2, "released")]
 
 
+def test_results_go_once_half_the_queue_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However long results may linger, they go back once half of the calls
+    queued at the last refill (or the last send) are done: the master refills
+    on them, so a rank never runs dry waiting for its results' linger."""
+    monkeypatch.setattr(worker_module, "RESULT_LINGER", 3600.0)  # a lingering result would never come
+    RELEASE.clear()
+    with _rank0_worker() as (link, answered):
+        tasks = (_task(1, operator.add, 1, 10), _task(2, operator.add, 2, 10), _task(3, _held))
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (*tasks, _task(4, operator.add, 4, 10))))
+        # two of four queued calls done (the third holds its slot): half, they go
+        assert _results(link, answered, "half the queue") == [(1, 11), (2, 12)]
+        RELEASE.set()
+        rest: list[tuple[int, Any]] = []
+        while len(rest) < 2:
+            assert answered.wait(ANSWER_WITHIN), f"the rest: no answer from rank 0's worker (got {rest})"
+            answered.clear()
+            while link.to_master:
+                _, kind, record = link.to_master.popleft()
+                if kind is Kind.RESULTS:
+                    rest += [(item.task_id, ser.loads(item.payload, item.buffers)) for item in record.items]
+        assert rest == [(3, "released"), (4, 14)]
+
+
 def test_a_bundle_runs_its_calls_in_order_each_with_its_own_outcome() -> None:
     """A bundle (several calls in one task of the scheduler's) comes back as one
     result with one part per call: a call that raises fails only its part, with

@@ -429,24 +429,34 @@ class Transport:
 
     # -- failures ----------------------------------------------------------
     def _failed(self, exc: Any, peer: int | None) -> None:
-        """Record peers lost to ULFM; anything else is a real error."""
+        """Record peers lost to ULFM; anything else is a real error.
+
+        A call that completes several requests (``Testsome``, ``Waitall``)
+        reports a send to a dead peer as MPI_ERR_IN_STATUS: that counts as
+        a loss when ULFM knows of failed processes, and is raised otherwise.
+        """
         mpi = self._mpi
         err_class = exc.Get_error_class()
         proc_failed = {getattr(mpi, "ERR_PROC_FAILED", -1), getattr(mpi, "ERR_PROC_FAILED_PENDING", -2)}
-        if err_class not in proc_failed and err_class != getattr(mpi, "ERR_REVOKED", -3):
+        in_status = err_class == mpi.ERR_IN_STATUS
+        if err_class not in proc_failed and err_class != getattr(mpi, "ERR_REVOKED", -3) and not in_status:
             raise exc
+        found = False
         for comm in (self.comm, self.data):
             try:
                 comm.Ack_failed()
                 group = comm.Get_failed()
-            except mpi.Exception:
+            except (mpi.Exception, NotImplementedError):
                 continue
             mine = comm.Get_remote_group() if self.intercomm else comm.Get_group()
             translated = mpi.Group.Translate_ranks(group, list(range(group.Get_size())), mine)
             for rank in translated:
                 if rank != mpi.UNDEFINED:
                     self._mark_dead(self._from_mpi(rank))
+                    found = True
             group.Free()
+        if in_status and not found:
+            raise exc  # an error in a status, and no process known to have failed
         if peer is not None:
             self._mark_dead(peer)
 

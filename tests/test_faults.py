@@ -108,13 +108,17 @@ def outcome(future, started):
 out = {}
 with taskfarm.FarmExecutor() as ex:
     t0 = time.monotonic()
-    # retries first, alone, so that another worker is free for each retry
-    retries = {
-        "flaky": ex.submit_task(Task(flaky, ("flaky", 2), max_retries=3)),
-        "exhausted": ex.submit_task(Task(always, ("exhausted",), max_retries=2)),
-        "not_retried": ex.submit_task(Task(always, ("not_retried",), max_retries=3, retry_on=KeyError)),
-    }
-    concurrent.futures.wait(retries.values())
+    # retries first, each alone, so that the other worker is free for each retry
+    # (with two at once, the other worker may hold two tasks, and a retry goes
+    # where there is room rather than queue behind them)
+    retries = {}
+    for name, task in (
+        ("flaky", Task(flaky, ("flaky", 2), max_retries=3)),
+        ("exhausted", Task(always, ("exhausted",), max_retries=2)),
+        ("not_retried", Task(always, ("not_retried",), max_retries=3, retry_on=KeyError)),
+    ):
+        retries[name] = ex.submit_task(task)
+        concurrent.futures.wait([retries[name]])
     t1 = time.monotonic()
     faults = {
         "limit_inline": ex.submit_task(Task(spin, (60,), time_limit=0.5, isolation="inline")),
@@ -300,6 +304,79 @@ def _wait_for(what: Callable[[], bool], launched: Launched, timeout: float) -> N
 
 def _events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# -- a send to a dead peer, as ULFM reports it (fake MPI, no processes) ----------
+class _FakeMPI:
+    ERR_PROC_FAILED, ERR_PROC_FAILED_PENDING, ERR_REVOKED, ERR_IN_STATUS, ERR_OTHER = 75, 76, 77, 18, 1
+    UNDEFINED = -32766
+
+    class Exception(Exception):
+        def __init__(self, error_class: int) -> None:
+            super().__init__(error_class)
+            self.error_class = error_class
+
+        def Get_error_class(self) -> int:
+            return self.error_class
+
+    class Group:
+        def __init__(self, members: list[int]) -> None:
+            self.members = members
+
+        def Get_size(self) -> int:
+            return len(self.members)
+
+        def Free(self) -> None:
+            pass
+
+        @staticmethod
+        def Translate_ranks(group: Any, ranks: list[int], mine: Any) -> list[int]:
+            return [group.members[i] for i in ranks]
+
+
+class _FakeComm:
+    def __init__(self, failed: list[int]) -> None:
+        self.failed = failed
+
+    def Ack_failed(self) -> None:
+        pass
+
+    def Get_failed(self) -> _FakeMPI.Group:
+        return _FakeMPI.Group(self.failed)
+
+    def Get_group(self) -> None:
+        return None
+
+
+def _transport_with_failed(failed: list[int]) -> Any:
+    from taskfarm._transport import Transport
+
+    t = Transport.__new__(Transport)  # no communicator: only the failure bookkeeping
+    t._mpi = _FakeMPI
+    t.comm = t.data = _FakeComm(failed)
+    t.intercomm = False
+    t._offset = 0
+    t._dead, t._lost = set(), set()
+    return t
+
+
+def test_an_error_in_a_status_is_a_lost_peer_when_ulfm_knows_one() -> None:
+    """Testsome over sends reports a dead peer as MPI_ERR_IN_STATUS, not
+    MPI_ERR_PROC_FAILED: it was raised, and the service thread died with it
+    (seen once in the bundled ULFM test below)."""
+    t = _transport_with_failed([2])
+    t._failed(_FakeMPI.Exception(_FakeMPI.ERR_IN_STATUS), None)
+    assert t.take_lost() == [2]
+    t._failed(_FakeMPI.Exception(_FakeMPI.ERR_PROC_FAILED), 3)
+    assert t.take_lost() == [3]  # each loss reported once
+
+
+@pytest.mark.parametrize("error_class", [_FakeMPI.ERR_IN_STATUS, _FakeMPI.ERR_OTHER])
+def test_other_mpi_errors_are_raised(error_class: int) -> None:
+    t = _transport_with_failed([] if error_class == _FakeMPI.ERR_IN_STATUS else [2])
+    with pytest.raises(_FakeMPI.Exception):
+        t._failed(_FakeMPI.Exception(error_class), None)
+    assert t.take_lost() == []
 
 
 @pytest.mark.ulfm

@@ -284,3 +284,16 @@ def test_take_keeps_one_executor_and_one_function_per_bundle_and_drops_dead_call
     assert subs[6].future._bundle == HELD
     bundler.clear()
     assert (bundler.live, len(bundler.held), bundler.bundles) == (0, 0, {})
+
+
+def test_every_idle_rank_gets_its_first_bundle_before_any_gets_the_rest() -> None:
+    """A burst on idle ranks: building one rank's whole pipeline (hundreds of
+    calls) took milliseconds while the next rank waited with nothing to run."""
+    farm = _bare_farm(ranks=2, capacity=81)
+    _hold(farm, 400)
+    farm._next_dispatch = 0.0
+    assert farm._dispatch()
+    sent = [(peer, len(record.items)) for peer, kind, record in farm.transport.sent]  # type: ignore[attr-defined]
+    assert all(kind is Kind.TASKS for _, kind, _ in farm.transport.sent)  # type: ignore[attr-defined]
+    assert {peer for peer, _ in sent[:2]} == {1, 2} and [n for _, n in sent[:2]] == [1, 1]
+    assert len(sent) == 4 and all(n > 1 for _, n in sent[2:])  # then the rest, one message each

@@ -33,8 +33,9 @@ _decode_lock = threading.Lock()
 _PENDING = "PENDING"
 _RUNNING = "RUNNING"
 _CANCELLED = "CANCELLED"
+_FINISHED = "FINISHED"
 #: the states in which a future is resolved
-_RESOLVED = (_CANCELLED, "CANCELLED_AND_NOTIFIED", "FINISHED")
+_RESOLVED = (_CANCELLED, "CANCELLED_AND_NOTIFIED", _FINISHED)
 
 
 class _FutureCondition(threading.Condition):
@@ -131,7 +132,12 @@ class FarmFuture(concurrent.futures.Future[Any]):
         return cancelled
 
     def result(self, timeout: float | None = None) -> Any:
-        value = super().result(timeout)
+        # a finished future never changes again, and its result is stored
+        # before its state: read without the condition (Python-level methods)
+        if self._state == _FINISHED and self._exception is None:
+            value = self._result
+        else:
+            value = super().result(timeout)
         if type(value) is _Encoded:
             with _decode_lock:
                 value = self._result
@@ -139,6 +145,30 @@ class FarmFuture(concurrent.futures.Future[Any]):
                     value = ser.loads(*value.frame)
                     self._result = value
         return value
+
+    def _start(self) -> bool:
+        """``set_running_or_notify_cancel()`` for a pending future, taking the
+        condition's lock itself: the `Condition` methods ``with`` goes
+        through are Python code, paid per call on the master's hot path."""
+        with self._condition._lock:  # type: ignore[attr-defined]  # a _FutureCondition
+            if self._state == _PENDING:
+                self._state = _RUNNING
+                return True
+        return self.set_running_or_notify_cancel()  # cancelled meanwhile: notify its waiters
+
+    def _succeed(self, value: Any) -> bool:
+        """``set_result(value)`` (for the same reason as `_start`); False, and
+        nothing done, when already resolved (a cancel may race the result)."""
+        with self._condition._lock:  # type: ignore[attr-defined]  # a _FutureCondition
+            if self._state in _RESOLVED:
+                return False
+            self._result = value
+            self._state = _FINISHED
+            for waiter in self._waiters:
+                waiter.add_result(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
 
     def encoded_result(self) -> ser.Frame | None:
         """The result in wire form while not yet decoded (to feed dependents)."""

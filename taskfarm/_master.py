@@ -1034,11 +1034,21 @@ class Farm:
             self.scheduler.withdraw(bundle_id, rank)
             return None
         attempt = self.scheduler.attempt(bundle_id)
-        parts = []
-        for sub in live:
-            self._mark_dispatched(sub, rank, attempt)
-            # the first part of a function new to the rank carries it, the rest refer to it
-            parts.append(Part(sub.future.task_id, _fn_ref(sub.fn, sent_fns), sub.call[0]))
+        # one function per bundle: its first part carries it if the rank lacks it, the rest refer to it
+        first = _fn_ref(live[0].fn, sent_fns)
+        ref = FnRef(first.digest, None)
+        if self.journal is None and not self._listeners:  # the usual case, per call: keep it lean
+            parts = []
+            for sub in live:
+                future = sub.future
+                future._task_state = TaskState.RUNNING
+                future.rank = rank
+                parts.append(Part(future.task_id, ref, sub.call[0]))
+        else:
+            for sub in live:
+                self._mark_dispatched(sub, rank, attempt)
+            parts = [Part(sub.future.task_id, ref, sub.call[0]) for sub in live]
+        parts[0] = parts[0]._replace(fn=first)
         return TaskItem(
             bundle_id, attempt, _NO_FN, b"", (), (), None, None, self.scheduler.awaited(bundle_id), tuple(parts)
         )
@@ -1217,5 +1227,5 @@ def _mark_running(future: FarmFuture) -> bool:
     """Move a future to RUNNING at dispatch; False if the user cancelled it."""
     state = future._state
     if state == _PENDING:
-        return future.set_running_or_notify_cancel()
+        return future._start()
     return state == _RUNNING  # a retry of a task already running

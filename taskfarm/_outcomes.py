@@ -171,6 +171,9 @@ def succeed(future: concurrent.futures.Future[Any], value: Any) -> None:
     """
     if future._state in _RESOLVED:  # type: ignore[attr-defined]
         return
+    if type(future) is FarmFuture:
+        future._succeed(value)
+        return
     # a user thread may cancel a pending future between the check and the set
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         future.set_result(value)

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from taskfarm._future import FarmFuture
+from taskfarm import _serialization as ser
+from taskfarm._future import FarmFuture, _Encoded
 
 #: how long a helper thread waits before resolving a future (seconds)
 DELAY = 0.05
@@ -35,10 +36,15 @@ def test_has_every_attribute_a_plain_future_has() -> None:
             assert ours[name] == value, name
 
 
+#: the standard way to resolve a future, and the farm's own (`FarmFuture._succeed`)
+RESOLVERS = ["set_result", "_succeed"]
+
+
 @pytest.mark.timeout(10)
-def test_result_blocks_until_another_thread_sets_it() -> None:
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_result_blocks_until_another_thread_sets_it(resolver: str) -> None:
     future = FarmFuture(1)
-    thread = _later(lambda: future.set_result(42))
+    thread = _later(lambda: getattr(future, resolver)(42))
     assert future.result(timeout=5) == 42
     thread.join()
 
@@ -55,11 +61,12 @@ def test_result_timeout_and_exception() -> None:
 
 
 @pytest.mark.timeout(10)
-def test_wait_and_as_completed() -> None:
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_wait_and_as_completed(resolver: str) -> None:
     futures = [FarmFuture(i) for i in range(3)]
     done, not_done = cf.wait(futures, timeout=0.01)
     assert not done and len(not_done) == 3
-    threads = [_later(lambda f=f, i=i: f.set_result(i)) for i, f in enumerate(futures)]
+    threads = [_later(lambda f=f, i=i: getattr(f, resolver)(i)) for i, f in enumerate(futures)]
     assert sorted(f.result() for f in cf.as_completed(futures, timeout=5)) == [0, 1, 2]
     done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
     assert done
@@ -90,3 +97,23 @@ def test_state_names_are_the_standard_librarys() -> None:
 
     assert (_future._PENDING, _future._RUNNING, _future._CANCELLED) == (_base.PENDING, _base.RUNNING, _base.CANCELLED)
     assert set(_future._RESOLVED) == {_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED}
+
+
+def test_the_farms_own_transitions_behave_as_the_standard_ones() -> None:
+    """`_start` and `_succeed` take the lock themselves (the master's hot path):
+    same states, callbacks and notifications as set_running_or_notify_cancel
+    and set_result, and a resolved or cancelled future is left alone."""
+    future = FarmFuture(1)
+    seen: list[object] = []
+    future.add_done_callback(lambda f: seen.append(f.result()))
+    assert future._start() and future.running()
+    assert future._succeed(5) and future.done() and future.result() == 5 and seen == [5]
+    assert not future._succeed(6) and future.result() == 5 and seen == [5]  # resolved once
+    cancelled = FarmFuture(2)
+    assert cancelled.cancel()
+    assert not cancelled._start()  # and its waiters are told, as set_running_or_notify_cancel does
+    assert cancelled._state == "CANCELLED_AND_NOTIFIED" and cf.wait([cancelled], timeout=1).done == {cancelled}
+    assert not cancelled._succeed(1) and cancelled.cancelled()
+    encoded = FarmFuture(3)
+    assert encoded._succeed(_Encoded(ser.dumps([1, 2], "result")))
+    assert encoded.result() == [1, 2] and encoded.result() == [1, 2]  # decoded once, then kept

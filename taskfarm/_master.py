@@ -125,8 +125,6 @@ LOST_BYE_TIMEOUT = 5.0
 #: submits: efficiency 0.926-0.932 -> 0.939-0.943 (3 interleaved pairs); 0.5 ms
 #: gave no more.  Workers run at the same (`_worker.WORKER_SWITCH_INTERVAL`).
 MASTER_SWITCH_INTERVAL = 0.001
-#: a task's scheduler function slot in a bundle's message (its parts carry theirs)
-_NO_FN = FnRef(b"", None)
 #: a bundle's policy to the scheduler: its calls have the default one (no retries)
 _BUNDLE_POLICY = TaskPolicy()
 
@@ -1034,24 +1032,21 @@ class Farm:
             self.scheduler.withdraw(bundle_id, rank)
             return None
         attempt = self.scheduler.attempt(bundle_id)
-        # one function per bundle: its first part carries it if the rank lacks it, the rest refer to it
-        first = _fn_ref(live[0].fn, sent_fns)
-        ref = FnRef(first.digest, None)
         if self.journal is None and not self._listeners:  # the usual case, per call: keep it lean
             parts = []
             for sub in live:
                 future = sub.future
                 future._task_state = TaskState.RUNNING
                 future.rank = rank
-                parts.append(Part(future.task_id, ref, sub.call[0]))
+                parts.append(Part(future.task_id, sub.call[0]))
         else:
             for sub in live:
                 self._mark_dispatched(sub, rank, attempt)
-            parts = [Part(sub.future.task_id, ref, sub.call[0]) for sub in live]
-        parts[0] = parts[0]._replace(fn=first)
-        return TaskItem(
-            bundle_id, attempt, _NO_FN, b"", (), (), None, None, self.scheduler.awaited(bundle_id), tuple(parts)
-        )
+            parts = [Part(sub.future.task_id, sub.call[0]) for sub in live]
+        # one function per bundle (`Bundler.take`): it rides on the bundle's item
+        fn = _fn_ref(live[0].fn, sent_fns)
+        awaited = self.scheduler.awaited(bundle_id)
+        return TaskItem(bundle_id, attempt, fn, b"", (), (), None, None, awaited, tuple(parts))
 
     def _mark_dispatched(self, sub: Submission, rank: int, attempt: int) -> None:
         """A task (or a bundle's call) goes to ``rank``: its state, journal record and event."""

@@ -344,7 +344,7 @@ def _failure(exc: BaseException, head: str) -> tuple[bytes, tuple[Any, ...], str
 
 def execute_parts(
     parts: Sequence[Part],
-    function: Callable[[bytes], Callable[..., Any]],
+    function: Callable[[], Callable[..., Any]],
     head: str,
     *,
     init_error: BaseException | None = None,
@@ -365,7 +365,7 @@ def execute_parts(
         try:
             _check_initialized(init_error)
             args, kwargs = loads(part.call)
-            value = function(part.fn.digest)(*args, **kwargs)
+            value = function()(*args, **kwargs)
             if type(value) not in _NOT_AWAITABLE and inspect.isawaitable(value):
                 value = _awaited(value, None, None, loop)
             payload, buffers = dumps(value, "result")

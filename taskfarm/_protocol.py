@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 class Kind(enum.IntEnum):
@@ -62,10 +62,11 @@ class FnRef(NamedTuple):
 
 
 class Part(NamedTuple):
-    """One call inside a bundle: a task of its own to the user, not to the scheduler."""
+    """One call inside a bundle: a task of its own to the user, not to the
+    scheduler.  Its function is the bundle's (`TaskItem.fn`): plain fields
+    only, so a message of many parts is pickled without a record per part."""
 
     task_id: int
-    fn: FnRef
     #: pickled ``(args, kwargs)``; bundled calls have no out-of-band buffers
     call: bytes
 
@@ -85,7 +86,7 @@ class TaskItem(NamedTuple):
     #: other tasks wait for this one's result: it goes back at once, not
     #: lingering for company (`taskfarm._worker.RESULT_LINGER`)
     urgent: bool = False
-    #: a bundle: these calls run one after another, and ``fn``/``call`` are
+    #: a bundle: these calls of ``fn`` run one after another, and ``call`` is
     #: empty (see `taskfarm._master`, "bundles"); empty for a plain task
     parts: tuple[Part, ...] = ()
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import itertools
 import os
 import pickle
 import select
@@ -177,10 +178,16 @@ def _flatten(record: Any) -> Any:
     if not nested:
         return tuple(record)
     out = list(record)
-    for i, how, _ in nested:
+    for i, how, sub in nested:
         value = out[i]
-        if value is not None:
-            out[i] = _flatten(value) if how == _ONE else tuple([_flatten(v) for v in value])
+        if value is None:
+            continue
+        if how == _ONE:
+            out[i] = _flatten(value)
+        elif _NESTED[sub]:
+            out[i] = tuple([_flatten(v) for v in value])
+        else:  # records of plain fields (a bundle's results): one C-level loop
+            out[i] = tuple(map(tuple, value))
     return tuple(out)
 
 
@@ -190,8 +197,14 @@ def _rebuild(cls: type, flat: Any) -> Any:
         flat = list(flat)
         for i, how, sub in nested:
             value = flat[i]
-            if value is not None:
-                flat[i] = _rebuild(sub, value) if how == _ONE else tuple([_rebuild(sub, v) for v in value])
+            if value is None:
+                continue
+            if how == _ONE:
+                flat[i] = _rebuild(sub, value)
+            elif _NESTED[sub]:
+                flat[i] = tuple([_rebuild(sub, v) for v in value])
+            else:
+                flat[i] = tuple(map(_tuple_new, itertools.repeat(sub), value))
     return _tuple_new(cls, flat)
 
 

@@ -276,9 +276,7 @@ class Worker:
             if batch.init is not None:
                 self._library.add_initializer(batch.init)
             for item in batch.items:
-                self._library.learn(item.fn)
-                for part in item.parts:
-                    self._library.learn(part.fn)
+                self._library.learn(item.fn)  # a bundle's function too
             with self._cv:
                 self._queue.extend((item, executor_id) for item in batch.items)
                 self._queued_calls += _calls(batch.items)
@@ -466,7 +464,8 @@ class Worker:
         loop = self._event_loop() if spec.kind == "threads" else None
         t_start = time.time()
         cpu0 = time.thread_time()  # of all the calls together (a thread's CPU clock is a system call)
-        parts = execute_parts(item.parts, library.function, head, init_error=init_error, loop=loop)
+        digest = item.fn.digest
+        parts = execute_parts(item.parts, lambda: library.function(digest), head, init_error=init_error, loop=loop)
         cpu = time.thread_time() - cpu0
         t_end = time.time()
         slot.busy += t_end - t_start

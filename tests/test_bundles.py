@@ -220,7 +220,7 @@ def test_a_call_cancelled_as_its_bundle_is_sent_leaves_the_bundle() -> None:
     (item,) = batch.items
     assert item.task_id == bundle_id
     assert [part.task_id for part in item.parts] == [f.task_id for f in futures if f is not futures[1]]
-    assert item.parts[0].fn.payload is not None and item.parts[1].fn.payload is None  # the function goes once
+    assert item.fn == (FN[0], FN[1])  # the bundle's one function, in full: new to the rank
     assert concurrent.futures.wait([futures[1]], timeout=0).done == {futures[1]}
     assert all(f.running() for f in futures if f is not futures[1])
     st = farm.scheduler.statistics()
@@ -297,3 +297,7 @@ def test_every_idle_rank_gets_its_first_bundle_before_any_gets_the_rest() -> Non
     assert all(kind is Kind.TASKS for _, kind, _ in farm.transport.sent)  # type: ignore[attr-defined]
     assert {peer for peer, _ in sent[:2]} == {1, 2} and [n for _, n in sent[:2]] == [1, 1]
     assert len(sent) == 4 and all(n > 1 for _, n in sent[2:])  # then the rest, one message each
+    # each bundle names its one function: in full the first time a rank gets it, then by digest
+    fns = [[item.fn for item in record.items] for _, _, record in farm.transport.sent]  # type: ignore[attr-defined]
+    assert fns[0] == fns[1] == [(FN[0], FN[1])]
+    assert all(fn == (FN[0], None) for later in fns[2:] for fn in later)

@@ -128,16 +128,16 @@ def test_results_go_once_half_the_queue_is_done(monkeypatch: pytest.MonkeyPatch)
 def test_a_bundle_runs_its_calls_in_order_each_with_its_own_outcome() -> None:
     """A bundle (several calls in one task of the scheduler's) comes back as one
     result with one part per call: a call that raises fails only its part, with
-    its own traceback; the function travels once, the other parts name it."""
+    its own traceback; the function travels once, on the bundle."""
     digest, payload = ser.FunctionCache().get(operator.truediv)
 
     def part(task_id: int, *args: Any) -> Part:
         call, buffers = ser.dumps((args, {}), "argument")
         assert not buffers
-        return Part(task_id, FnRef(digest, payload if task_id == 11 else None), call)
+        return Part(task_id, call)
 
     parts = (part(11, 1, 4), part(12, 1, 0), part(13, 9, 3))
-    bundle = TaskItem(7, 2, FnRef(b"", None), b"", (), (), None, None, False, parts)
+    bundle = TaskItem(7, 2, FnRef(digest, payload), b"", (), (), None, None, False, parts)
     with _rank0_worker() as (link, answered):
         link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (bundle,)))
         while True:

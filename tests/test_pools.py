@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -226,22 +227,27 @@ def test_async_time_limit_cancels_on_a_shared_loop() -> None:
         loop.close()
 
 
-def _parts(*calls: tuple[Any, tuple[Any, ...]]) -> tuple[tuple[Part, ...], Library]:
+def divide_or_sleep(how: str, x: int) -> Any:
+    """A bundle's one function, with a value, an error or a coroutine to give."""
+    return sleepy(x) if how == "sleep" else divmod(7, x)
+
+
+def _parts(fn: Any, *calls: tuple[Any, ...]) -> tuple[tuple[Part, ...], Callable[[], Any]]:
+    """A bundle's parts and its function's loader, as the worker has them."""
     library = Library()
-    parts = []
-    for task_id, (fn, args) in enumerate(calls, 1):
-        ref = FnRef(*ser.FunctionCache().get(fn))
-        library.learn(ref)
-        parts.append(Part(task_id, FnRef(ref.digest, None), ser.dumps((args, {}), "argument")[0]))
-    return tuple(parts), library
+    ref = FnRef(*ser.FunctionCache().get(fn))
+    library.learn(ref)
+    parts = tuple(Part(task_id, ser.dumps((args, {}), "argument")[0]) for task_id, args in enumerate(calls, 1))
+    return parts, lambda: library.function(ref.digest)
 
 
 def test_bundle_parts_each_get_their_own_outcome() -> None:
-    parts, library = _parts((divmod, (7, 2)), (divmod, (1, 0)), (sleepy, (0,)), (len, ("abc",)))
-    results = execute_parts(parts, library.function, "HEAD\n")
+    parts, function = _parts(divide_or_sleep, ("div", 2), ("div", 0), ("sleep", 0), ("div", 7))
+    results = execute_parts(parts, function, "HEAD\n")
     assert [r.task_id for r in results] == [1, 2, 3, 4]
     assert [r.ok for r in results] == [True, False, True, True]
     assert [ser.loads(r.payload, r.buffers) for r in results[::2]] == [(3, 1), "slept"]  # a coroutine is awaited
+    assert ser.loads(results[3].payload, results[3].buffers) == (1, 0)
     error = ser.loads(results[1].payload, results[1].buffers)
     assert isinstance(error, ZeroDivisionError)
     assert results[1].traceback.startswith("HEAD\n") and "ZeroDivisionError" in results[1].traceback
@@ -252,9 +258,9 @@ def test_bundle_parts_each_get_their_own_outcome() -> None:
 
 
 def test_bundle_parts_fail_alike_when_the_initializer_failed() -> None:
-    parts, library = _parts((len, ("a",)), (len, ("bc",)))
+    parts, function = _parts(len, ("a",), ("bc",))
     cause = RuntimeError("no database")
-    results = execute_parts(parts, library.function, "", init_error=cause)
+    results = execute_parts(parts, function, "", init_error=cause)
     assert [r.ok for r in results] == [False, False]
     for r in results:
         error = ser.loads(r.payload, r.buffers)

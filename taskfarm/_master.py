@@ -1032,17 +1032,16 @@ class Farm:
             self.scheduler.withdraw(bundle_id, rank)
             return None
         attempt = self.scheduler.attempt(bundle_id)
-        if self.journal is None and not self._listeners:  # the usual case, per call: keep it lean
-            parts = []
-            for sub in live:
-                future = sub.future
+        recorded = self.journal is not None or bool(self._listeners)
+        parts = []
+        for sub in live:
+            future = sub.future
+            if recorded:
+                self._mark_dispatched(sub, rank, attempt)
+            else:  # the usual case: `_mark_dispatched`'s state, without a call per part
                 future._task_state = TaskState.RUNNING
                 future.rank = rank
-                parts.append(Part(future.task_id, sub.call[0]))
-        else:
-            for sub in live:
-                self._mark_dispatched(sub, rank, attempt)
-            parts = [Part(sub.future.task_id, sub.call[0]) for sub in live]
+            parts.append(Part(future.task_id, sub.call[0]))
         # one function per bundle (`Bundler.take`): it rides on the bundle's item
         fn = _fn_ref(live[0].fn, sent_fns)
         awaited = self.scheduler.awaited(bundle_id)

@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import BrokenFarmError
@@ -100,9 +100,9 @@ RANK_ENV = "TASKFARM_RANK"
 WORKER_SWITCH_INTERVAL = 0.001
 
 
-def _calls(items: Iterable[TaskItem]) -> int:
-    """The user's calls in ``items``: a bundle counts its parts."""
-    return sum(len(item.parts) or 1 for item in items)
+def _calls(item: TaskItem) -> int:
+    """The user's calls in ``item``: a bundle counts its parts."""
+    return len(item.parts) or 1
 
 
 def _big(buffers: tuple[Any, ...]) -> bool:
@@ -279,7 +279,7 @@ class Worker:
                 self._library.learn(item.fn)  # a bundle's function too
             with self._cv:
                 self._queue.extend((item, executor_id) for item in batch.items)
-                self._queued_calls += _calls(batch.items)
+                self._queued_calls += sum(map(_calls, batch.items))
                 self._low_water = self._queued_calls // 2
                 self._cv.notify_all()
         elif kind is Kind.STEAL:
@@ -287,7 +287,7 @@ class Worker:
             with self._cv:
                 given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
                 self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
-                self._queued_calls = _calls(q[0] for q in self._queue)
+                self._queued_calls = sum(_calls(q[0]) for q in self._queue)
             self.transport.send(MASTER, Kind.RELEASED, Released(tuple(given)))
         elif kind is Kind.CONFIG:
             config: Config = record
@@ -378,7 +378,7 @@ class Worker:
                 if self._stopping:
                     break
                 item, executor_id = self._queue.popleft()
-                self._queued_calls -= len(item.parts) or 1
+                self._queued_calls -= _calls(item)
                 self._running.add(item.task_id)
             result = self._run(slot, item, executor_id)
             with self._cv:

@@ -270,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _status(ns: argparse.Namespace) -> int:
-    from ._journal import format_status, read_journal, status_exit_code, status_report
+    from ._journal import read_journal
+    from ._status import format_status, status_exit_code, status_report
 
     try:
         state = read_journal(ns.journal, results=False)

@@ -28,7 +28,8 @@ from . import _serialization as ser
 from ._bundles import guided_size
 from ._errors import BrokenFarmError, ExitCode, JournalError, RemoteTraceback
 from ._future import FarmFuture, _Encoded
-from ._journal import JournalNotFoundError, JournalWriter, read_journal
+from ._journal import JournalNotFoundError, read_journal
+from ._journal_writer import JournalWriter
 from ._master import DEFAULT_HEARTBEAT_TIMEOUT, Farm, Submission
 from ._pools import PoolSpec
 from ._protocol import FnRef, Initializer

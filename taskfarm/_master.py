@@ -53,7 +53,7 @@ from ._errors import (
     WorkerLostError,
 )
 from ._future import _CANCELLED, _PENDING, _RUNNING, FarmFuture
-from ._journal import JournalWriter
+from ._journal_writer import JournalWriter
 from ._loopback import Loopback
 from ._outcomes import Listener, Outcomes, decode_error, fail_future
 from ._pools import PoolSpec

@@ -18,7 +18,7 @@ from typing import Any
 from . import _serialization as ser
 from ._errors import BrokenFarmError, RemoteTraceback, SerializationError
 from ._future import _CANCELLED, _PENDING, _RESOLVED, FarmFuture, _Encoded
-from ._journal import JournalWriter
+from ._journal_writer import JournalWriter
 from ._protocol import PartResult, ResultItem
 
 #: a listener gets (event, fields); events: worker_joined, submitted, dispatched,

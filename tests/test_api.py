@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_serialization",
             "_scheduler",
             "_journal",
+            "_journal_writer",
             "_future",
             "_resume",
             "_events",
@@ -65,7 +66,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("io", {"_transport", "_loopback"}),
     ("runtime", {"_worker", "_master", "_outcomes", "_pools"}),
     ("api", {"_executor", "_canvas", "_periodic"}),
-    ("front", {"_cli", "__main__", "_commands", "_report", "_progress", "slurm", "_spawned"}),
+    ("front", {"_cli", "__main__", "_commands", "_report", "_progress", "_status", "slurm", "_spawned"}),
 ]
 LEVEL = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
 LAYER_NAME = {module: name for name, modules in LAYERS for module in modules}

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from taskfarm import _journal as jr
+from taskfarm import _journal_writer as jw
 from taskfarm._errors import ExitCode, JournalError
 from taskfarm._journal import (
     CANCELLED,
@@ -31,12 +32,10 @@ from taskfarm._journal import (
     JournalNotFoundError,
     JournalState,
     JournalVersionError,
-    JournalWriter,
-    format_status,
     read_journal,
-    status_exit_code,
-    status_report,
 )
+from taskfarm._journal_writer import JournalWriter
+from taskfarm._status import format_status, status_exit_code, status_report
 
 #: Repository root, put on PYTHONPATH of the subprocesses.
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +183,7 @@ def test_numpy_result_frames_round_trip_raw(tmp_path: Path) -> None:
 
 def test_many_buffers_beyond_iov_max(tmp_path: Path) -> None:
     path = tmp_path / "iov.journal"
-    n = jr._IOV_MAX + 100
+    n = jw._IOV_MAX + 100
     parts = [bytes([i % 256]) * 100 for i in range(n)]  # 100 kB in total: the writev path
     with JournalWriter(path) as w:
         w.submitted("k", label="", t=0.0)
@@ -397,7 +396,7 @@ def test_foreign_file_is_refused_not_truncated(tmp_path: Path) -> None:
 
 def test_newer_format_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "a.journal"
-    monkeypatch.setattr(jr, "FORMAT_VERSION", jr.FORMAT_VERSION + 1)
+    monkeypatch.setattr(jw, "FORMAT_VERSION", jr.FORMAT_VERSION + 1)  # what the writer writes
     JournalWriter(path).close()
     monkeypatch.undo()
     with pytest.raises(JournalVersionError, match=f"version {jr.FORMAT_VERSION + 1}"):
@@ -445,7 +444,8 @@ def test_second_writer_refused_other_process(tmp_path: Path) -> None:
     path = tmp_path / "a.journal"
     code = """
         import sys
-        from taskfarm._journal import JournalWriter, JournalLockedError
+        from taskfarm._journal import JournalLockedError
+        from taskfarm._journal_writer import JournalWriter
         try:
             JournalWriter(sys.argv[1])
         except JournalLockedError as exc:
@@ -464,7 +464,7 @@ def test_lock_released_after_sigkill(tmp_path: Path) -> None:
     path = tmp_path / "a.journal"
     code = """
         import os, sys
-        from taskfarm._journal import JournalWriter
+        from taskfarm._journal_writer import JournalWriter
         w = JournalWriter(sys.argv[1])
         w.submitted("k", label="", t=0.0)
         w.sync()

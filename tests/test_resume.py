@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 from conftest import MPI, ROOT, Result, farm_run, read_json, run
 
-from taskfarm import _journal as jr
+from taskfarm import _journal_writer as journal_writer
 from taskfarm._journal import SUCCESS, read_journal
+from taskfarm._journal_writer import JournalWriter
 
 pytestmark = pytest.mark.mpi
 
@@ -314,7 +315,7 @@ def _frame(value: object) -> tuple[bytes, list[Any]]:
 
 def test_writer_forgets_finished_tasks_and_aliases_late_records(tmp_path: Path) -> None:
     path = tmp_path / "j"
-    with jr.JournalWriter(path) as w:
+    with JournalWriter(path) as w:
         for i in range(100):
             w.submitted(f"k{i}", label="f", t=0.0)
             w.dispatched(f"k{i}", rank=1, attempt=1, t=0.0)
@@ -331,7 +332,7 @@ def test_writer_forgets_finished_tasks_and_aliases_late_records(tmp_path: Path) 
     assert st.counts() == {"PENDING": 0, "RUNNING": 0, "RETRY": 10, SUCCESS: 80, "FAILURE": 10, "CANCELLED": 0}
     assert pickle.loads(st.tasks["k2"].result[0]) == 2 and st.tasks["k2"].successes == 2
     assert st.task_ids == 102
-    with jr.JournalWriter(path) as w:  # a resumed run: fresh ids continue after the old ones
+    with JournalWriter(path) as w:  # a resumed run: fresh ids continue after the old ones
         assert w._next_id == 102 and not w._live
         w.submitted("k1", label="f", t=5.0)
         w.dispatched("k1", rank=1, attempt=1, t=5.0)
@@ -341,13 +342,13 @@ def test_writer_forgets_finished_tasks_and_aliases_late_records(tmp_path: Path) 
 
 def test_version_1_journal_is_read_and_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "j"
-    monkeypatch.setattr(jr, "FORMAT_VERSION", 1)
-    with jr.JournalWriter(path) as w:  # version 1: one id per distinct key
+    monkeypatch.setattr(journal_writer, "FORMAT_VERSION", 1)  # the version it writes
+    with JournalWriter(path) as w:  # version 1: one id per distinct key
         w.submitted("a", label="f", t=0.0)
         w.submitted("b", label="f", t=0.0)
         w.succeeded("a", rank=1, attempt=1, t_start=0.0, t_end=1.0, result=_frame("A"))
     monkeypatch.undo()
-    with jr.JournalWriter(path) as w:  # appended by the version 1 rule, never mixed
+    with JournalWriter(path) as w:  # appended by the version 1 rule, never mixed
         w.submitted("a", label="f", t=2.0)
         w.submitted("c", label="f", t=2.0)
         w.succeeded("c", rank=1, attempt=1, t_start=2.0, t_end=3.0, result=_frame("C"))
@@ -359,17 +360,17 @@ def test_version_1_journal_is_read_and_continued(tmp_path: Path, monkeypatch: py
 
 def test_discard_leaves_the_journal_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "j"
-    with jr.JournalWriter(path) as w:
+    with JournalWriter(path) as w:
         w.submitted("a", label="f", t=0.0)
     before = path.read_bytes()
-    w = jr.JournalWriter(path)
+    w = JournalWriter(path)
     w.run_started({"x": 1})
     w.submitted("b", label="g", t=1.0)
     w.sync()
     w.submitted("c", label="g", t=1.0)
     w.discard()
     assert path.read_bytes() == before
-    with jr.JournalWriter(path):  # the lock was released
+    with JournalWriter(path):  # the lock was released
         pass
 
 

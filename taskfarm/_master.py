@@ -38,7 +38,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from . import _serialization as ser
@@ -65,6 +65,7 @@ from ._protocol import (
     Initializer,
     Kind,
     Part,
+    PartResult,
     ResultBatch,
     ResultItem,
     Steal,
@@ -619,6 +620,7 @@ class Farm:
                 duration=item.t_end - item.t_start,
                 retryable=retryable,
                 crashed=item.crashed,
+                nbytes=_result_nbytes(self.scheduler, item, (item,)),
             )
             if task is None or decision is Decision.DISCARD:
                 continue
@@ -662,7 +664,13 @@ class Farm:
         """A bundle's outcome: each part resolves its own call (see "Bundles")."""
         failed = sum(1 for part in item.parts if not part.ok) if item.ok else 0
         decision = self.scheduler.finished(
-            item.task_id, peer, now, ok=item.ok, duration=item.t_end - item.t_start, failed_parts=failed
+            item.task_id,
+            peer,
+            now,
+            ok=item.ok,
+            duration=item.t_end - item.t_start,
+            failed_parts=failed,
+            nbytes=_result_nbytes(self.scheduler, item, item.parts),
         )
         subs = self._bundler.bundles.get(item.task_id)
         if subs is None or decision is Decision.DISCARD or decision is Decision.RETRY:
@@ -761,6 +769,7 @@ class Farm:
             fail_future(future, BrokenFarmError(str(self._broken)))
             return
         waiting = []
+        nbytes = 0  # of its inputs that are done: they travel with it (see PREFETCH_BYTES)
         for dep in sub.inputs:  # usually none
             if not dep.done():
                 waiting.append(self._scheduled_as(dep))
@@ -768,6 +777,8 @@ class Farm:
                 error = DependencyFailed(f"input task {dep.task_id} of task {future.task_id} failed or was cancelled")
                 fail_future(future, error)
                 return
+            elif (frame := dep.encoded_result()) is not None:
+                nbytes += ser.frame_nbytes(frame)
         task_id = future.task_id
         self._tasks[task_id] = sub
         if self.journal is not None and sub.key is not None:
@@ -785,7 +796,7 @@ class Farm:
             not_before=sub.not_before,
             expires=None if sub.expires is None else now + (sub.expires - time.time()),
             inputs=waiting,
-            nbytes=ser.frame_nbytes(sub.call),
+            nbytes=nbytes + ser.frame_nbytes(sub.call),
         )
         if not ready:
             future._task_state = TaskState.SCHEDULED
@@ -1205,6 +1216,15 @@ def _relay_logs(peer: int, records: Any) -> None:
             record.msg = f"[rank {peer}] {message}"
             record.created, record.msecs = created, (created % 1) * 1000
             logger.handle(record)
+
+
+def _result_nbytes(scheduler: Scheduler, item: ResultItem, results: Iterable[ResultItem | PartResult]) -> int:
+    """Bytes of ``item``'s result(s) (a bundle: all its calls') when tasks
+    wait to take them as inputs (they count against `PREFETCH_BYTES` where
+    those go); else 0, without looking at them."""
+    if not item.ok or not scheduler.awaited(item.task_id):
+        return 0
+    return sum(ser.frame_nbytes((result.payload, result.buffers)) for result in results)
 
 
 def _fn_ref(fn: tuple[bytes, bytes], sent: set[bytes]) -> FnRef:

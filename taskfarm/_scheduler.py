@@ -62,10 +62,10 @@ PIPELINE_SECONDS = 0.32
 #: upper bound on prefetched tasks per slot (bounds what a lost rank takes down):
 #: the pipeline's worth of 1 ms tasks
 MAX_PREFETCH = 320
-#: bytes of arguments a rank may hold beyond what fills its idle slots: tasks
-#: of large arrays are prefetched only while the rank holds less than this, so
-#: the pipeline's depth in seconds never becomes gigabytes queued on one rank
-#: (16 MB echoes still go four deep)
+#: bytes of arguments (inputs from other tasks included) a rank may hold
+#: beyond what fills its idle slots: tasks of large arrays are prefetched only
+#: while the rank holds less than this, so the pipeline's depth in seconds
+#: never becomes gigabytes queued on one rank (16 MB echoes still go four deep)
 PREFETCH_BYTES = 64 << 20
 #: weight of the newest task duration in the running mean
 DURATION_EWMA = 0.05
@@ -498,6 +498,7 @@ class Scheduler:
         crashed: bool = False,
         counts: bool = True,
         failed_parts: int = 0,
+        nbytes: int = 0,
     ) -> Decision:
         """A result or failure of ``task_id`` arrived from ``rank``.
 
@@ -506,6 +507,8 @@ class Scheduler:
         not max_retries).  ``counts=False``: an attempt cut off by the farm
         itself (draining), which does not use up a retry.  ``failed_parts``:
         of a bundle that ran (``ok``), the calls that failed; they count as failed.
+        ``nbytes``: the size of its result, which each task that takes it as
+        an input carries to its rank (it counts against `PREFETCH_BYTES`).
         """
         info = self._ranks.get(rank)
         held = False
@@ -541,7 +544,7 @@ class Scheduler:
             if info is not None:
                 info.done += entry.weight - failed_parts
                 info.failed += failed_parts
-            self._finish(entry, TaskState.SUCCESS)
+            self._finish(entry, TaskState.SUCCESS, nbytes)
             return Decision.ACCEPT
         if entry.holders:
             return Decision.DISCARD  # a speculative copy is still running
@@ -684,7 +687,7 @@ class Scheduler:
         return self._prefetch
 
     # -- internals ---------------------------------------------------------
-    def _finish(self, entry: _Entry, state: TaskState) -> None:
+    def _finish(self, entry: _Entry, state: TaskState, result_nbytes: int = 0) -> None:
         entry.state = state
         del self._entries[entry.task_id]
         if state is TaskState.SUCCESS:
@@ -693,6 +696,7 @@ class Scheduler:
             for dep in entry.dependents:
                 child = self._entries.get(dep)
                 if child is not None and child.state is TaskState.SCHEDULED:
+                    child.nbytes += result_nbytes  # its input travels with it
                     child.deps_left -= 1
                     if child.deps_left == 0:
                         # `poll` releases it once its own not_before has come

@@ -25,7 +25,7 @@ from taskfarm._future import FarmFuture
 from taskfarm._master import Farm, Submission
 from taskfarm._outcomes import Outcomes
 from taskfarm._pools import PoolSpec
-from taskfarm._protocol import Kind, TaskBatch
+from taskfarm._protocol import Kind, ResultBatch, ResultItem, TaskBatch
 from taskfarm._scheduler import PIPELINE_SECONDS, Scheduler
 from taskfarm._task import TaskPolicy
 
@@ -301,3 +301,27 @@ def test_every_idle_rank_gets_its_first_bundle_before_any_gets_the_rest() -> Non
     fns = [[item.fn for item in record.items] for _, _, record in farm.transport.sent]  # type: ignore[attr-defined]
     assert fns[0] == fns[1] == [(FN[0], FN[1])]
     assert all(fn == (FN[0], None) for later in fns[2:] for fn in later)
+
+
+def test_inputs_count_against_the_dependents_prefetch_bound() -> None:
+    """A task's inputs travel with it: their bytes count against PREFETCH_BYTES
+    like its own arguments, whether its input was done at submit or not."""
+    farm = _bare_farm(ranks=1, capacity=9)
+    farm._broken = None
+    solo = dict(bundle=False)
+    producer = _submission(farm.new_task_id())._replace(**solo)
+    farm._admit(producer, 0.0)
+    (rank,) = farm.scheduler.poll(0.0).dispatch
+    farm._send_tasks(rank, [producer.future.task_id])
+    waiting = _submission(farm.new_task_id())._replace(inputs=(producer.future,), **solo)
+    farm._admit(waiting, 0.0)
+    big = bytearray(3 << 20)
+    item = ResultItem(producer.future.task_id, 0, True, b"header", (big,), "", 0.0, 0.001, False)
+    farm._on_results(rank, ResultBatch((item,)), 0.0)
+    farm._commit()
+    assert producer.future.encoded_result() is not None
+    own = len(b"call")
+    assert farm.scheduler._entries[waiting.future.task_id].nbytes == own + len(b"header") + len(big)
+    late = _submission(farm.new_task_id())._replace(inputs=(producer.future,), **solo)
+    farm._admit(late, 0.0)  # its input is done already
+    assert farm.scheduler._entries[late.future.task_id].nbytes == own + len(b"header") + len(big)

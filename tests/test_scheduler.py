@@ -1493,6 +1493,15 @@ class TestPrefetchBytes:
         assert s.add_worker(1, 1, 0.0)
         assert sent(s.poll(0.0)) == [1, 2]  # the new rank's bound, not the lost one's
 
+    def test_an_input_travels_with_its_task_and_counts_against_the_bound(self) -> None:
+        s = farm(ranks=1)
+        observe(s, 0.0)
+        submit(s, 1)
+        assert sent(s.poll(0.0)) == [1]
+        submit(s, 2, 3, 4, inputs=[1])  # each takes task 1's result as an argument
+        assert s.finished(1, 0, 0.0, ok=True, duration=0.0, nbytes=PREFETCH_BYTES // 2) is Decision.ACCEPT
+        assert sent(s.poll(0.0)) == [2, 3]  # the second reaches the bound, as with large arguments
+
 
 class TestRandomEventOrders:
     @pytest.mark.parametrize("seed", range(60))

@@ -37,19 +37,25 @@ KILL_TASKS = 2000
 
 JOB = """\
 import json
+import os
 import sys
 import time
 
 import numpy as np
 from taskfarm import FarmExecutor
 
+n, out = int(sys.argv[1]), sys.argv[2]
+# the last task waits for this file, if named: a run killed midway cannot have finished
+gate = sys.argv[3] if len(sys.argv) > 3 else None
+
 
 def work(i):
+    while i == n - 1 and gate is not None and not os.path.exists(gate):
+        time.sleep(0.01)
     time.sleep(0.001)
     return {"i": i, "sq": i * i, "arr": np.arange(4, dtype=np.float64) * i}
 
 
-n, out = int(sys.argv[1]), sys.argv[2]
 with FarmExecutor() as ex:
     results = [{"i": r["i"], "sq": r["sq"], "arr": r["arr"].tolist()} for r in ex.map(work, range(n))]
 with open(out, "w") as f:
@@ -255,8 +261,14 @@ def test_killed_at_random_point_resume_gives_every_result_once(
     script.write_text(JOB)
     journal = tmp_path / "farm.journal"
     frac = random.Random(f"{mpi.name}/{sig}").uniform(0.2, 0.8)
+    # the killed run's last task waits for a gate that only the resumed run has: else
+    # the job could finish first, where a launcher is slow to pass a signal on (Open
+    # MPI's took 0.5 s here, when 500 of the 2,000 tasks were left)
+    gate = tmp_path / "gate"
     job = start(
-        mpi, 3, ["run", "-q", "--grace", "5", "--journal", journal, script, KILL_TASKS, tmp_path / "first.json"]
+        mpi,
+        3,
+        ["run", "-q", "--grace", "5", "--journal", journal, script, KILL_TASKS, tmp_path / "first.json", gate],
     )
     wait_until(lambda: size(journal) >= frac * ref_size, f"the journal to reach {frac:.0%}", job)
     if sig == "SIGKILL":
@@ -277,6 +289,7 @@ def test_killed_at_random_point_resume_gives_every_result_once(
     if sig == "SIGTERM" and mpi.name == "mpich":
         assert before.runs[-1]["status"] == "drained"
 
+    gate.touch()  # the resumed run may finish
     stats = tmp_path / "stats.json"
     farm(
         mpi,
@@ -291,6 +304,7 @@ def test_killed_at_random_point_resume_gives_every_result_once(
             script,
             KILL_TASKS,
             tmp_path / "second.json",
+            gate,
         ],
     )
     assert read_json(tmp_path / "second.json") == ref_results

@@ -37,30 +37,47 @@ KILL_TASKS = 2000
 
 JOB = """\
 import json
-import os
 import sys
 import time
 
 import numpy as np
 from taskfarm import FarmExecutor
 
-n, out = int(sys.argv[1]), sys.argv[2]
-# the last task waits for this file, if named: a run killed midway cannot have finished
-gate = sys.argv[3] if len(sys.argv) > 3 else None
-
 
 def work(i):
-    while i == n - 1 and gate is not None and not os.path.exists(gate):
-        time.sleep(0.01)
     time.sleep(0.001)
     return {"i": i, "sq": i * i, "arr": np.arange(4, dtype=np.float64) * i}
 
 
+n, out = int(sys.argv[1]), sys.argv[2]
 with FarmExecutor() as ex:
     results = [{"i": r["i"], "sq": r["sq"], "arr": r["arr"].tolist()} for r in ex.map(work, range(n))]
 with open(out, "w") as f:
     json.dump(results, f)
 """
+
+#: JOB whose last task waits (a countdown) while a gate file is named and missing:
+#: a run signalled midway cannot have finished before the signal lands, whether
+#: the launcher passes it on (a drain leaves a task that has not started) or ends
+#: the job itself, however slowly (Open MPI's took 0.5 s here, with ~500 of the
+#: 2,000 tasks left)
+GATED_JOB = (
+    JOB.replace("from taskfarm import FarmExecutor", "from taskfarm import FarmExecutor, Task")
+    .replace("import json\n", "import json\nimport os\n")
+    .replace(
+        """with FarmExecutor() as ex:
+    results = [{"i": r["i"], "sq": r["sq"], "arr": r["arr"].tolist()} for r in ex.map(work, range(n))]
+""",
+        """gate = sys.argv[3] if len(sys.argv) > 3 else None
+hold = 300.0 if gate is not None and not os.path.exists(gate) else None
+with FarmExecutor() as ex:
+    last = ex.submit_task(Task(work, (n - 1,), countdown=hold))
+    rows = [*ex.map(work, range(n - 1)), last.result()]
+    results = [{"i": r["i"], "sq": r["sq"], "arr": r["arr"].tolist()} for r in rows]
+""",
+    )
+)
+assert GATED_JOB.count("countdown=hold") == 1 and "import os" in GATED_JOB
 
 
 def expected(n: int) -> list[dict[str, Any]]:
@@ -244,7 +261,7 @@ _reference: dict[str, tuple[list[Any], int]] = {}
 def reference(mpi: MPI, tmp: Path) -> tuple[list[Any], int]:
     """Results and journal size of an uninterrupted run (once per MPI)."""
     if mpi.name not in _reference:
-        (tmp / "job.py").write_text(JOB)
+        (tmp / "job.py").write_text(GATED_JOB)
         journal, out = tmp / "ref.journal", tmp / "ref.json"
         farm(mpi, ["run", "-q", "--journal", journal, tmp / "job.py", KILL_TASKS, out])
         _reference[mpi.name] = (read_json(out), size(journal))
@@ -258,13 +275,10 @@ def test_killed_at_random_point_resume_gives_every_result_once(
     ref_results, ref_size = reference(mpi, tmp_path_factory.mktemp(f"ref-{mpi.name}"))
     assert ref_results == expected(KILL_TASKS)
     script = tmp_path / "job.py"
-    script.write_text(JOB)
+    script.write_text(GATED_JOB)
     journal = tmp_path / "farm.journal"
     frac = random.Random(f"{mpi.name}/{sig}").uniform(0.2, 0.8)
-    # the killed run's last task waits for a gate that only the resumed run has: else
-    # the job could finish first, where a launcher is slow to pass a signal on (Open
-    # MPI's took 0.5 s here, when 500 of the 2,000 tasks were left)
-    gate = tmp_path / "gate"
+    gate = tmp_path / "gate"  # missing: the last task waits, so the job cannot finish first
     job = start(
         mpi,
         3,
@@ -289,7 +303,7 @@ def test_killed_at_random_point_resume_gives_every_result_once(
     if sig == "SIGTERM" and mpi.name == "mpich":
         assert before.runs[-1]["status"] == "drained"
 
-    gate.touch()  # the resumed run may finish
+    gate.touch()  # the resumed run's last task does not wait
     stats = tmp_path / "stats.json"
     farm(
         mpi,

@@ -48,9 +48,18 @@ def work(i, pause, flag):
 
 
 n, pause, flag, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
-isolation = sys.argv[5] if len(sys.argv) > 5 else None
+isolation = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] else None
+# while a gate file is named and missing, the last task waits (a countdown): see
+# test_resume.GATED_JOB
+gate = sys.argv[6] if len(sys.argv) > 6 else None
+hold = 300.0 if gate is not None and not os.path.exists(gate) else None
 with FarmExecutor() as ex:
-    futures = [ex.submit_task(Task(work, (i, pause, flag), max_retries=0, isolation=isolation)) for i in range(n)]
+    futures = [
+        ex.submit_task(
+            Task(work, (i, pause, flag), max_retries=0, isolation=isolation, countdown=hold if i == n - 1 else None)
+        )
+        for i in range(n)
+    ]
     results = [f.result() for f in futures]
 with open(out, "w") as fo:
     json.dump(results, fo)
@@ -79,8 +88,8 @@ def test_signal_to_the_launcher_drains_then_resume_completes(
     mpi: MPI, sig: str, script: Any, start: Callable[..., Job], tmp_path: Path
 ) -> None:
     n, grace = 600, 5
-    path, journal, out = script(WORK), tmp_path / "j", tmp_path / "out.json"
-    args = [path, n, 0.005, "", out]
+    path, journal, out, gate = script(WORK), tmp_path / "j", tmp_path / "out.json", tmp_path / "gate"
+    args = [path, n, 0.005, "", out, "", gate]  # missing, the gate holds the last task back
     job = start(mpi, 3, ["run", "-q", "--grace", grace, "--journal", journal, *map(str, args)])
     wait_until(lambda: successes(journal) >= 60, "60 results", job)
     t0 = time.monotonic()
@@ -100,6 +109,7 @@ def test_signal_to_the_launcher_drains_then_resume_completes(
         assert st.runs[-1]["status"] == "drained"
         assert st.counts()[RUNNING] == 0  # running tasks had their grace; nothing left half-done
     status(mpi, journal, check=75)
+    gate.touch()
     check_resume(mpi, journal, args, n, out)
 
 

@@ -490,6 +490,11 @@ class Worker:
                 return lost(f"{exc}", head, time.time())
         slot.busy_child = child
         try:
+            if self._stopping:
+                # Stop came while this slot took the task or started its child, and
+                # found no child to kill: cut this one off as Stop does (it ends
+                # the slot's wait below); the master has given up on the task
+                child.kill(close=False)
             outcome = child.run(item, executor_id, head)
         finally:
             slot.busy_child = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -222,3 +223,42 @@ def test_a_ring_whose_message_shows_late_is_rechecked_in_a_busy_round(monkeypatc
         link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
         thread.join(ANSWER_WITHIN)
     assert not thread.is_alive()
+
+
+def test_stop_cuts_off_a_task_whose_child_was_still_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop kills the child process of every running task (a drain's grace ran
+    out); a task whose child was still starting when Stop came is cut off too,
+    not run to its end (seen: a drain that took 60 s, a task's whole sleep)."""
+    spawning, proceed, stopped = threading.Event(), threading.Event(), threading.Event()
+    children: list[Any] = []
+    real_child, real_handle = worker_module.Child, worker_module.Worker._handle
+
+    def slow_child(*args: Any) -> Any:
+        spawning.set()
+        assert proceed.wait(ANSWER_WITHIN)
+        children.append(real_child(*args))
+        return children[-1]
+
+    def handle(self: worker_module.Worker, peer: int, kind: Kind, record: Any) -> None:
+        real_handle(self, peer, kind, record)
+        if kind is Kind.STOP:
+            stopped.set()
+
+    monkeypatch.setattr(worker_module, "Child", slow_child)
+    monkeypatch.setattr(worker_module.Worker, "_handle", handle)
+    link = Loopback(cast(Transport, None), lambda: None)
+    thread = worker_module.serve_in_thread(link.local)
+    try:
+        link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
+        item = _task(1, time.sleep, 3600)._replace(isolation="process")
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (item,)))
+        assert spawning.wait(ANSWER_WITHIN), "the task's child never started"
+        link.send(LOCAL_PEER, Kind.STOP, Stop("the drain's grace ran out"))
+        assert stopped.wait(ANSWER_WITHIN)
+        proceed.set()  # the child comes up after Stop was handled
+        thread.join(ANSWER_WITHIN)
+        assert not thread.is_alive(), "the task ran on after Stop"
+    finally:
+        proceed.set()
+        for child in children:
+            child.kill()

@@ -8,12 +8,15 @@ CI job.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 #: how much of a process's output goes into a failure message
 OUTPUT_TAIL = 6000
+#: Open MPI keeps a launch's session directory (its PMIx rendezvous files) in
+#: ``$TMPDIR/ompi.<launcher pid>``.  A launcher that a test kills leaves it behind,
+#: and a later launcher given the same pid fails at once ("The PMIx server's
+#: listener thread failed to start", exit 213: seen twice in one suite run with
+#: 144 such directories in /tmp, and reproduced by planting one).  So every
+#: launch gets a directory of its own under this one, removed at exit.
+OMPI_TMP = Path(tempfile.mkdtemp(prefix="taskfarm-tests-ompi-"))
+atexit.register(shutil.rmtree, OMPI_TMP, True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +74,8 @@ class MPI:
             OMPI_MCA_btl="self,vader,tcp",
             PRTE_MCA_prte_silence_shared_fs="1",
         )
+        if self.name == "openmpi":
+            env["PRTE_MCA_prte_tmpdir_base"] = tempfile.mkdtemp(dir=OMPI_TMP)
         env.update(extra or {})
         return env
 

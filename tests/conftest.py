@@ -31,9 +31,17 @@ OUTPUT_TAIL = 6000
 #: and a later launcher given the same pid fails at once ("The PMIx server's
 #: listener thread failed to start", exit 213: seen twice in one suite run with
 #: 144 such directories in /tmp, and reproduced by planting one).  So every
-#: launch gets a directory of its own under this one, removed at exit.
-OMPI_TMP = Path(tempfile.mkdtemp(prefix="taskfarm-tests-ompi-"))
-atexit.register(shutil.rmtree, OMPI_TMP, True)
+#: launch gets a directory of its own under one made on first use (`ompi_tmp`),
+#: removed at exit.
+_ompi_tmp: list[str] = []
+
+
+def ompi_tmp() -> str:
+    """A new directory for one Open MPI launch's session files (see `_ompi_tmp`)."""
+    if not _ompi_tmp:
+        _ompi_tmp.append(tempfile.mkdtemp(prefix="taskfarm-tests-ompi-"))
+        atexit.register(shutil.rmtree, _ompi_tmp[0], True)
+    return tempfile.mkdtemp(dir=_ompi_tmp[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +83,7 @@ class MPI:
             PRTE_MCA_prte_silence_shared_fs="1",
         )
         if self.name == "openmpi":
-            env["PRTE_MCA_prte_tmpdir_base"] = tempfile.mkdtemp(dir=OMPI_TMP)
+            env["PRTE_MCA_prte_tmpdir_base"] = ompi_tmp()
         env.update(extra or {})
         return env
 

@@ -131,15 +131,17 @@ def test_sigterm_to_every_rank_drains(mpi: MPI, script: Any, start: Callable[...
 
 
 def test_deadline_drains_by_itself(mpi: MPI, script: Any, tmp_path: Path) -> None:
-    # drain starts at deadline - grace - 10 s (teardown margin) = 1.5 s after start
-    n, deadline = 1000, 12.5
-    path, journal, out = script(WORK), tmp_path / "j", tmp_path / "out.json"
-    args = [path, n, 0.005, "", out]
+    # drain starts at deadline - grace - 10 s (teardown margin) = 4 s after start, when
+    # the job has long run all but its last task, held back by the missing gate
+    n, deadline = 1000, 15.0
+    path, journal, out, gate = script(WORK), tmp_path / "j", tmp_path / "out.json", tmp_path / "gate"
+    args = [path, n, 0.005, "", out, "", gate]
     t0 = time.monotonic()
     farm(mpi, ["run", "-q", "--deadline", deadline, "--grace", 1, "--journal", journal, *args], check=75)
     assert time.monotonic() - t0 < deadline
     st = read_journal(journal, results=False)
     assert 0 < st.counts()[SUCCESS] < n and st.runs[-1]["status"] == "drained"
+    gate.touch()
     check_resume(mpi, journal, args, n, out)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -31,17 +32,21 @@ OUTPUT_TAIL = 6000
 #: and a later launcher given the same pid fails at once ("The PMIx server's
 #: listener thread failed to start", exit 213: seen twice in one suite run with
 #: 144 such directories in /tmp, and reproduced by planting one).  So every
-#: launch gets a directory of its own under one made on first use (`ompi_tmp`),
+#: launch gets a directory of its own (`ompi_tmp`) under one base, made on first
+#: use (a process that imports this without launching Open MPI makes none) and
 #: removed at exit.
-_ompi_tmp: list[str] = []
+
+
+@functools.cache
+def _ompi_base() -> str:
+    base = tempfile.mkdtemp(prefix="taskfarm-tests-ompi-")
+    atexit.register(shutil.rmtree, base, True)
+    return base
 
 
 def ompi_tmp() -> str:
-    """A new directory for one Open MPI launch's session files (see `_ompi_tmp`)."""
-    if not _ompi_tmp:
-        _ompi_tmp.append(tempfile.mkdtemp(prefix="taskfarm-tests-ompi-"))
-        atexit.register(shutil.rmtree, _ompi_tmp[0], True)
-    return tempfile.mkdtemp(dir=_ompi_tmp[0])
+    """A new directory for one Open MPI launch's session files (see `_ompi_base`)."""
+    return tempfile.mkdtemp(dir=_ompi_base())
 
 
 @dataclasses.dataclass(frozen=True)

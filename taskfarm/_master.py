@@ -600,7 +600,7 @@ class Farm:
 
     def _on_results(self, peer: int, batch: ResultBatch, now: float) -> None:
         for item in batch.items:
-            if item.parts or item.task_id in self._bundler.bundles:
+            if item.parts or item.values is not None or item.task_id in self._bundler.bundles:
                 self._on_bundle(peer, item, now)
                 continue
             task = self._tasks.get(item.task_id)
@@ -681,11 +681,19 @@ class Farm:
             for sub in subs:
                 self._fail(sub.future.task_id, error, journaled=False)
             return
-        if item.parts:
-            self._bundler.observe(subs[0].fn[0], (item.t_end - item.t_start) / len(item.parts))
+        values = item.values
+        calls = len(item.parts) + (len(values.task_ids) if values is not None else 0)
+        if calls:
+            self._bundler.observe(subs[0].fn[0], (item.t_end - item.t_start) / calls)
         outcomes = self._outcomes
+        tasks = self._tasks
+        if values is not None:
+            for task_id, value, t_start, t_end in zip(*values):
+                task = tasks.pop(task_id, None)
+                if task is not None:  # else failed meanwhile, as below
+                    outcomes.succeeded_with(task.future, task.key, peer, item.attempt, value, t_start, t_end)
         for part in item.parts:
-            task = self._tasks.pop(part.task_id, None)
+            task = tasks.pop(part.task_id, None)
             if task is None:
                 continue  # failed meanwhile (the farm broke)
             future = task.future
@@ -1224,7 +1232,10 @@ def _result_nbytes(scheduler: Scheduler, item: ResultItem, results: Iterable[Res
     those go); else 0, without looking at them."""
     if not item.ok or not scheduler.awaited(item.task_id):
         return 0
-    return sum(ser.frame_nbytes((result.payload, result.buffers)) for result in results)
+    nbytes = sum(ser.frame_nbytes((result.payload, result.buffers)) for result in results)
+    if item.values is not None:  # plain values: only a string's size is worth counting
+        nbytes += sum(len(value) for value in item.values.values if type(value) in (str, bytes))
+    return nbytes
 
 
 def _fn_ref(fn: tuple[bytes, bytes], sent: set[bytes]) -> FnRef:

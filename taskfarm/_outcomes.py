@@ -53,7 +53,19 @@ class Outcomes:
             )
         self._pending.append((future, _Encoded(frame), None))
         if self._listeners:
-            self._event("succeeded", result, peer, key, future.label, attempt)
+            self._event("succeeded", result.task_id, result.t_start, result.t_end, peer, key, future.label, attempt)
+
+    def succeeded_with(
+        self, future: FarmFuture, key: str | None, peer: int, attempt: int, value: Any, t_start: float, t_end: float
+    ) -> None:
+        """`succeeded`, for a bundled call whose value came as it is (a plain
+        type: `taskfarm._protocol.PartValues`); pickled here only for the journal."""
+        if self.journal is not None and key is not None:
+            frame = ser.dumps(value, "result")
+            self.journal.succeeded(key, rank=peer, attempt=attempt, t_start=t_start, t_end=t_end, result=frame)
+        self._pending.append((future, value, None))
+        if self._listeners:
+            self._event("succeeded", future.task_id, t_start, t_end, peer, key, future.label, attempt)
 
     def attempt_failed(
         self,
@@ -72,7 +84,8 @@ class Outcomes:
         ``event`` ("failed" or "retried") and the journal's record.  Whether and
         how its future fails is the caller's (`fail`)."""
         if self._listeners:
-            self._event(event, result, peer, key, label, attempt, error)
+            crashed = getattr(result, "crashed", False)
+            self._event(event, result.task_id, result.t_start, result.t_end, peer, key, label, attempt, error, crashed)
         if self.journal is not None and key is not None:
             self.journal.failed(
                 key,
@@ -125,24 +138,27 @@ class Outcomes:
     def _event(
         self,
         event: str,
-        result: Result,
+        task_id: int,
+        t_start: float,
+        t_end: float,
         peer: int,
         key: str | None,
         label: str,
         attempt: int,
         error: BaseException | None = None,
+        crashed: bool = False,
     ) -> None:
         fields: dict[str, Any] = {
-            "task": result.task_id,
+            "task": task_id,
             "key": key,
             "label": label,
             "rank": peer,
             "attempt": attempt,
-            "start": result.t_start,
-            "end": result.t_end,
+            "start": t_start,
+            "end": t_end,
         }
         if error is not None:
-            fields.update(error=f"{type(error).__name__}: {error}", crashed=getattr(result, "crashed", False))
+            fields.update(error=f"{type(error).__name__}: {error}", crashed=crashed)
         self._emit(event, **fields)
 
 

@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 
 from . import _serialization as ser
 from ._errors import BrokenFarmError, TimeLimitExceeded, WorkerLostError
-from ._protocol import Config, FnRef, Initializer, Part, PartResult, TaskItem
+from ._protocol import Config, FnRef, Initializer, Part, PartResult, PartValues, TaskItem
 
 #: the pools, by name
 POOLS = ("solo", "threads", "processes")
@@ -349,9 +349,11 @@ def execute_parts(
     *,
     init_error: BaseException | None = None,
     loop: EventLoop | None = None,
-) -> list[PartResult]:
+) -> tuple[list[PartResult], PartValues | None]:
     """A bundle's calls, one after another, each with its own outcome, as
-    `execute` would give it.
+    `execute` would give it: calls that returned a value of a plain type go
+    in the `PartValues` (None if there are none), the others each get a
+    `PartResult`.
 
     Bundled calls have no time limit, inputs or out-of-band buffers, and a
     part is a few microseconds of the farm's own Python around a short call:
@@ -359,13 +361,25 @@ def execute_parts(
     here), and one clock reading ends a call and starts the next.
     """
     results = []
-    loads, dumps, now = ser.loads, ser.dumps, time.time
+    task_ids: list[int] = []
+    values: list[Any] = []
+    starts: list[float] = []
+    ends: list[float] = []
+    loads, dumps, now, plain = ser.loads, ser.dumps, time.time, ser.PLAIN
     t_start = now()
     for part in parts:
         try:
             _check_initialized(init_error)
             args, kwargs = loads(part.call)
             value = function()(*args, **kwargs)
+            if type(value) in plain:  # the usual case: no pickle of its own, no record
+                t_end = now()
+                task_ids.append(part.task_id)
+                values.append(value)
+                starts.append(t_start)
+                ends.append(t_end)
+                t_start = t_end
+                continue
             if type(value) not in _NOT_AWAITABLE and inspect.isawaitable(value):
                 value = _awaited(value, None, None, loop)
             payload, buffers = dumps(value, "result")
@@ -376,7 +390,7 @@ def execute_parts(
         t_end = now()
         results.append(PartResult(part.task_id, ok, payload, buffers, tb, t_start, t_end))
         t_start = t_end
-    return results
+    return results, (PartValues(task_ids, values, starts, ends) if task_ids else None)
 
 
 def lost(message: str, head: str, t_start: float, *, crashed: bool = True) -> Outcome:

@@ -217,8 +217,10 @@ class _DepUnpickler(pickle.Unpickler):
 
 
 #: types whose pickle never holds an out-of-band buffer, a class reference or
-#: a farm future: `dumps` pickles them directly (most results of small tasks)
-_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+#: a farm future, and loads on any Python: `dumps` pickles them directly, and a
+#: bundled call's value of one of them rides in its message as it is (most
+#: results of small tasks; `taskfarm._protocol.PartValues`)
+PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
 
 
 def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:
@@ -229,7 +231,7 @@ def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:
     neither pickle nor dill can handle an object; exceptions from the object's
     own ``__reduce__`` propagate unchanged.
     """
-    if type(obj) in _PLAIN:
+    if type(obj) in PLAIN:
         return pickle.dumps(obj, PROTOCOL), ()
     buffers: list[pickle.PickleBuffer] = []
     first: BaseException | None = None

@@ -465,14 +465,16 @@ class Worker:
         t_start = time.time()
         cpu0 = time.thread_time()  # of all the calls together (a thread's CPU clock is a system call)
         digest = item.fn.digest
-        parts = execute_parts(item.parts, lambda: library.function(digest), head, init_error=init_error, loop=loop)
+        parts, values = execute_parts(
+            item.parts, lambda: library.function(digest), head, init_error=init_error, loop=loop
+        )
         cpu = time.thread_time() - cpu0
         t_end = time.time()
         slot.busy += t_end - t_start
         with self._cv:
-            self.tasks += len(parts)
+            self.tasks += len(item.parts)
             self.task_cpu_time += cpu
-        return ResultItem(item.task_id, item.attempt, True, b"", (), "", t_start, t_end, False, tuple(parts))
+        return ResultItem(item.task_id, item.attempt, True, b"", (), "", t_start, t_end, False, tuple(parts), values)
 
     def _event_loop(self) -> EventLoop:
         with self._loop_lock:

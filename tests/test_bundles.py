@@ -11,6 +11,7 @@ import concurrent.futures
 import threading
 from typing import Any
 
+from taskfarm import _serialization as ser
 from taskfarm._bundles import (
     BUNDLE_CALL_BYTES,
     BUNDLE_GUIDED_FACTOR,
@@ -25,7 +26,7 @@ from taskfarm._future import FarmFuture
 from taskfarm._master import Farm, Submission
 from taskfarm._outcomes import Outcomes
 from taskfarm._pools import PoolSpec
-from taskfarm._protocol import Kind, ResultBatch, ResultItem, TaskBatch
+from taskfarm._protocol import Kind, PartResult, PartValues, ResultBatch, ResultItem, TaskBatch
 from taskfarm._scheduler import PIPELINE_SECONDS, Scheduler
 from taskfarm._task import TaskPolicy
 
@@ -325,3 +326,51 @@ def test_inputs_count_against_the_dependents_prefetch_bound() -> None:
     late = _submission(farm.new_task_id())._replace(inputs=(producer.future,), **solo)
     farm._admit(late, 0.0)  # its input is done already
     assert farm.scheduler._entries[late.future.task_id].nbytes == own + len(b"header") + len(big)
+
+
+class _Journal:
+    """A journal that keeps the results it is asked to record, and syncs nothing."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Any] = {}
+
+    def succeeded(self, key: str, *, result: tuple[bytes, tuple[Any, ...]], **_: Any) -> None:
+        self.results[key] = ser.loads(*result)
+
+    def sync(self) -> None:
+        pass
+
+
+def test_plain_values_resolve_their_calls_with_journal_and_events() -> None:
+    """A bundle's result with plain values as columns and another value in a
+    part: every call resolves to its own value, the journal records each as a
+    pickle of its own, and each gets its event with its own times."""
+    farm = _bare_farm(ranks=1, capacity=4)
+    journal, events = _Journal(), []
+    farm._listeners.append(lambda event, fields: events.append((event, fields)))
+    farm._outcomes = Outcomes(journal, farm._listeners, farm._emit)  # type: ignore[arg-type]
+    futures = []
+    for i in range(8):
+        sub = _submission(farm.new_task_id())._replace(key=f"k{i}")
+        farm._tasks[sub.future.task_id] = sub
+        farm._bundler.hold(sub)
+        futures.append(sub.future)
+    farm._feed(0.0)
+    ((bundle_id, calls),) = farm._bundler.bundles.items()  # the first four fill the rank
+    futures = futures[:4]
+    assert [sub.future for sub in calls] == futures
+    (rank,) = farm.scheduler.poll(0.0).dispatch
+    farm._send_tasks(rank, [bundle_id])
+    ids = [f.task_id for f in futures]
+    other = ser.dumps([1, 2], "result")
+    parts = (PartResult(ids[2], True, other[0], other[1], "", 3.0, 4.0),)
+    values = PartValues([ids[0], ids[1], ids[3]], [0.5, None, "s"], [1.0, 2.0, 4.0], [2.0, 3.0, 5.0])
+    item = ResultItem(bundle_id, 0, True, b"", (), "", 1.0, 5.0, False, parts, values)
+    farm._on_results(rank, ResultBatch((item,)), 0.0)
+    farm._commit()
+    assert [f.result(0) for f in futures] == [0.5, None, [1, 2], "s"]
+    assert journal.results == {"k0": 0.5, "k1": None, "k2": [1, 2], "k3": "s"}
+    done = {fields["task"]: (fields["start"], fields["end"]) for event, fields in events if event == "succeeded"}
+    assert done == {ids[0]: (1.0, 2.0), ids[1]: (2.0, 3.0), ids[2]: (3.0, 4.0), ids[3]: (4.0, 5.0)}
+    assert not any(f.task_id in farm._tasks for f in futures) and not farm._bundler.bundles
+    assert farm.scheduler.statistics().running == 0

@@ -10,6 +10,7 @@ import operator
 import threading
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any, cast
 
 import pytest
@@ -128,8 +129,9 @@ def test_results_go_once_half_the_queue_is_done(monkeypatch: pytest.MonkeyPatch)
 
 def test_a_bundle_runs_its_calls_in_order_each_with_its_own_outcome() -> None:
     """A bundle (several calls in one task of the scheduler's) comes back as one
-    result with one part per call: a call that raises fails only its part, with
-    its own traceback; the function travels once, on the bundle."""
+    result with one outcome per call: a call that raises fails only its part,
+    with its own traceback; a value of a plain type rides as it is (no pickle of
+    its own), any other in a part; the function travels once, on the bundle."""
     digest, payload = ser.FunctionCache().get(operator.truediv)
 
     def part(task_id: int, *args: Any) -> Part:
@@ -137,7 +139,7 @@ def test_a_bundle_runs_its_calls_in_order_each_with_its_own_outcome() -> None:
         assert not buffers
         return Part(task_id, call)
 
-    parts = (part(11, 1, 4), part(12, 1, 0), part(13, 9, 3))
+    parts = (part(11, 1, 4), part(12, 1, 0), part(13, Fraction(9), 3), part(14, 6, 3))
     bundle = TaskItem(7, 2, FnRef(digest, payload), b"", (), (), None, None, False, parts)
     with _rank0_worker() as (link, answered):
         link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (bundle,)))
@@ -149,15 +151,20 @@ def test_a_bundle_runs_its_calls_in_order_each_with_its_own_outcome() -> None:
                 break
     (item,) = cast(ResultBatch, got[0]).items
     assert (item.task_id, item.attempt, item.ok) == (7, 2, True)
-    assert [p.task_id for p in item.parts] == [11, 12, 13]
-    assert [p.ok for p in item.parts] == [True, False, True]
-    assert ser.loads(item.parts[0].payload, item.parts[0].buffers) == 0.25
-    assert ser.loads(item.parts[2].payload, item.parts[2].buffers) == 3.0
-    error = ser.loads(item.parts[1].payload, item.parts[1].buffers)
+    values = item.values
+    assert values is not None
+    assert (values.task_ids, values.values) == ([11, 14], [0.25, 2.0])
+    assert [p.task_id for p in item.parts] == [12, 13]
+    assert [p.ok for p in item.parts] == [False, True]
+    assert ser.loads(item.parts[1].payload, item.parts[1].buffers) == Fraction(3)
+    error = ser.loads(item.parts[0].payload, item.parts[0].buffers)
     assert isinstance(error, ZeroDivisionError)
-    assert item.parts[1].traceback.startswith("Traceback on rank 0") and "attempt 2" in item.parts[1].traceback
-    assert "ZeroDivisionError" in item.parts[1].traceback
-    assert item.t_start <= item.parts[0].t_start <= item.parts[0].t_end <= item.parts[2].t_end <= item.t_end
+    assert item.parts[0].traceback.startswith("Traceback on rank 0") and "attempt 2" in item.parts[0].traceback
+    assert "ZeroDivisionError" in item.parts[0].traceback
+    # one clock reading ends a call and starts the next, in the order they ran
+    times = [values.t_starts[0], values.t_ends[0], item.parts[0].t_end, item.parts[1].t_end, values.t_ends[1]]
+    assert item.t_start <= times[0] and times == sorted(times) and times[-1] <= item.t_end
+    assert values.t_starts[1] == item.parts[1].t_end
 
 
 class _LateEnd(LocalEnd):

@@ -35,7 +35,7 @@ from taskfarm._pools import (
     execute_parts,
     parse_size,
 )
-from taskfarm._protocol import FnRef, Initializer, Part, TaskItem
+from taskfarm._protocol import FnRef, Initializer, Kind, Part, TaskItem
 
 # --------------------------------------------------------------------------
 # Runners in this process (tasks are mostly stdlib functions, so that a
@@ -243,7 +243,8 @@ def _parts(fn: Any, *calls: tuple[Any, ...]) -> tuple[tuple[Part, ...], Callable
 
 def test_bundle_parts_each_get_their_own_outcome() -> None:
     parts, function = _parts(divide_or_sleep, ("div", 2), ("div", 0), ("sleep", 0), ("div", 7))
-    results = execute_parts(parts, function, "HEAD\n")
+    results, values = execute_parts(parts, function, "HEAD\n")
+    assert values is None  # tuples, an exception, and a str from a coroutine: each a part
     assert [r.task_id for r in results] == [1, 2, 3, 4]
     assert [r.ok for r in results] == [True, False, True, True]
     assert [ser.loads(r.payload, r.buffers) for r in results[::2]] == [(3, 1), "slept"]  # a coroutine is awaited
@@ -257,11 +258,31 @@ def test_bundle_parts_each_get_their_own_outcome() -> None:
     assert all(r.t_start <= r.t_end for r in results)
 
 
+def same(x: Any) -> Any:
+    return x
+
+
+def test_bundle_values_of_plain_types_ride_as_they_are() -> None:
+    """Values of exactly the plain types go in the columns, without a pickle
+    of their own; a list, or an int subclass, gets a part as before."""
+    plain: list[Any] = [None, True, 7, 1.5, 2j, "s", b"b"]
+    parts, function = _parts(same, *[(v,) for v in plain[:3]], ([1],), *[(v,) for v in plain[3:]], (Kind.TASKS,))
+    results, values = execute_parts(parts, function, "")
+    assert [r.task_id for r in results] == [4, 9] and all(r.ok for r in results)
+    assert [ser.loads(r.payload, r.buffers) for r in results] == [[1], Kind.TASKS]
+    assert values is not None
+    assert values.task_ids == [1, 2, 3, 5, 6, 7, 8]
+    assert values.values == plain and [type(v) for v in values.values] == [type(v) for v in plain]
+    # the same clock readings as parts: each call starts where the one before ended
+    assert values.t_starts[1:3] == values.t_ends[:2] and values.t_starts[3] == results[0].t_end
+    assert results[1].t_start == values.t_ends[-1]
+
+
 def test_bundle_parts_fail_alike_when_the_initializer_failed() -> None:
     parts, function = _parts(len, ("a",), ("bc",))
     cause = RuntimeError("no database")
-    results = execute_parts(parts, function, "", init_error=cause)
-    assert [r.ok for r in results] == [False, False]
+    results, values = execute_parts(parts, function, "", init_error=cause)
+    assert values is None and [r.ok for r in results] == [False, False]
     for r in results:
         error = ser.loads(r.payload, r.buffers)
         assert type(error).__name__ == "BrokenFarmError" and "no database" in str(error)

@@ -523,6 +523,40 @@ with open(sys.argv[1], "w") as fo:
     assert (counts["resume"]["reused"], counts["submitted"]) == (8, 0)
 
 
+def test_bundled_plain_values_come_back_from_the_journal(mpich: MPI, script: Any, tmp_path: Path) -> None:
+    """Bundled calls whose values ride as they are (plain types) are journaled
+    one pickle each on rank 0, and a resumed run gets every value back, of its type."""
+    path = script(
+        """\
+import json
+import sys
+
+from taskfarm import FarmExecutor
+
+
+def plain(i):
+    return [None, i % 2 == 0, i, i / 4, complex(i, 1), str(i), bytes([i % 256])][i % 7]
+
+
+with FarmExecutor() as ex:
+    list(ex.map(plain, range(50), chunksize=1))  # timed: the burst below can be bundled
+    futures = [ex.submit(plain, i) for i in range(600)]
+    values = [f.result(90) for f in futures]
+ok = all(v == plain(i) and type(v) is type(plain(i)) for i, v in enumerate(values))
+with open(sys.argv[1], "w") as fo:
+    json.dump(ok, fo)
+"""
+    )
+    journal, first, again = tmp_path / "j", tmp_path / "first.json", tmp_path / "again.json"
+    farm(mpich, ["run", "-q", "--journal", journal, "--stats-json", first, path, tmp_path / "1.json"])
+    farm(mpich, ["run", "-q", "--resume", "--journal", journal, "--stats-json", again, path, tmp_path / "2.json"])
+    assert read_json(tmp_path / "1.json") is True
+    assert read_json(tmp_path / "2.json") is True
+    assert read_json(first)["bundled"] > 300  # most of the burst rode in bundles
+    counts = read_json(again)
+    assert (counts["resume"]["reused"], counts["submitted"]) == (650, 0)
+
+
 API_JOB = """\
 import json
 import os

@@ -280,9 +280,25 @@ def ratio(tf: float | None, other: float | None, higher: bool) -> str:
     return f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
 
 
+def spread(runs: list[dict[str, Any]], metric: str) -> str:
+    """``min-max`` of ``metric`` over the repetitions ("" with fewer than two):
+    on a shared machine a median alone hides how far one run can stray."""
+    nums = [v for run in runs if isinstance(v := run.get(metric), (int, float))]
+    if len(nums) < 2:
+        return ""
+
+    def one(value: float) -> str:  # ratios near 1 get a digit more than the median's
+        return f"{value:.3f}" if 1 <= abs(value) < 10 else fmt(value)
+
+    return f"{one(min(nums))}-{one(max(nums))}"
+
+
 def table(results: dict[str, Any], engines: list[str]) -> str:
     meds = results["medians"]
+    spreads = "taskfarm" in engines and results["meta"].get("reps", 1) > 1
     head = ["metric (median)", *[LABELS[e] for e in engines]]
+    if spreads:
+        head.insert(2 + engines.index("taskfarm"), "taskfarm min-max")
     if "taskfarm" in engines:
         head += [f"tf vs {LABELS[e]}" for e in engines if e != "taskfarm"]
     rows = [head]
@@ -293,6 +309,8 @@ def table(results: dict[str, Any], engines: list[str]) -> str:
         if all(v is None for v in vals.values()):
             continue
         row = [label, *[fmt(vals[e]) for e in engines]]
+        if spreads:
+            row.insert(2 + engines.index("taskfarm"), spread(results["samples"][workload]["taskfarm"], metric))
         if "taskfarm" in engines:
             if metric in BASELINES:  # the machine's, not the engine's: no ratio
                 row += ["" for e in engines if e != "taskfarm"]

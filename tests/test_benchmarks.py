@@ -6,8 +6,10 @@ run by hand (``make bench``) and docs/performance.md records what it found.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MPI, ROOT, read_json, run
@@ -90,3 +92,35 @@ def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path:
     latency = data["samples"]["latency"]["taskfarm"][0]
     assert "_error" not in latency, latency
     assert latency["pipe_round_trip_idle_ms"] > 0 and latency["cold_python_us"] > 0, latency
+
+
+def _bench_run() -> Any:
+    """benchmarks/run.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_table_gives_taskfarms_spread_beside_its_median() -> None:
+    """With several repetitions the table shows taskfarm's min-max next to
+    its median (a digit more for ratios near 1); with one it has no such column."""
+    bench = _bench_run()
+    runs = [{"makespan_over_bound": v, "submit_tasks_per_s": 1000.0 * v} for v in (1.0384, 1.0452, 1.0432)]
+    results = {
+        "meta": {"reps": 3},
+        "medians": {
+            "skewed": {"taskfarm": {"makespan_over_bound": 1.0432}, "pool": {"makespan_over_bound": 1.2}},
+            "noop": {"taskfarm": {"submit_tasks_per_s": 1043.2}, "pool": {"submit_tasks_per_s": 500.0}},
+        },
+        "samples": {"skewed": {"taskfarm": runs, "pool": []}, "noop": {"taskfarm": runs, "pool": []}},
+    }
+    lines = bench.table(results, ["taskfarm", "pool"]).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if not line.startswith("|-")]
+    assert cells[0] == ["metric (median)", "taskfarm", "taskfarm min-max", "mp.Pool", "tf vs mp.Pool"]
+    rows = {row[0]: row[1:] for row in cells[1:]}
+    assert rows["skewed durations, submit: makespan / bound"] == ["1.04", "1.038-1.045", "1.20", "1.15x"]
+    assert rows["no-op submit, tasks/s"] == ["1,043", "1,038-1,045", "500", "2.09x"]
+    results["meta"]["reps"] = 1
+    assert "min-max" not in bench.table(results, ["taskfarm", "pool"])

@@ -38,6 +38,10 @@ from ._statistics import FarmStatistics
 from ._task import Task, TaskPolicy, TaskState, wall_time_of
 from ._worker import serve
 
+_SCALARS = ser.SCALARS
+#: a Submission's ``call`` while its arguments ride as they are (``Submission.args``)
+_NOT_PICKLED: ser.Frame = (b"", ())
+
 #: tasks ``map`` keeps submitted ahead of the result being consumed, per worker
 MAP_WINDOW_PER_WORKER = 64
 #: but never fewer than this many (small farms still need a deep pipeline)
@@ -327,13 +331,17 @@ class FarmExecutor(concurrent.futures.Executor):
         future = FarmFuture(farm_.new_task_id(), label=getattr(fn, "__name__", "task"))
         future._farm = farm_
         inputs: list[FarmFuture] = []
+        scalars = None  # the arguments as they are, when they need no pickle here (see Submission.args)
         try:
             fn_entry = self._functions.get(fn)
-            call_obj = (args, dict(kwargs))
-            try:
-                call = ser.dumps(call_obj, "argument")
-            except ser.FutureInArguments:
-                call = ser.dumps(call_obj, "argument", _persistent_for(farm_, inputs))
+            if not kwargs and farm_.journal is None and type(args) is tuple and _SCALARS.issuperset(map(type, args)):
+                scalars, call = args, _NOT_PICKLED
+            else:
+                call_obj = (args, dict(kwargs))
+                try:
+                    call = ser.dumps(call_obj, "argument")
+                except ser.FutureInArguments:
+                    call = ser.dumps(call_obj, "argument", _persistent_for(farm_, inputs))
         except Exception as exc:  # noqa: BLE001 - concurrent.futures: the future fails, not submit
             future.set_running_or_notify_cancel()
             future.set_exception(exc)
@@ -387,6 +395,7 @@ class FarmExecutor(concurrent.futures.Executor):
                     policy.time_limit,
                     key,
                     bundle,
+                    scalars,
                 )
             )
         except BaseException:

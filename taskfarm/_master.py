@@ -146,6 +146,14 @@ class Submission(NamedTuple):
     key: str | None  # journal key; None when no journal is kept
     #: may ride in a bundle with other calls (map's chunks, sized already, may not)
     bundle: bool = True
+    #: the positional arguments themselves when all are `ser.SCALARS` and there
+    #: are no keyword arguments (nor a journal, which keys a call by its pickle):
+    #: then ``call`` is empty, and they are pickled only for a task of their own
+    args: tuple[Any, ...] | None = None
+
+    def frame(self) -> ser.Frame:
+        """The pickled call, as a task of its own sends it."""
+        return self.call if self.args is None else ser.dumps((self.args, {}), "argument")
 
 
 class _ExecutorInfo(NamedTuple):
@@ -1010,13 +1018,14 @@ class Farm:
                 continue
             attempt = attempt_of(task_id)
             self._mark_dispatched(sub, rank, attempt)
+            call, buffers = sub.frame()
             by_executor.setdefault(sub.executor_id, []).append(
                 TaskItem(
                     task_id,
                     attempt,
                     _fn_ref(sub.fn, sent_fns),
-                    sub.call[0],
-                    sub.call[1],
+                    call,
+                    buffers,
                     deps,
                     sub.time_limit,
                     sub.policy.isolation,
@@ -1060,7 +1069,7 @@ class Farm:
             else:  # the usual case: `_mark_dispatched`'s state, without a call per part
                 future._task_state = TaskState.RUNNING
                 future.rank = rank
-            parts.append(Part(future.task_id, sub.call[0]))
+            parts.append(Part(future.task_id, sub.call[0] if sub.args is None else sub.args))
         # one function per bundle (`Bundler.take`): it rides on the bundle's item
         fn = _fn_ref(live[0].fn, sent_fns)
         awaited = self.scheduler.awaited(bundle_id)

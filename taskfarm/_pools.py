@@ -370,8 +370,12 @@ def execute_parts(
     for part in parts:
         try:
             _check_initialized(init_error)
-            args, kwargs = loads(part.call)
-            value = function()(*args, **kwargs)
+            call = part.call
+            if isinstance(call, bytes):
+                args, kwargs = loads(call)
+                value = function()(*args, **kwargs)
+            else:  # scalars, not pickled (see `Part`)
+                value = function()(*call)
             if type(value) in plain:  # the usual case: no pickle of its own, no record
                 t_end = now()
                 task_ids.append(part.task_id)

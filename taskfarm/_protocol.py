@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 
 
 class Kind(enum.IntEnum):
@@ -67,8 +67,10 @@ class Part(NamedTuple):
     only, so a message of many parts is pickled without a record per part."""
 
     task_id: int
-    #: pickled ``(args, kwargs)``; bundled calls have no out-of-band buffers
-    call: bytes
+    #: pickled ``(args, kwargs)``, or the positional arguments themselves when
+    #: they are all scalars of plain types and there are no keyword arguments
+    #: (`taskfarm._serialization.SCALARS`); bundled calls have no out-of-band buffers
+    call: bytes | tuple[Any, ...]
 
 
 class TaskItem(NamedTuple):

@@ -221,6 +221,10 @@ class _DepUnpickler(pickle.Unpickler):
 #: bundled call's value of one of them rides in its message as it is (most
 #: results of small tasks; `taskfarm._protocol.PartValues`)
 PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+#: the plain types of a few bytes each: a call whose positional arguments are all
+#: of them (and without keyword arguments) is not pickled on submit; they ride
+#: in a bundle's message as they are (`taskfarm._protocol.Part`)
+SCALARS = frozenset({type(None), bool, int, float, complex})
 
 
 def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:

@@ -22,6 +22,7 @@ from taskfarm._bundles import (
     UNTIMED_DEPTH,
     Bundler,
 )
+from taskfarm._executor import FarmExecutor
 from taskfarm._future import FarmFuture
 from taskfarm._master import Farm, Submission
 from taskfarm._outcomes import Outcomes
@@ -374,3 +375,88 @@ def test_plain_values_resolve_their_calls_with_journal_and_events() -> None:
     assert done == {ids[0]: (1.0, 2.0), ids[1]: (2.0, 3.0), ids[2]: (3.0, 4.0), ids[3]: (4.0, 5.0)}
     assert not any(f.task_id in farm._tasks for f in futures) and not farm._bundler.bundles
     assert farm.scheduler.statistics().running == 0
+
+
+def test_scalar_arguments_ride_as_they_are_in_bundles_and_are_pickled_alone() -> None:
+    """A submission whose arguments are scalars carries them unpickled: a
+    bundle's part holds them as they are, a task of its own gets their pickle."""
+    farm = _bare_farm(ranks=1, capacity=4)
+    subs = []
+    for i in range(8):
+        sub = _submission(farm.new_task_id(), call=b"")._replace(args=(i, 0.5, None))
+        farm._tasks[sub.future.task_id] = sub
+        farm._bundler.hold(sub)
+        subs.append(sub)
+    farm._feed(0.0)
+    ((bundle_id, calls),) = farm._bundler.bundles.items()
+    (rank,) = farm.scheduler.poll(0.0).dispatch
+    farm._send_tasks(rank, [bundle_id])
+    ((_, _, batch),) = farm.transport.sent  # type: ignore[attr-defined]
+    (item,) = batch.items
+    assert [part.call for part in item.parts] == [sub.args for sub in calls]
+    farm._broken = None
+    alone = _submission(farm.new_task_id(), call=b"")._replace(args=(7, True), bundle=False)
+    farm._admit(alone, 0.0)
+    farm.scheduler.poll(0.0)
+    farm._send_tasks(rank, [alone.future.task_id])
+    (item,) = farm.transport.sent[-1][2].items  # type: ignore[attr-defined]
+    assert item.task_id == alone.future.task_id and not item.parts
+    assert ser.loads(item.call, item.buffers) == ((7, True), {})
+
+
+class _Capture:
+    """What `FarmExecutor._submit` uses of a farm, keeping each submission."""
+
+    broken = None
+    journal: Any = None
+    resume = None
+
+    def __init__(self) -> None:
+        self.subs: list[Submission] = []
+        self._next = 0
+
+    def new_task_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def submit(self, sub: Submission) -> None:
+        self.subs.append(sub)
+
+
+def _capturing_executor(journal: Any = None) -> tuple[FarmExecutor, _Capture]:
+    ex = object.__new__(FarmExecutor)
+    capture = _Capture()
+    capture.journal = journal
+    ex._farm = capture  # type: ignore[assignment]
+    ex._functions = ser.FunctionCache()
+    ex._policy = TaskPolicy()
+    ex._shutdown, ex._shutdown_lock = False, threading.Lock()
+    ex._pending, ex._pending_lock = set(), threading.Lock()
+    ex._forget_callback = ex._forget
+    ex._executor_id = 1
+    return ex, capture
+
+
+def test_submit_leaves_only_scalar_positional_arguments_unpickled() -> None:
+    """Scalars without keywords skip the pickle on submit; anything else (a
+    string, a list, a keyword, an int subclass), or any call with a journal
+    (keyed by its pickle), is pickled at once, as before."""
+    ex, capture = _capturing_executor()
+    ex.submit(divmod, 7, 2)
+    ex.submit(divmod, 7.5, None, True, 1j)
+    unpickled = [sub.args for sub in capture.subs]
+    assert unpickled == [(7, 2), (7.5, None, True, 1j)] and all(sub.call == (b"", ()) for sub in capture.subs)
+    capture.subs.clear()
+    for args, kwargs in [(("7",), {}), (([7],), {}), ((7,), {"b": 2}), ((Kind.TASKS, 2), {})]:
+        ex.submit(divmod, *args, **kwargs)
+    assert [sub.args for sub in capture.subs] == [None] * 4
+    assert [ser.loads(*sub.frame()) for sub in capture.subs] == [
+        (("7",), {}),
+        (([7],), {}),
+        ((7,), {"b": 2}),
+        ((Kind.TASKS, 2), {}),
+    ]
+    ex, capture = _capturing_executor(journal=object())  # only its presence matters to submit
+    ex.submit(divmod, 7, 2)
+    (sub,) = capture.subs
+    assert sub.args is None and ser.loads(*sub.call) == ((7, 2), {}) and sub.key is not None

@@ -278,6 +278,17 @@ def test_bundle_values_of_plain_types_ride_as_they_are() -> None:
     assert results[1].t_start == values.t_ends[-1]
 
 
+def test_bundle_parts_take_scalar_arguments_as_they_are() -> None:
+    """A part's call is its pickle, or the scalar arguments themselves (a tuple)."""
+    parts, function = _parts(divide_or_sleep, ("div", 2))
+    parts = (*parts, Part(2, (None, 3)), Part(3, ("div", 0)))  # `divide_or_sleep(how, x)`
+    results, values = execute_parts(parts, function, "")
+    assert values is None
+    assert [r.ok for r in results] == [True, True, False]
+    assert [ser.loads(r.payload, r.buffers) for r in results[:2]] == [(3, 1), (2, 1)]
+    assert isinstance(ser.loads(results[2].payload, results[2].buffers), ZeroDivisionError)
+
+
 def test_bundle_parts_fail_alike_when_the_initializer_failed() -> None:
     parts, function = _parts(len, ("a",), ("bc",))
     cause = RuntimeError("no database")

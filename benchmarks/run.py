@@ -295,10 +295,11 @@ def spread(runs: list[dict[str, Any]], metric: str) -> str:
 
 def table(results: dict[str, Any], engines: list[str]) -> str:
     meds = results["medians"]
-    spreads = "taskfarm" in engines and results["meta"].get("reps", 1) > 1
+    # taskfarm's min-max goes right after its median, with several repetitions
+    spread_at = 2 + engines.index("taskfarm") if "taskfarm" in engines and results["meta"].get("reps", 1) > 1 else None
     head = ["metric (median)", *[LABELS[e] for e in engines]]
-    if spreads:
-        head.insert(2 + engines.index("taskfarm"), "taskfarm min-max")
+    if spread_at is not None:
+        head.insert(spread_at, "taskfarm min-max")
     if "taskfarm" in engines:
         head += [f"tf vs {LABELS[e]}" for e in engines if e != "taskfarm"]
     rows = [head]
@@ -309,8 +310,8 @@ def table(results: dict[str, Any], engines: list[str]) -> str:
         if all(v is None for v in vals.values()):
             continue
         row = [label, *[fmt(vals[e]) for e in engines]]
-        if spreads:
-            row.insert(2 + engines.index("taskfarm"), spread(results["samples"][workload]["taskfarm"], metric))
+        if spread_at is not None:
+            row.insert(spread_at, spread(results["samples"][workload]["taskfarm"], metric))
         if "taskfarm" in engines:
             if metric in BASELINES:  # the machine's, not the engine's: no ratio
                 row += ["" for e in engines if e != "taskfarm"]

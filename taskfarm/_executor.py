@@ -30,17 +30,13 @@ from ._errors import BrokenFarmError, ExitCode, JournalError, RemoteTraceback
 from ._future import FarmFuture, _Encoded
 from ._journal import JournalNotFoundError, read_journal
 from ._journal_writer import JournalWriter
-from ._master import DEFAULT_HEARTBEAT_TIMEOUT, Farm, Submission
+from ._master import DEFAULT_HEARTBEAT_TIMEOUT, NOT_PICKLED, Farm, Submission
 from ._pools import PoolSpec
 from ._protocol import FnRef, Initializer
 from ._resume import Recorded, ResumeIndex, content_key, function_digest, label_for
 from ._statistics import FarmStatistics
 from ._task import Task, TaskPolicy, TaskState, wall_time_of
 from ._worker import serve
-
-_SCALARS = ser.SCALARS
-#: a Submission's ``call`` while its arguments ride as they are (``Submission.args``)
-_NOT_PICKLED: ser.Frame = (b"", ())
 
 #: tasks ``map`` keeps submitted ahead of the result being consumed, per worker
 MAP_WINDOW_PER_WORKER = 64
@@ -334,8 +330,8 @@ class FarmExecutor(concurrent.futures.Executor):
         scalars = None  # the arguments as they are, when they need no pickle here (see Submission.args)
         try:
             fn_entry = self._functions.get(fn)
-            if not kwargs and farm_.journal is None and type(args) is tuple and _SCALARS.issuperset(map(type, args)):
-                scalars, call = args, _NOT_PICKLED
+            if not kwargs and farm_.journal is None and type(args) is tuple and ser.SCALARS.issuperset(map(type, args)):
+                scalars, call = args, NOT_PICKLED
             else:
                 call_obj = (args, dict(kwargs))
                 try:

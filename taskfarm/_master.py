@@ -156,6 +156,10 @@ class Submission(NamedTuple):
         return self.call if self.args is None else ser.dumps((self.args, {}), "argument")
 
 
+#: a Submission's ``call`` while its arguments ride as they are (``Submission.args``)
+NOT_PICKLED: ser.Frame = (b"", ())
+
+
 class _ExecutorInfo(NamedTuple):
     executor_id: int
     initializer: Initializer | None

@@ -224,7 +224,7 @@ PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
 #: the plain types of a few bytes each: a call whose positional arguments are all
 #: of them (and without keyword arguments) is not pickled on submit; they ride
 #: in a bundle's message as they are (`taskfarm._protocol.Part`)
-SCALARS = frozenset({type(None), bool, int, float, complex})
+SCALARS = PLAIN - {str, bytes}
 
 
 def dumps(obj: Any, where: str, persistent: Persistent | None = None) -> Frame:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from taskfarm import _serialization as ser
@@ -83,10 +84,13 @@ def _submission(
     return Submission(future, executor_id, fn, (call, ()), (), TaskPolicy(), 0, None, None, None, None)
 
 
-def _hold(farm: Farm, n: int, call: bytes = b"call") -> list[FarmFuture]:
+def _hold(
+    farm: Farm, n: int, call: bytes = b"call", fields: Callable[[int], dict[str, Any]] = lambda i: {}
+) -> list[FarmFuture]:
+    """``n`` calls held for bundling; ``fields(i)`` sets the i-th one's other fields."""
     futures = []
-    for _ in range(n):
-        sub = _submission(farm.new_task_id(), call=call)
+    for i in range(n):
+        sub = _submission(farm.new_task_id(), call=call)._replace(**fields(i))
         farm._tasks[sub.future.task_id] = sub
         farm._bundler.hold(sub)
         futures.append(sub.future)
@@ -350,12 +354,7 @@ def test_plain_values_resolve_their_calls_with_journal_and_events() -> None:
     journal, events = _Journal(), []
     farm._listeners.append(lambda event, fields: events.append((event, fields)))
     farm._outcomes = Outcomes(journal, farm._listeners, farm._emit)  # type: ignore[arg-type]
-    futures = []
-    for i in range(8):
-        sub = _submission(farm.new_task_id())._replace(key=f"k{i}")
-        farm._tasks[sub.future.task_id] = sub
-        farm._bundler.hold(sub)
-        futures.append(sub.future)
+    futures = _hold(farm, 8, fields=lambda i: {"key": f"k{i}"})
     farm._feed(0.0)
     ((bundle_id, calls),) = farm._bundler.bundles.items()  # the first four fill the rank
     futures = futures[:4]
@@ -381,12 +380,7 @@ def test_scalar_arguments_ride_as_they_are_in_bundles_and_are_pickled_alone() ->
     """A submission whose arguments are scalars carries them unpickled: a
     bundle's part holds them as they are, a task of its own gets their pickle."""
     farm = _bare_farm(ranks=1, capacity=4)
-    subs = []
-    for i in range(8):
-        sub = _submission(farm.new_task_id(), call=b"")._replace(args=(i, 0.5, None))
-        farm._tasks[sub.future.task_id] = sub
-        farm._bundler.hold(sub)
-        subs.append(sub)
+    _hold(farm, 8, call=b"", fields=lambda i: {"args": (i, 0.5, None)})
     farm._feed(0.0)
     ((bundle_id, calls),) = farm._bundler.bundles.items()
     (rank,) = farm.scheduler.poll(0.0).dispatch

@@ -172,6 +172,22 @@ class Bundler(Generic[C]):
         self.bundles[bundle_id] = parts
         self.bundled += len(parts)
 
+    def unbundle(self, bundle_id: int) -> int:
+        """A bundle given back before it started (stolen from its rank) is held
+        again, its calls ahead of those held since, in their order; returns how
+        many calls.  They are bundled anew for the current held count, so the
+        work a steal moves at the tail goes in the smaller bundles that count
+        gives, not in the one bundle sized when many calls were held."""
+        parts = self.bundles.pop(bundle_id, None)
+        if not parts:
+            return 0
+        for call in reversed(parts):
+            call.future._bundle = HELD
+            self.held.appendleft(call)
+        self.live += len(parts)
+        self.bundled -= len(parts)  # counted again when they go out
+        return len(parts)
+
     def clear(self) -> None:
         """The farm ended early: its held calls and bundles failed with their tasks."""
         self.held.clear()

@@ -28,7 +28,9 @@ scheduler and the wire a bundle is one task (its entry's weight counts its
 calls); the worker runs its parts one after another and sends one outcome per
 part; each call keeps its own future, journal record, events and traceback.
 A bundle put back after its rank was lost goes out again one call per task,
-so a call that kills workers is quarantined alone.
+so a call that kills workers is quarantined alone; one stolen back from a
+busy rank is held again and bundled anew, in the smaller bundles the tail
+calls for.
 """
 
 from __future__ import annotations
@@ -572,7 +574,7 @@ class Farm:
             if kind is Kind.RESULTS:
                 self._on_results(peer, record, now)
             elif kind is Kind.RELEASED:
-                self.scheduler.released(peer, record.task_ids, now)
+                self._on_released(peer, record.task_ids, now)
             elif kind is Kind.HEARTBEAT:
                 pass
             elif kind is Kind.HELLO:
@@ -717,6 +719,16 @@ class Farm:
                 "failed", future.label, task.key, peer, item.attempt, part, error, final=True, counts=True
             )
             outcomes.fail(future, error)
+
+    def _on_released(self, peer: int, task_ids: Iterable[int], now: float) -> None:
+        """Queued tasks ``peer`` gave back after a steal: ready again, and a
+        bundle among them held again, to be bundled anew (`Bundler.unbundle`)."""
+        task_ids = tuple(task_ids)
+        self.scheduler.released(peer, task_ids, now)
+        for task_id in task_ids:
+            # not a bundle another task waits for, nor one still held elsewhere (a copy)
+            if task_id in self._bundler.bundles and self.scheduler.dissolve(task_id):
+                self._bundler.unbundle(task_id)
 
     def _fail(self, task_id: int, error: BaseException, *, journaled: bool = True) -> None:
         for sub in self._bundler.bundles.pop(task_id, ()):  # a bundle: each of its calls fails

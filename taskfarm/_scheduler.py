@@ -426,8 +426,9 @@ class Scheduler:
         self._cancelled += 1
 
     def dissolve(self, task_id: int) -> int:
-        """Remove a bundle put back in the queue (its rank was lost) whose
-        calls the master resubmits one by one; returns its weight (0 if gone).
+        """Remove a bundle put back in the queue (its rank was lost, or it was
+        stolen) whose calls the master submits again, one by one or in new
+        bundles; returns its weight (0 if gone).
 
         Only for an entry nothing depends on: its dependents would wait forever.
         """
@@ -435,7 +436,7 @@ class Scheduler:
         if entry is None or entry.dependents or entry.holders or entry.state is TaskState.SUCCESS:
             return 0
         del self._entries[task_id]  # its queue and timer items go stale and are skipped
-        self._submitted -= entry.weight  # its calls are submitted again, one by one
+        self._submitted -= entry.weight  # its calls are submitted again
         return entry.weight
 
     def rooms(self) -> list[int]:

@@ -150,6 +150,31 @@ def test_guided_bundles_shrink_as_the_held_calls_run_out() -> None:
     assert sum(_sizes(farm)) + (30 - farm._bundler.bundled) == 30
 
 
+def test_a_stolen_bundle_is_held_again_and_bundled_anew_for_the_thief() -> None:
+    farm = _bare_farm(ranks=1, capacity=40)
+    before = farm.scheduler.statistics().submitted
+    _hold(farm, 80)
+    farm._feed(0.0)
+    assert _sizes(farm) == [20, 20] and farm.scheduler.poll(0.0).dispatch == {1: list(farm._bundler.bundles)}
+    farm.scheduler.add_worker(2, 1, 0.0)  # idle: it steals rank 1's queued bundle
+    (bundle,) = farm.scheduler.poll(0.0).steal[1]
+    stolen = [sub.future for sub in farm._bundler.bundles[bundle]]
+    farm._on_released(1, [bundle], 0.0)
+    # held again ahead of the 40 still held, in order; the bundle is gone
+    assert bundle not in farm._bundler.bundles and farm.scheduler.state(bundle) is None
+    assert [sub.future for sub in list(farm._bundler.held)[:20]] == stolen
+    assert farm._bundler.live == 60 and all(f._bundle == HELD for f in stolen)
+    farm._feed(0.0)
+    dispatch = farm.scheduler.poll(0.0).dispatch
+    # bundled anew for 60 held calls (guided: 60 / (2 x 2 slots)), not 20 again
+    (first,) = (calls for calls in farm._bundler.bundles.values() if calls[0].future is stolen[0])
+    assert [sub.future for sub in first] == stolen[:15]
+    assert any(first is farm._bundler.bundles[task] for task in dispatch[2])  # to the thief
+    stats = farm.scheduler.statistics()
+    assert stats.submitted - before == 80 and stats.stolen == 20  # each call counted once
+    assert farm._bundler.bundled == sum(map(len, farm._bundler.bundles.values()))  # once too
+
+
 def test_calls_with_large_arguments_go_alone() -> None:
     farm = _bare_farm(ranks=1, capacity=3)
     farm.pool = PoolSpec()

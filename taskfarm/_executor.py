@@ -374,8 +374,9 @@ class FarmExecutor(concurrent.futures.Executor):
             future._task_state = TaskState.SCHEDULED  # waiting for its ETA or its inputs
         with self._pending_lock:
             self._pending.add(future)
-        # add_done_callback without its lock round trip: no other thread has this future yet
-        future._done_callbacks.append(self._forget_callback)
+        # not add_done_callback: no other thread has this future yet, and this
+        # needs no list of callbacks (see FarmFuture._on_done)
+        future._on_done = self._forget_callback
         try:
             farm_.submit(
                 Submission(

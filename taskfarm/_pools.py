@@ -367,15 +367,21 @@ def execute_parts(
     ends: list[float] = []
     loads, dumps, now, plain = ser.loads, ser.dumps, time.time, ser.PLAIN
     t_start = now()
+    try:  # one function per bundle: loaded (or found wanting) once, not per call
+        _check_initialized(init_error)
+        fn = function()
+    except BaseException as exc:  # noqa: BLE001 - every call fails with it, as each would alone
+        payload, buffers, tb = _failure(exc, head)
+        t_end = now()
+        return [PartResult(part.task_id, False, payload, buffers, tb, t_start, t_end) for part in parts], None
     for part in parts:
         try:
-            _check_initialized(init_error)
             call = part.call
             if isinstance(call, bytes):
                 args, kwargs = loads(call)
-                value = function()(*args, **kwargs)
+                value = fn(*args, **kwargs)
             else:  # scalars, not pickled (see `Part`)
-                value = function()(*call)
+                value = fn(*call)
             if type(value) in plain:  # the usual case: no pickle of its own, no record
                 t_end = now()
                 task_ids.append(part.task_id)

@@ -299,6 +299,21 @@ def test_bundle_parts_fail_alike_when_the_initializer_failed() -> None:
         assert type(error).__name__ == "BrokenFarmError" and "no database" in str(error)
 
 
+def test_bundle_parts_fail_alike_when_the_function_cannot_be_loaded_once_per_bundle() -> None:
+    parts, _ = _parts(len, ("a",), ("bc",), ("def",))
+    loads: list[int] = []
+
+    def function() -> Any:
+        loads.append(1)
+        raise ImportError("No module named 'gone'")  # as dill loading a function from a missing module
+
+    results, values = execute_parts(parts, function, "HEAD\n")
+    assert loads == [1] and values is None
+    assert [(r.task_id, r.ok) for r in results] == [(1, False), (2, False), (3, False)]
+    for r in results:
+        assert isinstance(ser.loads(r.payload, r.buffers), ImportError) and r.traceback.startswith("HEAD\n")
+
+
 def test_pool_spec_validation_and_sizes() -> None:
     assert PoolSpec.make() == PoolSpec("solo", 1)
     assert PoolSpec.make(concurrency=4) == PoolSpec("threads", 4)

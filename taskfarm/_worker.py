@@ -288,6 +288,13 @@ class Worker:
                 given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
                 self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
                 self._queued_calls = sum(_calls(q[0]) for q in self._queue)
+                if not self._queue or self._queued_calls <= self._low_water:
+                    # results held for company (a slot finished while the stolen
+                    # tasks were still queued behind it) go now, as the slot would
+                    # have sent them had the steal come first: held, they let the
+                    # master think this rank still busy for RESULT_LINGER (a
+                    # 160 ms stall, 1 burst in ~40)
+                    self._outbox_since = 0.0
             self.transport.send(MASTER, Kind.RELEASED, Released(tuple(given)))
         elif kind is Kind.CONFIG:
             config: Config = record

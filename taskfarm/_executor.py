@@ -500,7 +500,9 @@ class FarmExecutor(concurrent.futures.Executor):
 
         workers = max(1, len(self._farm.transport.peers()))
         window = max(MAP_WINDOW_MIN, MAP_WINDOW_PER_WORKER * workers)
+        probes = 2 * workers  # one-item tasks in flight until the first chunk
         per_item: float | None = None  # seconds per item on a worker (running mean)
+        samples: list[float] = []  # the probes' times, until there are ``probes`` of them
         remaining = length
         pending: collections.deque[tuple[FarmFuture, int]] = collections.deque()
         in_flight = 0  # items in pending
@@ -510,7 +512,7 @@ class FarmExecutor(concurrent.futures.Executor):
             nonlocal in_flight, remaining, exhausted
             while not exhausted and len(pending) < window and in_flight < MAP_ITEMS_IN_FLIGHT:
                 if per_item is None:
-                    if len(pending) >= 2 * workers:
+                    if len(pending) >= probes:
                         return  # probing: wait for the first timings
                     size = 1
                 else:
@@ -547,7 +549,16 @@ class FarmExecutor(concurrent.futures.Executor):
                     values, seconds = future.result(left)
                     in_flight -= count
                     sample = seconds / count
-                    per_item = sample if per_item is None else per_item + MAP_TIME_EWMA * (sample - per_item)
+                    if per_item is not None:
+                        per_item += MAP_TIME_EWMA * (sample - per_item)
+                    else:
+                        # chunks are sized from the mean of a first wave of probes, not
+                        # from the first alone: the chunks formed now hold most of an
+                        # input of known length (one fast first item made every chunk
+                        # of a skewed list 4x its target, 80 ms, and the tail uneven)
+                        samples.append(sample)
+                        if len(samples) >= probes:
+                            per_item = sum(samples) / len(samples)
                     top_up()
                     yield from values
                     del future, values

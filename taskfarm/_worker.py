@@ -288,13 +288,13 @@ class Worker:
                 given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
                 self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
                 self._queued_calls = sum(_calls(q[0]) for q in self._queue)
-                if not self._queue or self._queued_calls <= self._low_water:
+                if self._outbox and self._queue_drained():
                     # results held for company (a slot finished while the stolen
                     # tasks were still queued behind it) go now, as the slot would
                     # have sent them had the steal come first: held, they let the
                     # master think this rank still busy for RESULT_LINGER (a
                     # 160 ms stall, 1 burst in ~40)
-                    self._outbox_since = 0.0
+                    self._release_outbox()
             self.transport.send(MASTER, Kind.RELEASED, Released(tuple(given)))
         elif kind is Kind.CONFIG:
             config: Config = record
@@ -398,19 +398,14 @@ class Worker:
                 # refill left is done, or the batch is old or big; otherwise
                 # results ride together in one message
                 if (
-                    not self._queue
-                    or self._queued_calls <= self._low_water
+                    self._queue_drained()
                     or item.urgent
                     or _big(result.buffers)
                     or any(_big(part.buffers) for part in result.parts)
                     or len(self._outbox) >= RESULT_BATCH
                     or time.monotonic() - self._outbox_since > RESULT_LINGER
                 ):
-                    self._outbox_since = 0.0
-                    # the next go once half of what is queued now is done, unless a refill
-                    # comes first: the master may not refill at once (the pipeline it
-                    # keeps follows the mean task time, which a long task can raise)
-                    self._low_water = self._queued_calls // 2
+                    self._release_outbox()
                     wake = True
                 else:
                     wake = False
@@ -421,6 +416,19 @@ class Worker:
                 # would hand this core to another rank
                 self.transport.poke()
             self._maintain(slot)
+
+    def _queue_drained(self) -> bool:
+        """Under ``_cv``: nothing queued, or half of what the last refill (or
+        send) left is done; held results need wait no longer."""
+        return not self._queue or self._queued_calls <= self._low_water
+
+    def _release_outbox(self) -> None:
+        """Under ``_cv``: the held results go at the comm thread's next round.
+        The next go once half of what is queued now is done, unless a refill
+        comes first: the master may not refill at once (the pipeline it keeps
+        follows the mean task time, which a long task can raise)."""
+        self._outbox_since = 0.0
+        self._low_water = self._queued_calls // 2
 
     def _run(self, slot: _Slot, item: TaskItem, executor_id: int) -> ResultItem:
         spec = self._spec

@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import socket
 import threading
 import time
 
@@ -170,6 +171,49 @@ def test_rings_taken_before_a_probe_do_not_wake_the_next_wait() -> None:
         assert sleeper.ringers == {3}
         assert sleeper.take_rings() is False
         assert sleeper.wait(0.001) == 0
+    finally:
+        sleeper.close()
+        ringer.close()
+
+
+class _CountingSocket:
+    """A doorbell's socket that counts its reads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        return self.sock.recv(size)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_ring_check_reads_only_the_rings_there_are() -> None:
+    """An empty doorbell is asked, not read: the read that raises when
+    nothing waits costs tens of microseconds cold, at each of an idle
+    farm's ring checks."""
+    sleeper, ringer = Wakeup(0), Wakeup(3)
+    assert sleeper._sock is not None
+    counting = _CountingSocket(sleeper._sock)
+    sleeper._sock = counting  # type: ignore[assignment]
+    try:
+        assert sleeper.take_rings() is False
+        assert counting.reads == 0
+        target = ringer.resolve(sleeper.address)
+        assert target is not None
+        ringer.ring(target)
+        ringer.ring(target)
+        deadline = time.monotonic() + LONG
+        while not sleeper.take_rings():  # loopback UDP: delivered by the time sendto returns
+            assert time.monotonic() < deadline, "the rings never arrived"
+        assert sleeper.take_rings() is False
+        assert counting.reads == 2
     finally:
         sleeper.close()
         ringer.close()

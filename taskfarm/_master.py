@@ -411,7 +411,11 @@ class Farm:
             while True:
                 got = self._receive()
                 progressed = got
-                self._commit()
+                if self._commit():
+                    # a user thread waits on a future just resolved: the rest of
+                    # this round would hold the GIL it wakes up to (~60 us of an
+                    # idle farm's round trip); yielding lets it have it first
+                    time.sleep(0)
                 progressed |= self._take_submissions()
                 progressed |= self._notice_lost()
                 if self._draining():
@@ -746,9 +750,10 @@ class Farm:
             )
 
     # step 2
-    def _commit(self) -> None:
-        """Make the round's outcomes durable (journal), then resolve their futures."""
-        self._outcomes.commit()
+    def _commit(self) -> bool:
+        """Make the round's outcomes durable (journal), then resolve their
+        futures; True if a thread was waiting on one of them."""
+        return self._outcomes.commit()
 
     # step 3
     def _take_submissions(self) -> bool:

@@ -122,18 +122,23 @@ class Outcomes:
         """``future`` fails with ``error`` at the next commit."""
         self._pending.append((future, None, error))
 
-    def commit(self) -> None:
-        """Make this round's outcomes durable (one journal sync), then resolve their futures."""
+    def commit(self) -> bool:
+        """Make this round's outcomes durable (one journal sync), then resolve
+        their futures; True if a thread was waiting on one of them."""
         if not self._pending:
-            return
+            return False
         if self.journal is not None:
             self.journal.sync()  # group commit: one fsync for this round's outcomes
         pending, self._pending = self._pending, []
+        awaited = False
         for future, value, error in pending:
+            # a FarmFuture makes its condition when a thread first waits on it
+            awaited = awaited or type(future) is not FarmFuture or future._cond is not None
             if error is None:
                 succeed(future, value)
             else:
                 fail_future(future, error)
+        return awaited
 
     def _event(
         self,

@@ -4,6 +4,8 @@ journal record per outcome, and errors that load on the master or stand in."""
 from __future__ import annotations
 
 import pickle
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +15,9 @@ from taskfarm._errors import BrokenFarmError, RemoteTraceback, SerializationErro
 from taskfarm._future import FarmFuture
 from taskfarm._outcomes import Outcomes, decode_error
 from taskfarm._protocol import PartResult, ResultItem
+
+#: a wait that must end early is given this long
+LONG = 10.0
 
 
 class _Journal:
@@ -122,3 +127,23 @@ def test_a_failure_decided_here_and_a_cancel_are_recorded_like_the_others() -> N
     outcomes.cancelled(gone, None)  # no key: an event, no record
     assert events[-1][0] == "cancelled" and len(journal.calls) == 1
     assert gone._state == "CANCELLED_AND_NOTIFIED"  # wait() and as_completed() see it
+
+
+def test_commit_says_whether_a_thread_waits_on_what_it_resolved() -> None:
+    """The service thread yields the GIL after a commit that woke a thread
+    waiting on a result: the rest of its round would hold that thread up."""
+    futures = [FarmFuture(1), FarmFuture(2)]
+    outcomes = Outcomes(None, [], lambda *a, **k: None)
+    outcomes.succeeded(futures[0], None, 1, 1, _result(1, "one"))
+    assert outcomes.commit() is False  # nobody waited
+    assert outcomes.commit() is False  # nothing to commit
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(futures[1].result(LONG)))
+    waiter.start()
+    deadline = time.monotonic() + LONG
+    while futures[1]._cond is None:  # the waiter has made the future's condition: it waits
+        assert time.monotonic() < deadline, "the waiter never waited"
+    outcomes.succeeded(futures[1], None, 2, 1, _result(2, "two"))
+    assert outcomes.commit() is True
+    waiter.join(LONG)
+    assert got == ["two"]

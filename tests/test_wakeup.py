@@ -158,16 +158,21 @@ def test_an_unknown_host_is_not_rung() -> None:
         sleeper.close()
 
 
+def _ring_twice_and_take(ringer: Wakeup, sleeper: Wakeup) -> None:
+    """``ringer`` rings ``sleeper`` twice; returns once ``sleeper`` took them."""
+    target = ringer.resolve(sleeper.address)
+    assert target is not None
+    ringer.ring(target)
+    ringer.ring(target)
+    deadline = time.monotonic() + LONG
+    while not sleeper.take_rings():  # loopback UDP: delivered by the time sendto returns
+        assert time.monotonic() < deadline, "the rings never arrived"
+
+
 def test_rings_taken_before_a_probe_do_not_wake_the_next_wait() -> None:
     sleeper, ringer = Wakeup(0), Wakeup(3)
     try:
-        target = ringer.resolve(sleeper.address)
-        assert target is not None
-        ringer.ring(target)
-        ringer.ring(target)
-        deadline = time.monotonic() + LONG
-        while not sleeper.take_rings():  # loopback UDP: delivered by the time sendto returns
-            assert time.monotonic() < deadline, "the rings never arrived"
+        _ring_twice_and_take(ringer, sleeper)
         assert sleeper.ringers == {3}
         assert sleeper.take_rings() is False
         assert sleeper.wait(0.001) == 0
@@ -205,13 +210,7 @@ def test_a_ring_check_reads_only_the_rings_there_are() -> None:
     try:
         assert sleeper.take_rings() is False
         assert counting.reads == 0
-        target = ringer.resolve(sleeper.address)
-        assert target is not None
-        ringer.ring(target)
-        ringer.ring(target)
-        deadline = time.monotonic() + LONG
-        while not sleeper.take_rings():  # loopback UDP: delivered by the time sendto returns
-            assert time.monotonic() < deadline, "the rings never arrived"
+        _ring_twice_and_take(ringer, sleeper)
         assert sleeper.take_rings() is False
         assert counting.reads == 2
     finally:

@@ -2,13 +2,16 @@
 
 One comm thread and the rank's task slots share the work::
 
-    comm thread (owns every MPI call)          slots (run the tasks; see _pools)
+    comm thread (MPI, under _mpi_lock)         slots (run the tasks; see _pools)
       Hello ->                                    |
       <- Config (pool, concurrency)  --------->  solo: the main thread is the one slot
       <- TaskBatch / Steal / Stop                 threads/processes: K slot threads
       TaskBatch: queue the items  ------------>  queue --> run --> outbox
       Steal: hand back queued, unstarted items    |                  |
-      results in the outbox: send at once  <--------------------------+
+      results in the outbox: send at once  <------+-- poke ----------+
+                                                  (or the slot sends them itself,
+                                                   when the comm thread is not
+                                                   using the transport)
       heartbeat while any task is held
       log records: forward to rank 0
       Stop: cut off child processes still busy (a drain gave up on them);
@@ -23,9 +26,11 @@ In the solo pool tasks run on the main thread, so that an inline
 ``time_limit`` can interrupt Python code with SIGALRM and libraries that
 insist on the main thread work.  The comm thread sleeps on the transport's
 `Wakeup` between polls: the master rings it after each message, a slot pokes
-it when results are ready to go, so an idle or busy worker's comm thread
-costs next to nothing and a message or result moves without waiting for a
-poll.  Where the master's rings do not arrive it polls on a 2 ms backoff.
+it when results are ready to go and it cannot send them itself (the comm
+thread holds the transport, or a large send needs seeing through), so an
+idle or busy worker's comm thread costs next to nothing and a message or
+result moves without waiting for a poll.  Where the master's rings do not
+arrive it polls on a 2 ms backoff.
 """
 
 from __future__ import annotations
@@ -164,6 +169,11 @@ class Worker:
         self._outbox_since = 0.0  # when the oldest unsent result was made, 0 if none waits
         self._running: set[int] = set()
         self._stopping = False
+        # the transport's calls: the comm thread's rounds, and a slot that sends
+        # its own results while the comm thread sleeps (`_send_outbox`); taken
+        # before ``_cv`` when both are held
+        self._mpi_lock = threading.Lock()
+        self._last_sent = time.monotonic()  # the last results or heartbeat, for the next heartbeat
         self._fixed_slots = slots
         self._spec: PoolSpec | None = None
         self._slots: list[_Slot] = []
@@ -187,45 +197,15 @@ class Worker:
         t.send(MASTER, Kind.HELLO, Hello(PROTOCOL_VERSION, self.host, os.getpid(), self._fixed_slots, t.doorbell()))
         backoff = Backoff(IDLE_POLL_CAP)  # until (unless) the master's rings arrive
         ringing = False
-        last_beat = time.monotonic()
         woken = 0
         recheck = len(RING_RECHECKS)  # the next of RING_RECHECKS after a ring that found nothing
         probe = True  # probe MPI this round even if nothing rang (after a sleep ran out)
         try:
             while True:
                 ringing = ringing or t.rings_from(MASTER)
-                active = False
-                with self._cv:
-                    lingering = self._outbox_since  # results waiting for company since then, 0 if none
-                    if lingering and time.monotonic() - lingering < RESULT_LINGER and not self._stopping:
-                        outbox = []  # woken by the first of them: they go when the linger is over
-                    else:
-                        outbox, self._outbox = self._outbox, []
-                        self._outbox_since = 0.0
-                    busy = bool(self._running or self._queue)
-                if outbox:
-                    t.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
-                    active = True
-                    last_beat = time.monotonic()
-                elif busy and time.monotonic() - last_beat > self._heartbeat_interval:
-                    with self._cv:
-                        running = tuple(self._running)
-                    t.send(MASTER, Kind.HEARTBEAT, Heartbeat(running))
-                    last_beat = time.monotonic()
-                if self._logs is not None and self._logs.records:
-                    t.send(MASTER, Kind.LOG, self._logs.take())
-                rung = t.take_rings() or woken & RUNG
-                # with rings, no message can wait unless one rang: a round woken
-                # by a slot's poke (results to send) skips the probes, which
-                # cost ~10 us each on MPICH (ch4 polls every netmod)
-                got = False
-                if probe or rung or not ringing:
-                    while (message := t.poll()) is not None:
-                        got = True
-                        self._handle(*message)
-                active = active or got
+                with self._mpi_lock:
+                    active, rung, got, sending = self._comm_round(probe, ringing, woken)
                 probe = False
-                sending = t.progress(push=not ringing)  # a ringing master says when it took a large send
                 if self._stopping:
                     break
                 woken = 0
@@ -268,6 +248,43 @@ class Worker:
             with self._cv:
                 self._stopping = True
                 self._cv.notify_all()
+
+    def _comm_round(self, probe: bool, ringing: bool, woken: int) -> tuple[bool, bool, bool, bool]:
+        """The comm thread's MPI calls of one round, under ``_mpi_lock``: send
+        what is due, take what came.  Returns (active: sent or received,
+        rung, got: received, sending: sends still under way)."""
+        t = self.transport
+        active = False
+        with self._cv:
+            lingering = self._outbox_since  # results waiting for company since then, 0 if none
+            if lingering and time.monotonic() - lingering < RESULT_LINGER and not self._stopping:
+                outbox = []  # woken by the first of them: they go when the linger is over
+            else:
+                outbox, self._outbox = self._outbox, []
+                self._outbox_since = 0.0
+            busy = bool(self._running or self._queue)
+        if outbox:
+            t.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
+            active = True
+            self._last_sent = time.monotonic()
+        elif busy and time.monotonic() - self._last_sent > self._heartbeat_interval:
+            with self._cv:
+                running = tuple(self._running)
+            t.send(MASTER, Kind.HEARTBEAT, Heartbeat(running))
+            self._last_sent = time.monotonic()
+        if self._logs is not None and self._logs.records:
+            t.send(MASTER, Kind.LOG, self._logs.take())
+        rung = t.take_rings() or bool(woken & RUNG)
+        # with rings, no message can wait unless one rang: a round woken
+        # by a slot's poke (results to send) skips the probes, which
+        # cost ~10 us each on MPICH (ch4 polls every netmod)
+        got = False
+        if probe or rung or not ringing:
+            while (message := t.poll()) is not None:
+                got = True
+                self._handle(*message)
+        sending = t.progress(push=not ringing)  # a ringing master says when it took a large send
+        return active or got, rung, got, sending
 
     def _handle(self, peer: int, kind: Kind, record: Any) -> None:
         if kind is Kind.TASKS:
@@ -397,11 +414,11 @@ class Worker:
                 # send now when nothing else is queued, half of what the last
                 # refill left is done, or the batch is old or big; otherwise
                 # results ride together in one message
+                big = _big(result.buffers) or any(_big(part.buffers) for part in result.parts)
                 if (
                     self._queue_drained()
                     or item.urgent
-                    or _big(result.buffers)
-                    or any(_big(part.buffers) for part in result.parts)
+                    or big
                     or len(self._outbox) >= RESULT_BATCH
                     or time.monotonic() - self._outbox_since > RESULT_LINGER
                 ):
@@ -409,6 +426,8 @@ class Worker:
                     wake = True
                 else:
                     wake = False
+            if wake and not big and self._send_outbox():
+                wake = first = False
             if wake or first:
                 # the comm thread wakes (to send, or to sleep only until this
                 # result's linger is over) and takes the GIL within the switch
@@ -416,6 +435,27 @@ class Worker:
                 # would hand this core to another rank
                 self.transport.poke()
             self._maintain(slot)
+
+    def _send_outbox(self) -> bool:
+        """From a slot whose results go now: send them itself, unless the comm
+        thread is using the transport (False: it is poked instead).  Waking the
+        comm thread to send cost an idle farm's round trip two thread
+        wake-ups (~220 us of ~1.75 ms here); a large result still goes
+        through the comm thread, which sees its send through."""
+        if not self._mpi_lock.acquire(blocking=False):
+            return False
+        try:
+            with self._cv:
+                outbox, self._outbox = self._outbox, []
+            if outbox:
+                self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
+                self._last_sent = time.monotonic()
+            under_way = self.transport.progress(push=False)
+        finally:
+            self._mpi_lock.release()
+        if under_way:
+            self.transport.poke()  # the comm thread progresses what MPI has not taken yet
+        return True
 
     def _queue_drained(self) -> bool:
         """Under ``_cv``: nothing queued, or half of what the last refill (or

@@ -451,6 +451,14 @@ class Worker:
                 self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
                 self._last_sent = time.monotonic()
             under_way = self.transport.progress(push=False)
+        except BaseException:
+            # an MPI error, as it would have been in the comm thread: the rank
+            # stops, its comm thread too (else `run` would wait for it forever)
+            with self._cv:
+                self._stopping = True
+                self._cv.notify_all()
+            self.transport.poke()
+            raise
         finally:
             self._mpi_lock.release()
         if under_way:

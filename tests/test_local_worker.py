@@ -376,3 +376,39 @@ def test_a_slot_leaves_its_results_to_the_comm_thread_while_that_uses_the_transp
         assert _results(link, answered, "the result left to the comm thread") == [(1, "released")]
         assert tried == [False]
         assert end.senders == ["taskfarm-comm"]
+
+
+class _BrokenEnd(LocalEnd):
+    """The local link, whose result sends fail as MPI errors do."""
+
+    def send(self, peer: int, kind: Kind, record: object) -> None:
+        if kind is Kind.RESULTS:
+            raise RuntimeError("MPI_ERR_OTHER: the link broke")
+        super().send(peer, kind, record)
+
+
+def test_a_slot_whose_send_fails_stops_the_rank() -> None:
+    """An error in a slot's own send ends the rank, comm thread and all, as
+    it did in the comm thread: a worker that waited for a Stop that cannot
+    come would hang the job."""
+    link = Loopback(cast(Transport, None))
+    link.local = _BrokenEnd(link)
+    worker = worker_module.Worker(link.local, slots=1, forward_logs=False)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="the-slot", daemon=True)
+    thread.start()
+    link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
+    link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (_task(1, operator.add, 1, 10),)))
+    thread.join(ANSWER_WITHIN)
+    if thread.is_alive():  # a failed test must not leave the worker behind
+        link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
+        thread.join(ANSWER_WITHIN)
+        pytest.fail("the rank kept running after its result could not be sent")
+    assert [str(e) for e in errors] == ["MPI_ERR_OTHER: the link broke"]

@@ -447,6 +447,7 @@ class Worker:
         try:
             with self._cv:
                 outbox, self._outbox = self._outbox, []
+                self._outbox_since = 0.0  # another slot's result held meanwhile goes too
             if outbox:
                 self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
                 self._last_sent = time.monotonic()

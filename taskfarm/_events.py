@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
+from ._signals import leave_to_main_thread
+
 log = logging.getLogger("taskfarm.events")
 
 #: the ``format`` of the first line; bumped if a field changes meaning
@@ -108,6 +110,7 @@ class EventLog:
 
     # -- the writer thread --------------------------------------------------------------
     def _loop(self) -> None:
+        leave_to_main_thread()
         while not self._closing:
             self._kick.wait(self._flush_interval)
             self._kick.clear()

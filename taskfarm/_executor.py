@@ -34,6 +34,7 @@ from ._master import DEFAULT_HEARTBEAT_TIMEOUT, NOT_PICKLED, Farm, Submission
 from ._pools import PoolSpec
 from ._protocol import FnRef, Initializer
 from ._resume import Recorded, ResumeIndex, content_key, function_digest, label_for
+from ._signals import leave_to_main_thread
 from ._statistics import FarmStatistics
 from ._task import Task, TaskPolicy, TaskState, wall_time_of
 from ._worker import serve
@@ -632,6 +633,7 @@ class FarmExecutor(concurrent.futures.Executor):
             concurrent.futures.wait(pending)
 
     def _close_later(self) -> None:
+        leave_to_main_thread()
         self._wait_all()
         self._farm.close()
 

@@ -77,6 +77,7 @@ from ._protocol import (
 )
 from ._resume import ResumeIndex
 from ._scheduler import MAX_PREFETCH, PIPELINE_SECONDS, Decision, Scheduler
+from ._signals import leave_to_main_thread
 from ._statistics import FarmStatistics, RankStatistics
 from ._task import TaskPolicy, TaskState
 from ._transport import (
@@ -405,6 +406,7 @@ class Farm:
 
     # -- the service thread ------------------------------------------------
     def _serve(self) -> None:
+        leave_to_main_thread()
         backoff = Backoff(BUSY_POLL_CAP)
         cpu0 = time.thread_time()
         try:

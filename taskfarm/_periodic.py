@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._errors import BrokenFarmError
+from ._signals import leave_to_main_thread
 from ._task import Task, wall_time_of
 
 if TYPE_CHECKING:
@@ -289,6 +290,7 @@ class PeriodicTask:
 
     # -- the handle's thread ----------------------------------------------------
     def _loop(self) -> None:
+        leave_to_main_thread()
         try:
             while self._next_run():
                 future = self._submit()

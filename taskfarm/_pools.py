@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 from . import _serialization as ser
 from ._errors import BrokenFarmError, TimeLimitExceeded, WorkerLostError
 from ._protocol import Config, FnRef, Initializer, Part, PartResult, PartValues, TaskItem
+from ._signals import leave_to_main_thread
 
 #: the pools, by name
 POOLS = ("solo", "threads", "processes")
@@ -275,6 +276,7 @@ class EventLoop:
         self._thread.start()
 
     def _serve(self) -> None:
+        leave_to_main_thread()
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 

@@ -24,6 +24,8 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any, NamedTuple
 
+from ._signals import leave_to_main_thread
+
 #: seconds between plain lines in a batch job (``--progress-interval``)
 DEFAULT_INTERVAL = 30.0
 #: at most this often on a terminal without tqdm
@@ -201,6 +203,7 @@ class Progress:
         )
 
     def _loop(self) -> None:
+        leave_to_main_thread()
         wait = BAR_REFRESH if self._bar is not None else self.interval
         while not self._stop.wait(wait):
             self._show()

@@ -54,12 +54,14 @@ from typing import Any
 from . import _protocol
 from ._errors import BrokenFarmError
 from ._protocol import Kind
+from ._signals import blocked_while_starting_threads
 
 try:  # mpi4py must not be initialised before the launcher has set things up
     import mpi4py
 
     mpi4py.rc.thread_level = "multiple"  # the master's service thread makes the MPI calls
-    from mpi4py import MPI
+    with blocked_while_starting_threads():  # MPI's own threads leave signals to the main thread
+        from mpi4py import MPI
 except ImportError as _exc:  # pragma: no cover - exercised only without mpi4py
     MPI = None  # type: ignore[assignment]
     _IMPORT_ERROR: ImportError | None = _exc

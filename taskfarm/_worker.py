@@ -63,6 +63,7 @@ from ._protocol import (
     TaskItem,
 )
 from ._serialization import buffers_nbytes
+from ._signals import leave_to_main_thread
 from ._transport import (
     DOORBELL_POLL_CAP,
     LARGE_SEND_NAP,
@@ -193,6 +194,7 @@ class Worker:
 
     # -- comm thread -------------------------------------------------------
     def _comm_loop(self) -> None:
+        leave_to_main_thread()
         t = self.transport
         t.send(MASTER, Kind.HELLO, Hello(PROTOCOL_VERSION, self.host, os.getpid(), self._fixed_slots, t.doorbell()))
         backoff = Backoff(IDLE_POLL_CAP)  # until (unless) the master's rings arrive
@@ -338,6 +340,7 @@ class Worker:
     # -- the slots -----------------------------------------------------------
     def run(self) -> None:
         """Serve until the master says stop; returns after Bye is sent."""
+        leave_to_main_thread()  # rank 0's own worker runs in a thread
         previous_interval = sys.getswitchinterval()
         sys.setswitchinterval(WORKER_SWITCH_INTERVAL)
         comm = threading.Thread(target=self._comm_loop, name="taskfarm-comm", daemon=True)
@@ -391,6 +394,7 @@ class Worker:
         self.transport.flush(timeout=10.0)
 
     def _serve_slot(self, slot: _Slot) -> None:
+        leave_to_main_thread()
         spec = self._spec
         assert spec is not None
         if spec.kind == "processes":

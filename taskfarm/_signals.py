@@ -1,0 +1,46 @@
+"""Which thread takes the signals Python handles in the main thread: only that one.
+
+The kernel hands a process-directed signal (the launcher forwarding Slurm's
+SIGTERM, a Ctrl-C) to any thread of the process that does not block it, and
+Python runs the handler only when the main thread next runs Python code.  A
+main thread blocked in a future's ``result()`` is woken by a signal delivered
+to it, but not by one delivered to the service thread or to a thread MPI
+started: the drain then began only when the task it waited for finished (60 s
+late in a test, about one run in ten).  So every thread taskfarm starts, and
+every thread MPI starts while it initialises, blocks these signals, and the
+kernel delivers them to the main thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+#: Ctrl-C, and the signals a run drains on (`_cli.DRAIN_SIGNALS`): Slurm's
+#: SIGTERM at the time limit, and SIGUSR1 (``sbatch --signal``)
+MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
+
+
+def leave_to_main_thread() -> None:
+    """Block `MAIN_THREAD_SIGNALS` in the calling thread, unless it is the main thread.
+
+    Called first thing by every thread taskfarm starts."""
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is not threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+
+
+@contextlib.contextmanager
+def blocked_while_starting_threads() -> Iterator[None]:
+    """Block `MAIN_THREAD_SIGNALS` in the calling thread for the ``with`` body:
+    threads that C code starts meanwhile (MPI's initialisation) inherit the
+    block.  A signal that arrives meanwhile is delivered at the end."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -59,7 +59,9 @@ from ._signals import blocked_while_starting_threads
 try:  # mpi4py must not be initialised before the launcher has set things up
     import mpi4py
 
-    mpi4py.rc.thread_level = "multiple"  # the master's service thread makes the MPI calls
+    # the master's service thread makes the MPI calls; on a worker, its comm thread
+    # or a slot sending its own results, one at a time (`_worker.Worker._mpi_lock`)
+    mpi4py.rc.thread_level = "multiple"
     with blocked_while_starting_threads():  # MPI's own threads leave signals to the main thread
         from mpi4py import MPI
 except ImportError as _exc:  # pragma: no cover - exercised only without mpi4py

@@ -266,9 +266,8 @@ class Worker:
                 self._outbox_since = 0.0
             busy = bool(self._running or self._queue)
         if outbox:
-            t.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
+            self._send_results(outbox)
             active = True
-            self._last_sent = time.monotonic()
         elif busy and time.monotonic() - self._last_sent > self._heartbeat_interval:
             with self._cv:
                 running = tuple(self._running)
@@ -376,7 +375,7 @@ class Worker:
         if self._logs is not None and self._logs.records:
             self.transport.send(MASTER, Kind.LOG, self._logs.take())
         if self._outbox:  # finished after Stop (a speculative copy's loser, a drain's straggler)
-            self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(self._outbox)))
+            self._send_results(self._outbox)
             self._outbox = []
         slot_busy = tuple(slot.busy for slot in self._slots)
         bye = Bye(
@@ -453,8 +452,7 @@ class Worker:
                 outbox, self._outbox = self._outbox, []
                 self._outbox_since = 0.0  # another slot's result held meanwhile goes too
             if outbox:
-                self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
-                self._last_sent = time.monotonic()
+                self._send_results(outbox)
             under_way = self.transport.progress(push=False)
         except BaseException:
             # an MPI error, as it would have been in the comm thread: the rank
@@ -470,15 +468,22 @@ class Worker:
             self.transport.poke()  # the comm thread progresses what MPI has not taken yet
         return True
 
+    def _send_results(self, outbox: list[ResultItem]) -> None:
+        """Send ``outbox`` to the master, under ``_mpi_lock`` (or once no other
+        thread is left); a heartbeat is due only a whole interval after it."""
+        self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
+        self._last_sent = time.monotonic()
+
     def _queue_drained(self) -> bool:
         """Under ``_cv``: nothing queued, or half of what the last refill (or
         send) left is done; held results need wait no longer."""
         return not self._queue or self._queued_calls <= self._low_water
 
     def _release_outbox(self) -> None:
-        """Under ``_cv``: the held results go at the comm thread's next round.
-        The next go once half of what is queued now is done, unless a refill
-        comes first: the master may not refill at once (the pipeline it keeps
+        """Under ``_cv``: the held results go now (the slot sends them itself,
+        or the comm thread at its next round: see `_send_outbox`).  The next
+        go once half of what is queued now is done, unless a refill comes
+        first: the master may not refill at once (the pipeline it keeps
         follows the mean task time, which a long task can raise)."""
         self._outbox_since = 0.0
         self._low_water = self._queued_calls // 2

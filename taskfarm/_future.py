@@ -215,20 +215,20 @@ class FarmFuture(concurrent.futures.Future[Any]):
                 else:
                     self._done_callbacks.append(fn)  # type: ignore[union-attr]
                 return
-        try:
-            fn(self)
-        except Exception:  # noqa: BLE001 - as concurrent.futures: logged, the others still run
-            _callback_log.exception("exception calling callback for %r", self)
+        self._call_back(fn)
 
     def _invoke_callbacks(self) -> None:
         # concurrent.futures calls this once the future is resolved
         if self._on_done is not None:
             self._on_done(self)
         for callback in self._done_callbacks:
-            try:
-                callback(self)
-            except Exception:  # noqa: BLE001 - as concurrent.futures: logged, the others still run
-                _callback_log.exception("exception calling callback for %r", self)
+            self._call_back(callback)
+
+    def _call_back(self, fn: Callable[[FarmFuture], object]) -> None:
+        try:
+            fn(self)
+        except Exception:  # noqa: BLE001 - as concurrent.futures: logged, the others still run
+            _callback_log.exception("exception calling callback for %r", self)
 
     def _start(self) -> bool:
         """``set_running_or_notify_cancel()`` for a pending future, taking the

@@ -19,10 +19,11 @@ returns None at once when no message waits.
 
 Waking a sleeping rank: MPI has no call that sleeps until a message comes
 (MPICH and Open MPI busy-poll in blocking calls), so each side of a link also
-has a `Wakeup`, a UDP socket whose address travels in Hello and Config.  After
-every send, `send` rings the peer's socket; the peer sleeps in ``select(2)``
-on it (and on a pipe its own threads poke) instead of waking every millisecond
-to probe.  A rank trusts the doorbell only once it has heard the peer ring;
+has a `Wakeup`, a UDP socket whose address travels in Hello and Config (on
+Linux a peer on the same host rings a Unix datagram socket named after that
+port instead, which costs less).  After every send, `send` rings the peer's
+socket; the peer sleeps in ``select(2)`` on it (and on a pipe its own threads
+poke) instead of waking every millisecond to probe.  A rank trusts the doorbell only once it has heard the peer ring;
 until then, or with ``TASKFARM_DOORBELL=0``, it probes on a short backoff as
 before.  A lost ring (UDP) costs at most one `DOORBELL_POLL_CAP` of latency.
 
@@ -49,7 +50,7 @@ import time
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _protocol
 from ._errors import BrokenFarmError
@@ -105,6 +106,11 @@ DOORBELL_ENV = "TASKFARM_DOORBELL"
 RUNG, POKED = 1, 2
 #: a ring's payload: the ringing peer's number
 _RING = struct.Struct("<i")
+#: a doorbell's same-host twin: a Unix datagram socket in Linux's abstract
+#: namespace, named after the doorbell's UDP port (unique on its host, so the
+#: name needs no other exchange).  A ring through it skips the IP stack: an idle
+#: farm's round trip rings twice, and took 44 +- 13 us less (8 interleaved pairs)
+_LOCAL_BELL = "\0taskfarm-doorbell-{port}"
 #: select(2) takes file descriptors below this only (Linux)
 _FD_SETSIZE = 1024
 #: rings read per wake-up at most (the rest wait for the next one)
@@ -271,7 +277,7 @@ class Transport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.wakeup = Wakeup(self.rank)
-        self._rings: dict[int, tuple[str, int]] = {}  # peer -> its doorbell's socket address
+        self._rings: dict[int, Bell] = {}  # peer -> where to ring its doorbell
 
     # -- doorbells ---------------------------------------------------------
     def doorbell(self) -> tuple[str, int] | None:
@@ -574,9 +580,18 @@ class Backoff:
         return self._delay
 
 
+class Bell(NamedTuple):
+    """Where to ring a peer's doorbell: its UDP address, and on the same host
+    the name of its Unix datagram socket (None: another host, or not Linux)."""
+
+    udp: tuple[str, int]
+    local: str | None
+
+
 class Wakeup:
     """What a rank sleeps on between polls: a UDP socket its peers ring after
-    sending it a message, and a pipe its own threads poke.
+    sending it a message (peers on its host: its Unix datagram twin), and a
+    pipe its own threads poke.
 
     Sleeping in ``select(2)`` on both costs nothing while nothing happens, and
     a ring wakes the rank within microseconds of the message being sent; the
@@ -603,13 +618,24 @@ class Wakeup:
             else:
                 self._sock = sock
                 self.address = (host(), int(sock.getsockname()[1]))
+        self._local: socket.socket | None = None  # the same-host twin, bound to `_LOCAL_BELL`
+        if self.address is not None and sys.platform.startswith("linux"):
+            try:
+                local = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                local.bind(_LOCAL_BELL.format(port=self.address[1]))
+                local.setblocking(False)
+            except OSError:
+                pass  # peers ring the UDP socket (`ring` falls back by itself)
+            else:
+                self._local = local
+        self._unbound: set[str] = set()  # peers' local bells found missing: rung by UDP
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._poked = False  # a byte is (about to be) in the pipe
         # select(2), not poll(2): its timeout has microseconds (a backoff's first sleeps are 20 us);
         # but select cannot take descriptors from FD_SETSIZE on (a process with many files open)
-        self._fds = [self._read] if self._sock is None else [self._read, self._sock.fileno()]
+        self._fds = [self._read] + [sock.fileno() for sock in self._sockets()]
         self._poller: select.poll | None = None
         if max(self._fds) >= _FD_SETSIZE:
             self._poller = select.poll()
@@ -622,28 +648,41 @@ class Wakeup:
         self._ring_check: select.poll | None = None
         if self._sock is not None:
             self._ring_check = select.poll()
-            self._ring_check.register(self._sock.fileno(), select.POLLIN)
+            for sock in self._sockets():
+                self._ring_check.register(sock.fileno(), select.POLLIN)
         #: peers whose rings have arrived at least once
         self.ringers: set[int] = set()
 
-    def resolve(self, address: tuple[str, int] | None) -> tuple[str, int] | None:
-        """The socket address to ring a peer's doorbell at, or None."""
+    def _sockets(self) -> list[socket.socket]:
+        return [sock for sock in (self._sock, self._local) if sock is not None]
+
+    def resolve(self, address: tuple[str, int] | None) -> Bell | None:
+        """Where to ring the doorbell whose address a peer sent, or None."""
         if address is None or self._sock is None:
             return None
         name, port = address
         if name == host():
-            return ("127.0.0.1", port)
+            local = _LOCAL_BELL.format(port=port) if self._local is not None else None
+            return Bell(("127.0.0.1", port), local)
         try:
             infos = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)
         except OSError:
             return None
-        return (str(infos[0][4][0]), int(infos[0][4][1])) if infos else None
+        return Bell((str(infos[0][4][0]), int(infos[0][4][1])), None) if infos else None
 
-    def ring(self, target: tuple[str, int]) -> None:
-        """Wake the peer whose doorbell is at ``target`` (best effort: UDP)."""
+    def ring(self, bell: Bell) -> None:
+        """Wake the peer whose doorbell is at ``bell`` (best effort, as UDP is)."""
         assert self._sock is not None
+        if bell.local is not None and self._local is not None and bell.local not in self._unbound:
+            try:
+                self._local.sendto(self._me, bell.local)
+                return
+            except BlockingIOError:
+                return  # its queue is full of rings already
+            except OSError:  # no such socket (the peer could not bind one): its UDP port then
+                self._unbound.add(bell.local)
         with contextlib.suppress(OSError):  # a full buffer or a gone peer: it polls anyway
-            self._sock.sendto(self._me, target)
+            self._sock.sendto(self._me, bell.udp)
 
     def poke(self) -> None:
         """Wake this rank's sleeper; cheap when it is already poked.
@@ -686,20 +725,24 @@ class Wakeup:
             return False
         got = False
         for _ in range(_RINGS_PER_WAKE):
-            if not self._ring_check.poll(0):
+            ready = self._ring_check.poll(0)
+            if not ready:
                 return got
-            try:
-                data = self._sock.recv(64)
-            except OSError:  # an error the socket reports: rings are best effort
-                return got
-            got = True
-            if len(data) == _RING.size:
-                self.ringers.add(_RING.unpack(data)[0])
+            for fd, _ in ready:
+                sock = self._sock if fd == self._sock.fileno() else self._local
+                assert sock is not None
+                try:
+                    data = sock.recv(64)
+                except OSError:  # an error the socket reports: rings are best effort
+                    return got
+                got = True
+                if len(data) == _RING.size:
+                    self.ringers.add(_RING.unpack(data)[0])
         return got
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
+        for sock in self._sockets():
+            sock.close()
         for fd in (self._read, self._write):
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -9,11 +9,13 @@ import multiprocessing
 import os
 import resource
 import socket
+import sys
 import threading
 import time
 
 import pytest
 
+from taskfarm import _transport
 from taskfarm._transport import DOORBELL_ENV, POKED, RUNG, Backoff, Wakeup
 
 #: a wait that must end early is given this long; it returns in microseconds
@@ -51,6 +53,7 @@ def test_a_ring_to_a_resolved_host_name_wakes_the_sleeper() -> None:
         assert sleeper.address is not None
         target = ringer.resolve(("localhost", sleeper.address[1]))  # by name, as a peer on another node
         assert target is not None
+        assert target.local is None  # rung over UDP
         ringer.ring(target)
         assert sleeper.wait(LONG) == RUNG
         assert sleeper.ringers == {4}
@@ -204,15 +207,52 @@ def test_a_ring_check_reads_only_the_rings_there_are() -> None:
     nothing waits costs tens of microseconds cold, at each of an idle
     farm's ring checks."""
     sleeper, ringer = Wakeup(0), Wakeup(3)
-    assert sleeper._sock is not None
-    counting = _CountingSocket(sleeper._sock)
-    sleeper._sock = counting  # type: ignore[assignment]
+    assert sleeper._local is not None  # where a ring from this host arrives
+    counting = _CountingSocket(sleeper._local)
+    sleeper._local = counting  # type: ignore[assignment]
     try:
         assert sleeper.take_rings() is False
         assert counting.reads == 0
         _ring_twice_and_take(ringer, sleeper)
         assert sleeper.take_rings() is False
         assert counting.reads == 2
+    finally:
+        sleeper.close()
+        ringer.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux's")
+def test_a_peer_on_the_same_host_rings_the_local_socket_not_udp() -> None:
+    sleeper, ringer = Wakeup(0), Wakeup(3)
+    assert sleeper._sock is not None and sleeper._local is not None
+    udp, local = _CountingSocket(sleeper._sock), _CountingSocket(sleeper._local)
+    sleeper._sock, sleeper._local = udp, local  # type: ignore[assignment]
+    try:
+        target = ringer.resolve(sleeper.address)
+        assert target is not None and target.local is not None
+        _ring_twice_and_take(ringer, sleeper)
+        assert (udp.reads, local.reads) == (0, 2)
+        assert sleeper.ringers == {3}
+    finally:
+        sleeper.close()
+        ringer.close()
+
+
+def test_a_peer_without_a_local_socket_is_rung_over_udp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that could not bind its local socket still wakes: the ringer
+    falls back to its UDP port, and stays there."""
+    with monkeypatch.context() as m:  # the sleeper binds another name: the expected one is missing
+        m.setattr(_transport, "_LOCAL_BELL", "\0taskfarm-test-elsewhere-{port}")
+        sleeper = Wakeup(0)
+    ringer = Wakeup(3)
+    target = ringer.resolve(sleeper.address)
+    assert target is not None
+    try:
+        for _ in range(2):
+            ringer.ring(target)
+            assert sleeper.wait(LONG) == RUNG
+        assert sleeper.ringers == {3}
+        assert ringer._unbound == ({target.local} if target.local else set())
     finally:
         sleeper.close()
         ringer.close()

@@ -111,6 +111,14 @@ _RING = struct.Struct("<i")
 #: name needs no other exchange).  A ring through it skips the IP stack: an idle
 #: farm's round trip rings twice, and took 44 +- 13 us less (8 interleaved pairs)
 _LOCAL_BELL = "\0taskfarm-doorbell-{port}"
+#: epoll's exclusive wake-up (Linux 4.5+; 0 where there is none): of the
+#: sleepers registered on a doorbell this way, a ring wakes one; Linux wakes
+#: the first registered that is asleep, which lets one thread (an idle slot,
+#: `Wakeup.listen`) take rings before the rank's usual sleeper while it waits
+_EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
+#: epoll's timeouts are whole milliseconds, rounded up: sleeps shorter than this
+#: (seconds) use select(2), whose timeouts have microseconds
+_EPOLL_MIN = 0.01
 #: select(2) takes file descriptors below this only (Linux)
 _FD_SETSIZE = 1024
 #: rings read per wake-up at most (the rest wait for the next one)
@@ -629,13 +637,20 @@ class Wakeup:
             else:
                 self._local = local
         self._unbound: set[str] = set()  # peers' local bells found missing: rung by UDP
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-        self._poked = False  # a byte is (about to be) in the pipe
+        self._pokes = _Pipe()
+        self._read = self._pokes.read
         # select(2), not poll(2): its timeout has microseconds (a backoff's first sleeps are 20 us);
         # but select cannot take descriptors from FD_SETSIZE on (a process with many files open)
         self._fds = [self._read] + [sock.fileno() for sock in self._sockets()]
+        # long sleeps: epoll, exclusive on the doorbell, registered after the
+        # listener's so that a ring goes to the listener while it waits
+        self._listener: _Pipe | None = None
+        self._listen_poller: select.epoll | None = None
+        self._wait_poller: select.epoll | None = None
+        if self._sock is not None and _EXCLUSIVE:
+            self._listener = _Pipe()
+            self._listen_poller = _exclusive_poller(self._sockets(), self._listener.read)
+            self._wait_poller = _exclusive_poller(self._sockets(), self._read)
         self._poller: select.poll | None = None
         if max(self._fds) >= _FD_SETSIZE:
             self._poller = select.poll()
@@ -650,6 +665,7 @@ class Wakeup:
             self._ring_check = select.poll()
             for sock in self._sockets():
                 self._ring_check.register(sock.fileno(), select.POLLIN)
+        self._taking = threading.Lock()
         #: peers whose rings have arrived at least once
         self.ringers: set[int] = set()
 
@@ -691,38 +707,64 @@ class Wakeup:
         that skips its write has one still unread, or happened before that
         `wait` returned (and its caller, checking its state after the wait,
         sees what the poke announced)."""
-        if not self._poked:
-            self._poked = True
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._write, b"!")
+        self._pokes.poke()
 
     def wait(self, timeout: float) -> int:
         """Sleep up to ``timeout`` seconds: 0 on timeout, else `RUNG` | `POKED`."""
+        timeout = max(0.0, timeout)
         try:
-            if self._poller is None:
-                ready, _, _ = select.select(self._fds, (), (), max(0.0, timeout))
+            if self._wait_poller is not None and timeout >= _EPOLL_MIN:
+                ready = [fd for fd, _ in self._wait_poller.poll(timeout)]
+            elif self._poller is None:
+                ready, _, _ = select.select(self._fds, (), (), timeout)
             else:  # whole milliseconds, rounded up
-                ready = [fd for fd, _ in self._poller.poll(max(0.0, timeout) * 1000)]
+                ready = [fd for fd, _ in self._poller.poll(timeout * 1000)]
         except InterruptedError:  # pragma: no cover - PEP 475 retries; a signal handler raised
             return 0
+        return self._woken(ready, self._pokes)
+
+    def _woken(self, ready: list[int], pokes: _Pipe) -> int:
         woken = 0
         for fd in ready:
-            if fd == self._read:
+            if fd == pokes.read:
                 woken |= POKED
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._read, 4096)
-                # after draining: cleared before, a poke landing between the two
-                # would leave the flag set on an empty pipe, and every later poke
-                # would skip its write (seen: workers sleeping 250 ms on results)
-                self._poked = False
+                pokes.drain()
             elif self.take_rings():
                 woken |= RUNG
         return woken
+
+    # -- a second sleeper --------------------------------------------------
+    def can_listen(self) -> bool:
+        """True when `listen` can take rings before `wait` (Linux's epoll)."""
+        return self._listen_poller is not None
+
+    def listen(self, timeout: float | None = None) -> int:
+        """Another thread's sleep, up to ``timeout`` seconds (None: no limit;
+        whole milliseconds, rounded up): while it lasts, a ring wakes this
+        thread and not the one in `wait`.  0 on timeout, else `RUNG` or
+        `POKED` (by `poke_listener`).  For one thread at a time, and only
+        where `can_listen`."""
+        assert self._listen_poller is not None and self._listener is not None
+        try:
+            ready = [fd for fd, _ in self._listen_poller.poll(-1.0 if timeout is None else max(0.0, timeout))]
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; a signal handler raised
+            return 0
+        return self._woken(ready, self._listener)
+
+    def poke_listener(self) -> None:
+        """Wake the thread in `listen` (or its next call); cheap when already poked."""
+        if self._listener is not None:
+            self._listener.poke()
 
     def take_rings(self) -> bool:
         """Read the rings waiting (without blocking); True if there were any."""
         if self._sock is None or self._ring_check is None:
             return False
+        with self._taking:  # a listening thread's and the sleeper's (a poll object is for one thread at a time)
+            return self._take_rings()
+
+    def _take_rings(self) -> bool:
+        assert self._sock is not None and self._ring_check is not None
         got = False
         for _ in range(_RINGS_PER_WAKE):
             ready = self._ring_check.poll(0)
@@ -741,11 +783,52 @@ class Wakeup:
         return got
 
     def close(self) -> None:
+        for poller in (self._listen_poller, self._wait_poller):
+            if poller is not None:
+                poller.close()
         for sock in self._sockets():
             sock.close()
-        for fd in (self._read, self._write):
+        self._pokes.close()
+        if self._listener is not None:
+            self._listener.close()
+
+
+class _Pipe:
+    """A pipe whose one byte wakes a sleeper; pokes until it drains coalesce."""
+
+    def __init__(self) -> None:
+        self.read, self._write = os.pipe()
+        os.set_blocking(self.read, False)
+        os.set_blocking(self._write, False)
+        self._poked = False  # a byte is (about to be) in the pipe
+
+    def poke(self) -> None:
+        if not self._poked:
+            self._poked = True
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._write, b"!")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.read, 4096)
+        # after draining: cleared before, a poke landing between the two
+        # would leave the flag set on an empty pipe, and every later poke
+        # would skip its write (seen: workers sleeping 250 ms on results)
+        self._poked = False
+
+    def close(self) -> None:
+        for fd in (self.read, self._write):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _exclusive_poller(sockets: list[socket.socket], pipe: int) -> select.epoll:
+    """An epoll on ``pipe`` and, exclusively (`_EXCLUSIVE`), on ``sockets``."""
+    poller = select.epoll()
+    for sock in sockets:
+        poller.register(sock.fileno(), select.EPOLLIN | _EXCLUSIVE)
+    poller.register(pipe, select.EPOLLIN)
+    return poller
 
 
 # -- setting up ---------------------------------------------------------------

@@ -12,6 +12,10 @@ One comm thread and the rank's task slots share the work::
                                                   (or the slot sends them itself,
                                                    when the comm thread is not
                                                    using the transport)
+                                                  an idle slot sleeps on the
+                                                  master's rings itself and
+                                                  takes its tasks in a comm
+                                                  round of its own (_listen)
       heartbeat while any task is held
       log records: forward to rank 0
       Stop: cut off child processes still busy (a drain gave up on them);
@@ -29,8 +33,10 @@ insist on the main thread work.  The comm thread sleeps on the transport's
 it when results are ready to go and it cannot send them itself (the comm
 thread holds the transport, or a large send needs seeing through), so an
 idle or busy worker's comm thread costs next to nothing and a message or
-result moves without waiting for a poll.  Where the master's rings do not
-arrive it polls on a 2 ms backoff.
+result moves without waiting for a poll.  While a slot is idle, the
+master's rings wake that slot instead of the comm thread (`Worker._listen`),
+so a task reaches an idle rank with one thread wake-up, not two.  Where the
+master's rings do not arrive it polls on a 2 ms backoff.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ from ._transport import (
     LARGE_SEND_NAP,
     MASTER,
     OOB_EMPTY_MIN,
+    POKED,
     RING_RECHECKS,
     RUNG,
     Backoff,
@@ -174,6 +181,10 @@ class Worker:
         # its own results while the comm thread sleeps (`_send_outbox`); taken
         # before ``_cv`` when both are held
         self._mpi_lock = threading.Lock()
+        # an idle slot that takes the master's rings itself (`_listen`), and
+        # whether it sleeps on them right now (under ``_cv``)
+        self._listener: _Slot | None = None
+        self._in_listen = False
         self._last_sent = time.monotonic()  # the last results or heartbeat, for the next heartbeat
         self._fixed_slots = slots
         self._spec: PoolSpec | None = None
@@ -249,7 +260,7 @@ class Worker:
         finally:
             with self._cv:
                 self._stopping = True
-                self._cv.notify_all()
+                self._wake_slots()
 
     def _comm_round(self, probe: bool, ringing: bool, woken: int) -> tuple[bool, bool, bool, bool]:
         """The comm thread's MPI calls of one round, under ``_mpi_lock``: send
@@ -299,7 +310,7 @@ class Worker:
                 self._queue.extend((item, executor_id) for item in batch.items)
                 self._queued_calls += sum(map(_calls, batch.items))
                 self._low_water = self._queued_calls // 2
-                self._cv.notify_all()
+                self._wake_slots()
         elif kind is Kind.STEAL:
             wanted = set(record.task_ids)
             with self._cv:
@@ -401,7 +412,10 @@ class Worker:
         while True:
             with self._cv:
                 while not self._queue and not self._stopping:
-                    self._cv.wait()
+                    if self._may_listen():
+                        self._listen(slot)
+                    else:
+                        self._cv.wait()
                 if self._stopping:
                     break
                 item, executor_id = self._queue.popleft()
@@ -439,6 +453,80 @@ class Worker:
                 self.transport.poke()
             self._maintain(slot)
 
+    def _wake_slots(self) -> None:
+        """Under ``_cv``: the queue or ``_stopping`` changed; the slots look."""
+        self._cv.notify_all()
+        if self._in_listen:
+            self.transport.wakeup.poke_listener()
+
+    def _stop_after_error(self) -> None:
+        """A slot's MPI call failed, as it would have in the comm thread: the
+        rank stops, its comm thread too (else `run` would wait for it forever)."""
+        with self._cv:
+            self._stopping = True
+            self._wake_slots()
+        self.transport.poke()
+
+    def _may_listen(self) -> bool:
+        """Under ``_cv``: may an idle slot take the master's rings itself?"""
+        return (
+            self._listener is None
+            and self.transport.wakeup.can_listen()
+            and self.transport.rings_from(MASTER)
+        )
+
+    def _listen(self, slot: _Slot) -> None:
+        """Under ``_cv``, in an idle slot: sleep on the master's rings in the
+        comm thread's stead, and take what they announce with a comm round
+        of this slot's own; returns when a task is queued or the rank stops.
+
+        The comm thread would take a task, queue it and wake this slot: on an
+        idle farm's round trip that hand-off was one more thread wake-up.
+        While this slot sleeps here a ring wakes it and not the comm thread
+        (`Wakeup.listen`); once it runs a task, rings wake the comm thread
+        again, which hears steals and Stop as before.  Nothing needs waking
+        when a task starts, which any other way would have cost the task's
+        start or idle CPU."""
+        t = self.transport
+        self._listener = slot
+        # as the comm thread's: after a ring whose probe found nothing (here
+        # in whole milliseconds, `Wakeup.listen`'s resolution)
+        recheck = len(RING_RECHECKS)
+        try:
+            while not self._queue and not self._stopping:
+                timeout = RING_RECHECKS[recheck] if recheck < len(RING_RECHECKS) else None
+                self._in_listen = True
+                self._cv.release()
+                try:
+                    woken = t.wakeup.listen(timeout)
+                finally:
+                    self._cv.acquire()
+                    self._in_listen = False
+                if self._queue or self._stopping:
+                    break
+                if woken == POKED:
+                    continue  # a poke that found nothing new: the queue was taken already
+                self._cv.release()
+                try:
+                    with self._mpi_lock:
+                        _, rung, got, sending = self._comm_round(True, True, woken)
+                except BaseException:
+                    self._stop_after_error()
+                    raise
+                finally:
+                    self._cv.acquire()
+                if sending or self._stopping:
+                    t.poke()  # the comm thread sees a large send through; or leaves
+                if got:
+                    recheck = len(RING_RECHECKS)
+                elif rung:
+                    recheck = 0
+                elif timeout is not None:
+                    recheck += 1
+        finally:
+            self._listener = None
+            self._cv.notify()  # another idle slot may listen in this one's stead
+
     def _send_outbox(self) -> bool:
         """From a slot whose results go now: send them itself, unless the comm
         thread is using the transport (False: it is poked instead).  Waking the
@@ -457,10 +545,7 @@ class Worker:
         except BaseException:
             # an MPI error, as it would have been in the comm thread: the rank
             # stops, its comm thread too (else `run` would wait for it forever)
-            with self._cv:
-                self._stopping = True
-                self._cv.notify_all()
-            self.transport.poke()
+            self._stop_after_error()
             raise
         finally:
             self._mpi_lock.release()

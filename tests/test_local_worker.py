@@ -9,17 +9,17 @@ import contextlib
 import operator
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 
 import taskfarm._serialization as ser
 import taskfarm._worker as worker_module
-from taskfarm._loopback import LOCAL_PEER, LocalEnd, Loopback
+from taskfarm._loopback import LOCAL_PEER, LocalEnd, Loopback, _copy
 from taskfarm._protocol import Config, FnRef, Kind, Part, ResultBatch, Steal, Stop, TaskBatch, TaskItem
-from taskfarm._transport import Transport
+from taskfarm._transport import MASTER, Transport, Wakeup
 
 #: how long the test waits for an answer that comes in microseconds; the
 #: worker's own poll period is raised far beyond it, so only a worker that
@@ -316,15 +316,27 @@ class _NamingEnd(LocalEnd):
         super().send(peer, kind, record)
 
 
+_End = TypeVar("_End", bound=LocalEnd)
+
+
+def _one_slot_worker(
+    end_type: type[_End],
+) -> tuple[Loopback, threading.Event, _End, worker_module.Worker, threading.Thread]:
+    """A one-slot worker on a link whose worker end is an ``end_type``: the
+    link, the event set whenever the worker sends, the end, the worker, and
+    its thread (named "the-slot"), not started yet."""
+    answered = threading.Event()
+    link = Loopback(cast(Transport, None), answered.set)
+    end = end_type(link)
+    link.local = end
+    worker = worker_module.Worker(end, slots=1, forward_logs=False)
+    return link, answered, end, worker, threading.Thread(target=worker.run, name="the-slot", daemon=True)
+
+
 @contextlib.contextmanager
 def _named_worker() -> Iterator[tuple[Loopback, threading.Event, _NamingEnd, worker_module.Worker]]:
     """`_rank0_worker` on a link that names who sent each result, with the worker itself."""
-    answered = threading.Event()
-    link = Loopback(cast(Transport, None), answered.set)
-    end = _NamingEnd(link)
-    link.local = end
-    worker = worker_module.Worker(end, slots=1, forward_logs=False)
-    thread = threading.Thread(target=worker.run, name="the-slot", daemon=True)
+    link, answered, end, worker, thread = _one_slot_worker(_NamingEnd)
     thread.start()
     try:
         link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
@@ -412,3 +424,98 @@ def test_a_slot_whose_send_fails_stops_the_rank() -> None:
         thread.join(ANSWER_WITHIN)
         pytest.fail("the rank kept running after its result could not be sent")
     assert [str(e) for e in errors] == ["MPI_ERR_OTHER: the link broke"]
+
+
+class _RungEnd(LocalEnd):
+    """The local link with a doorbell of its own, like a worker rank's: the
+    test rings it after each message, as the master does."""
+
+    def __init__(self, link: Loopback) -> None:
+        super().__init__(link)
+        self.wakeup.close()
+        self.wakeup = Wakeup(LOCAL_PEER, network=True)
+
+
+def _can_listen() -> bool:
+    wakeup = Wakeup(LOCAL_PEER)
+    try:
+        return wakeup.can_listen()
+    finally:
+        wakeup.close()
+
+
+def _asleep_in_epoll(thread: threading.Thread) -> bool:
+    """True while ``thread`` sleeps in epoll_wait(2) (Linux's /proc)."""
+    with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+        return "epoll" in f.read()
+
+
+def _until_asleep(*threads: threading.Thread) -> None:
+    deadline = time.monotonic() + ANSWER_WITHIN
+    while not all(_asleep_in_epoll(thread) for thread in threads):
+        assert time.monotonic() < deadline, "the worker's threads never went to sleep"
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def _rung_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[Loopback, threading.Event, Callable[[Kind, object], None], list[str], threading.Thread]]:
+    """A one-slot worker rung like a worker rank; yields the link, the answer
+    event, a send that rings, the threads that took each task batch, and
+    the worker's thread.  Its slot and comm thread are asleep when a message
+    is sent."""
+    monkeypatch.setattr(worker_module, "DOORBELL_POLL_CAP", 3600.0)  # no timed round takes a message
+    taken_by: list[str] = []
+    real_handle = worker_module.Worker._handle
+
+    def handle(self: worker_module.Worker, peer: int, kind: Kind, record: Any) -> None:
+        if kind is Kind.TASKS:
+            taken_by.append(threading.current_thread().name)
+        real_handle(self, peer, kind, record)
+
+    monkeypatch.setattr(worker_module.Worker, "_handle", handle)
+    link, answered, end, _, thread = _one_slot_worker(_RungEnd)
+    ringer = Wakeup(MASTER)
+    bell = ringer.resolve(end.wakeup.address)
+    assert bell is not None
+    thread.start()
+
+    def send(kind: Kind, record: object) -> None:
+        comm = [t for t in threading.enumerate() if t.name == "taskfarm-comm"]
+        _until_asleep(thread, *comm)
+        link.to_worker.append((MASTER, kind, _copy(record)))
+        ringer.ring(bell)
+
+    try:
+        link.send(LOCAL_PEER, Kind.CONFIG, Config(60.0))
+        yield link, answered, send, taken_by, thread
+    finally:
+        link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
+        thread.join(ANSWER_WITHIN)
+        ringer.close()
+        end.close()
+    assert not thread.is_alive()
+
+
+@pytest.mark.skipif(not _can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
+def test_an_idle_slot_takes_its_task_itself_when_rung(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle slot sleeps on the master's rings itself and takes the task
+    they announce: handed over by the comm thread, an idle farm's round trip
+    paid one more thread wake-up."""
+    with _rung_worker(monkeypatch) as (link, answered, send, taken_by, _):
+        for task_id in (1, 2):
+            send(Kind.TASKS, TaskBatch(None, (_task(task_id, operator.add, task_id, 10),)))
+            assert _results(link, answered, f"task {task_id}") == [(task_id, task_id + 10)]
+        assert taken_by == ["the-slot", "the-slot"]
+
+
+@pytest.mark.skipif(not _can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
+def test_stop_taken_by_a_listening_slot_ends_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop that a listening slot takes ends the comm thread too: the rank
+    says Bye and its loop returns."""
+    with _rung_worker(monkeypatch) as (link, _, send, _, thread):
+        send(Kind.STOP, Stop("done"))
+        thread.join(ANSWER_WITHIN)
+        assert not thread.is_alive(), "the rank kept running after Stop"
+        assert [kind for _, kind, _ in link.to_master][-1] is Kind.BYE

@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -256,6 +257,103 @@ def test_a_peer_without_a_local_socket_is_rung_over_udp(monkeypatch: pytest.Monk
     finally:
         sleeper.close()
         ringer.close()
+
+
+def _can_listen() -> bool:
+    wakeup = Wakeup(0)
+    try:
+        return wakeup.can_listen()
+    finally:
+        wakeup.close()
+
+
+_CAN_LISTEN = _can_listen()
+
+
+def _asleep_in_epoll(thread_id: int) -> bool:
+    """True while the thread (native id) sleeps in epoll_wait(2) (Linux's /proc)."""
+    with open(f"/proc/self/task/{thread_id}/wchan") as f:
+        return "epoll" in f.read()
+
+
+def _sleeping(target: Any) -> tuple[threading.Thread, list[int], list[int]]:
+    """``target`` run in a thread: the thread, its native id (once known) and what it returned."""
+    ident: list[int] = []
+    got: list[int] = []
+
+    def run() -> None:
+        ident.append(threading.get_native_id())
+        got.append(target())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, ident, got
+
+
+def _until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + LONG
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not _CAN_LISTEN, reason="needs epoll's exclusive wake-up (Linux)")
+def test_a_ring_wakes_the_listener_and_not_the_sleeper() -> None:
+    """While a thread listens, the master's ring is its alone: the rank's
+    usual sleeper (the comm thread) sleeps on."""
+    sleeper, ringer = Wakeup(0), Wakeup(3)
+    target = ringer.resolve(sleeper.address)
+    assert target is not None
+    waiting, wait_id, waited = _sleeping(lambda: sleeper.wait(LONG))
+    listening, listen_id, listened = _sleeping(lambda: sleeper.listen(LONG))
+    try:
+        _until(lambda: wait_id and listen_id and _asleep_in_epoll(wait_id[0]) and _asleep_in_epoll(listen_id[0]),
+               "the two threads never both slept")
+        ringer.ring(target)
+        listening.join(LONG)
+        assert listened == [RUNG]
+        assert sleeper.ringers == {3}
+        assert waiting.is_alive() and _asleep_in_epoll(wait_id[0])
+        sleeper.poke()
+        waiting.join(LONG)
+        assert waited == [POKED]  # woken by the poke, not by the ring
+        # with nobody listening, a ring wakes the sleeper
+        waiting, wait_id, waited = _sleeping(lambda: sleeper.wait(LONG))
+        _until(lambda: wait_id and _asleep_in_epoll(wait_id[0]), "the sleeper never slept")
+        ringer.ring(target)
+        waiting.join(LONG)
+        assert waited == [RUNG]
+    finally:
+        sleeper.poke()
+        sleeper.poke_listener()
+        waiting.join(LONG)
+        listening.join(LONG)
+        sleeper.close()
+        ringer.close()
+
+
+@pytest.mark.skipif(not _CAN_LISTEN, reason="needs epoll's exclusive wake-up (Linux)")
+def test_a_listener_is_poked_apart_from_the_sleeper() -> None:
+    sleeper = Wakeup(0)
+    try:
+        sleeper.poke_listener()
+        assert sleeper.listen(LONG) == POKED
+        assert sleeper.listen(0.001) == 0  # one poke, one wake-up
+        assert sleeper.wait(0.0) == 0  # the sleeper's pipe is its own
+        sleeper.poke()
+        assert sleeper.listen(0.001) == 0
+    finally:
+        sleeper.close()
+
+
+def test_without_a_socket_nobody_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DOORBELL_ENV, "0")
+    sleeper = Wakeup(0)
+    try:
+        assert not sleeper.can_listen()
+        sleeper.poke_listener()  # harmless
+    finally:
+        sleeper.close()
 
 
 def test_backoff_grows_to_its_cap_after_a_few_spins() -> None:

@@ -22,10 +22,12 @@ Waking a sleeping rank: MPI has no call that sleeps until a message comes
 has a `Wakeup`, a UDP socket whose address travels in Hello and Config (on
 Linux a peer on the same host rings a Unix datagram socket named after that
 port instead, which costs less).  After every send, `send` rings the peer's
-socket; the peer sleeps in ``select(2)`` on it (and on a pipe its own threads
-poke) instead of waking every millisecond to probe.  A rank trusts the doorbell only once it has heard the peer ring;
-until then, or with ``TASKFARM_DOORBELL=0``, it probes on a short backoff as
-before.  A lost ring (UDP) costs at most one `DOORBELL_POLL_CAP` of latency.
+socket; the peer sleeps on it (and on a pipe its own threads poke) in epoll
+or ``select(2)`` instead of waking every millisecond to probe; an idle
+worker's slot may sleep on it in the comm thread's stead (`Wakeup.listen`).
+A rank trusts the doorbell only once it has heard the peer ring; until then,
+or with ``TASKFARM_DOORBELL=0``, it probes on a short backoff as before.  A
+lost ring (UDP) costs at most one `DOORBELL_POLL_CAP` of latency.
 
 Rank loss: with Open MPI's ULFM (``mpiexec --with-ft ulfm``) a dead peer
 surfaces as MPI_ERR_PROC_FAILED; the transport acknowledges it and reports the
@@ -109,7 +111,7 @@ _RING = struct.Struct("<i")
 #: a doorbell's same-host twin: a Unix datagram socket in Linux's abstract
 #: namespace, named after the doorbell's UDP port (unique on its host, so the
 #: name needs no other exchange).  A ring through it skips the IP stack: an idle
-#: farm's round trip rings twice, and took 44 +- 13 us less (8 interleaved pairs)
+#: farm's round trip rings twice, and took 42 +- 13 us less (8 interleaved pairs)
 _LOCAL_BELL = "\0taskfarm-doorbell-{port}"
 #: epoll's exclusive wake-up (Linux 4.5+; 0 where there is none): of the
 #: sleepers registered on a doorbell this way, a ring wakes one; Linux wakes
@@ -601,8 +603,8 @@ class Wakeup:
     sending it a message (peers on its host: its Unix datagram twin), and a
     pipe its own threads poke.
 
-    Sleeping in ``select(2)`` on both costs nothing while nothing happens, and
-    a ring wakes the rank within microseconds of the message being sent; the
+    Sleeping on both (epoll, or ``select(2)``) costs nothing while nothing
+    happens, and a ring wakes the rank within microseconds of the message being sent; the
     alternative, waking every millisecond to probe MPI, costs 1-2% of a core
     per idle rank and still adds up to a millisecond of latency.  A ring
     carries the ringer's number so a rank knows which peers' rings do arrive

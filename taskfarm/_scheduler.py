@@ -836,6 +836,12 @@ class Scheduler:
         return fallback
 
     def _plan_steals(self, actions: Actions) -> None:
+        # nothing queued behind a running task anywhere: nothing to steal.  The
+        # plan below sorts every rank; run after each lone task on an idle farm
+        # of 2,048 ranks, the two passes (with `_speculate`'s) took ~1.6 ms
+        # of the scheduler's ~1.75 (benchmarks/scheduler.py)
+        if not any(len(r.inflight) > r.slots for r in self._ranks.values()):
+            return
         idle = sum(
             1 for r in self._ranks.values() if r.alive and not r.inflight and r.rank not in actions.dispatch
         )
@@ -892,6 +898,8 @@ class Scheduler:
 
     def _speculate(self, now: float, actions: Actions) -> None:
         """Rule 5: copies of straggling speculative tasks on idle ranks, the slowest first."""
+        if not self._speculative:
+            return  # no task ever asked for it: no rank needs scanning
         if any(r.stealing for r in self._ranks.values() if r.alive):
             return  # a steal under way serves the idle ranks first
         busy = set(actions.dispatch) | set(actions.lost_ranks)

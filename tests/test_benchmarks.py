@@ -77,6 +77,18 @@ def test_usage_errors_are_reported(tmp_path: Path) -> None:
     assert res.returncode == 2 and "unknown workload" in res.stderr
 
 
+def test_the_scheduler_benchmark_measures_each_farm_size(tmp_path: Path) -> None:
+    """benchmarks/scheduler.py (no MPI) prints a row per farm size, the
+    smallest as the baseline of its ratios; its burst checks every task ran."""
+    script = str(ROOT / "benchmarks" / "scheduler.py")
+    res = run([sys.executable, script, "--ranks", "16,2", "--tasks", "40"], timeout=60, check=0)
+    lines = res.stdout.splitlines()
+    rows = [line.strip("|").split("|") for line in lines if line.startswith("| ") and "ranks" not in line]
+    assert [int(row[0]) for row in rows] == [2, 16]
+    assert all(float(row[1]) > 0 and float(row[3]) > 0 for row in rows)
+    assert rows[0][2].strip() == rows[0][4].strip() == "1.0x"
+
+
 def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path: Path) -> None:
     """Skewed durations by map as well as by submit; the idle latency beside
     what the machine itself charges for a round trip and a cold start."""

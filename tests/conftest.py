@@ -198,6 +198,24 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(f)
 
 
+@functools.cache
+def can_listen() -> bool:
+    """True where a doorbell can have a second sleeper (`Wakeup.listen`: epoll's exclusive wake-up)."""
+    from taskfarm._transport import Wakeup
+
+    wakeup = Wakeup(0)
+    try:
+        return wakeup.can_listen()
+    finally:
+        wakeup.close()
+
+
+def asleep_in_epoll(native_id: int) -> bool:
+    """True while the thread with this native id sleeps in epoll_wait(2) (Linux's /proc)."""
+    with open(f"/proc/self/task/{native_id}/wchan") as f:
+        return "epoll" in f.read()
+
+
 @pytest.fixture
 def script(tmp_path: Path) -> Iterator[Any]:
     """Write a Python script into tmp_path; returns its path."""

@@ -14,6 +14,7 @@ from fractions import Fraction
 from typing import Any, TypeVar, cast
 
 import pytest
+from conftest import asleep_in_epoll, can_listen
 
 import taskfarm._serialization as ser
 import taskfarm._worker as worker_module
@@ -436,23 +437,11 @@ class _RungEnd(LocalEnd):
         self.wakeup = Wakeup(LOCAL_PEER, network=True)
 
 
-def _can_listen() -> bool:
-    wakeup = Wakeup(LOCAL_PEER)
-    try:
-        return wakeup.can_listen()
-    finally:
-        wakeup.close()
-
-
-def _asleep_in_epoll(thread: threading.Thread) -> bool:
-    """True while ``thread`` sleeps in epoll_wait(2) (Linux's /proc)."""
-    with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
-        return "epoll" in f.read()
-
-
 def _until_asleep(*threads: threading.Thread) -> None:
     deadline = time.monotonic() + ANSWER_WITHIN
-    while not all(_asleep_in_epoll(thread) for thread in threads):
+    ids = [thread.native_id for thread in threads]
+    assert None not in ids, "a thread not started"
+    while not all(asleep_in_epoll(native_id) for native_id in ids):  # type: ignore[arg-type]
         assert time.monotonic() < deadline, "the worker's threads never went to sleep"
         time.sleep(0.001)
 
@@ -498,7 +487,7 @@ def _rung_worker(
     assert not thread.is_alive()
 
 
-@pytest.mark.skipif(not _can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
+@pytest.mark.skipif(not can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
 def test_an_idle_slot_takes_its_task_itself_when_rung(monkeypatch: pytest.MonkeyPatch) -> None:
     """An idle slot sleeps on the master's rings itself and takes the task
     they announce: handed over by the comm thread, an idle farm's round trip
@@ -510,7 +499,7 @@ def test_an_idle_slot_takes_its_task_itself_when_rung(monkeypatch: pytest.Monkey
         assert taken_by == ["the-slot", "the-slot"]
 
 
-@pytest.mark.skipif(not _can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
+@pytest.mark.skipif(not can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
 def test_stop_taken_by_a_listening_slot_ends_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stop that a listening slot takes ends the comm thread too: the rank
     says Bye and its loop returns."""

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import asleep_in_epoll, can_listen
 
 from taskfarm import _transport
 from taskfarm._transport import DOORBELL_ENV, POKED, RUNG, Backoff, Wakeup
@@ -259,23 +260,6 @@ def test_a_peer_without_a_local_socket_is_rung_over_udp(monkeypatch: pytest.Monk
         ringer.close()
 
 
-def _can_listen() -> bool:
-    wakeup = Wakeup(0)
-    try:
-        return wakeup.can_listen()
-    finally:
-        wakeup.close()
-
-
-_CAN_LISTEN = _can_listen()
-
-
-def _asleep_in_epoll(thread_id: int) -> bool:
-    """True while the thread (native id) sleeps in epoll_wait(2) (Linux's /proc)."""
-    with open(f"/proc/self/task/{thread_id}/wchan") as f:
-        return "epoll" in f.read()
-
-
 def _sleeping(target: Any) -> tuple[threading.Thread, list[int], list[int]]:
     """``target`` run in a thread: the thread, its native id (once known) and what it returned."""
     ident: list[int] = []
@@ -297,7 +281,7 @@ def _until(condition: Any, what: str) -> None:
         time.sleep(0.001)
 
 
-@pytest.mark.skipif(not _CAN_LISTEN, reason="needs epoll's exclusive wake-up (Linux)")
+@pytest.mark.skipif(not can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
 def test_a_ring_wakes_the_listener_and_not_the_sleeper() -> None:
     """While a thread listens, the master's ring is its alone: the rank's
     usual sleeper (the comm thread) sleeps on."""
@@ -307,19 +291,19 @@ def test_a_ring_wakes_the_listener_and_not_the_sleeper() -> None:
     waiting, wait_id, waited = _sleeping(lambda: sleeper.wait(LONG))
     listening, listen_id, listened = _sleeping(lambda: sleeper.listen(LONG))
     try:
-        _until(lambda: wait_id and listen_id and _asleep_in_epoll(wait_id[0]) and _asleep_in_epoll(listen_id[0]),
+        _until(lambda: wait_id and listen_id and asleep_in_epoll(wait_id[0]) and asleep_in_epoll(listen_id[0]),
                "the two threads never both slept")
         ringer.ring(target)
         listening.join(LONG)
         assert listened == [RUNG]
         assert sleeper.ringers == {3}
-        assert waiting.is_alive() and _asleep_in_epoll(wait_id[0])
+        assert waiting.is_alive() and asleep_in_epoll(wait_id[0])
         sleeper.poke()
         waiting.join(LONG)
         assert waited == [POKED]  # woken by the poke, not by the ring
         # with nobody listening, a ring wakes the sleeper
         waiting, wait_id, waited = _sleeping(lambda: sleeper.wait(LONG))
-        _until(lambda: wait_id and _asleep_in_epoll(wait_id[0]), "the sleeper never slept")
+        _until(lambda: wait_id and asleep_in_epoll(wait_id[0]), "the sleeper never slept")
         ringer.ring(target)
         waiting.join(LONG)
         assert waited == [RUNG]
@@ -332,7 +316,7 @@ def test_a_ring_wakes_the_listener_and_not_the_sleeper() -> None:
         ringer.close()
 
 
-@pytest.mark.skipif(not _CAN_LISTEN, reason="needs epoll's exclusive wake-up (Linux)")
+@pytest.mark.skipif(not can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
 def test_a_listener_is_poked_apart_from_the_sleeper() -> None:
     sleeper = Wakeup(0)
     try:

@@ -25,10 +25,10 @@ about it (no inputs, schedule, priority, time limit, retries, isolation,
 speculation or out-of-band arguments) is held, unless nothing else submitted
 is unfinished (a call alone has no company to wait for), and step 5 takes
 from the held calls only what the ranks have room for, each rank's share a
-bundle.  To the
-scheduler and the wire a bundle is one task (its entry's weight counts its
-calls); the worker runs its parts one after another and sends one outcome per
-part; each call keeps its own future, journal record, events and traceback.
+bundle.  To the scheduler and the wire a bundle is one task (its entry's
+weight counts its calls); the worker runs its parts one after another and
+sends one outcome per part; each call keeps its own future, journal record,
+events and traceback.
 A bundle put back after its rank was lost goes out again one call per task,
 so a call that kills workers is quarantined alone; one stolen back from a
 busy rank is held again and bundled anew, in the smaller bundles the tail

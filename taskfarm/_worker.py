@@ -543,8 +543,6 @@ class Worker:
                 self._send_results(outbox)
             under_way = self.transport.progress(push=False)
         except BaseException:
-            # an MPI error, as it would have been in the comm thread: the rank
-            # stops, its comm thread too (else `run` would wait for it forever)
             self._stop_after_error()
             raise
         finally:

@@ -604,11 +604,11 @@ class Wakeup:
     pipe its own threads poke.
 
     Sleeping on both (epoll, or ``select(2)``) costs nothing while nothing
-    happens, and a ring wakes the rank within microseconds of the message being sent; the
-    alternative, waking every millisecond to probe MPI, costs 1-2% of a core
-    per idle rank and still adds up to a millisecond of latency.  A ring
-    carries the ringer's number so a rank knows which peers' rings do arrive
-    (`ringers`).  Without a socket (``TASKFARM_DOORBELL=0``, or none could be
+    happens, and a ring wakes the rank within microseconds of the message
+    being sent; the alternative, waking every millisecond to probe MPI, costs
+    1-2% of a core per idle rank and still adds up to a millisecond of
+    latency.  A ring carries the ringer's number so a rank knows which peers'
+    rings do arrive (`ringers`).  Without a socket (``TASKFARM_DOORBELL=0``, or none could be
     opened) only pokes wake the rank and its peers cannot ring it.
     """
 
@@ -640,10 +640,9 @@ class Wakeup:
                 self._local = local
         self._unbound: set[str] = set()  # peers' local bells found missing: rung by UDP
         self._pokes = _Pipe()
-        self._read = self._pokes.read
         # select(2), not poll(2): its timeout has microseconds (a backoff's first sleeps are 20 us);
         # but select cannot take descriptors from FD_SETSIZE on (a process with many files open)
-        self._fds = [self._read] + [sock.fileno() for sock in self._sockets()]
+        self._fds = [self._pokes.read] + [sock.fileno() for sock in self._sockets()]
         # long sleeps: epoll, exclusive on the doorbell, registered after the
         # listener's so that a ring goes to the listener while it waits
         self._listener: _Pipe | None = None
@@ -652,7 +651,7 @@ class Wakeup:
         if self._sock is not None and _EXCLUSIVE:
             self._listener = _Pipe()
             self._listen_poller = _exclusive_poller(self._sockets(), self._listener.read)
-            self._wait_poller = _exclusive_poller(self._sockets(), self._read)
+            self._wait_poller = _exclusive_poller(self._sockets(), self._pokes.read)
         self._poller: select.poll | None = None
         if max(self._fds) >= _FD_SETSIZE:
             self._poller = select.poll()

@@ -439,9 +439,9 @@ class _RungEnd(LocalEnd):
 
 def _until_asleep(*threads: threading.Thread) -> None:
     deadline = time.monotonic() + ANSWER_WITHIN
-    ids = [thread.native_id for thread in threads]
-    assert None not in ids, "a thread not started"
-    while not all(asleep_in_epoll(native_id) for native_id in ids):  # type: ignore[arg-type]
+    # a thread just started has no native id yet (threading.enumerate lists it
+    # before it runs): it is not asleep either
+    while not all(t.native_id is not None and asleep_in_epoll(t.native_id) for t in threads):
         assert time.monotonic() < deadline, "the worker's threads never went to sleep"
         time.sleep(0.001)
 
@@ -471,7 +471,9 @@ def _rung_worker(
     thread.start()
 
     def send(kind: Kind, record: object) -> None:
+        _until_asleep(thread)  # listening: Config was handled, so the comm thread runs
         comm = [t for t in threading.enumerate() if t.name == "taskfarm-comm"]
+        assert comm, "the worker has no comm thread"
         _until_asleep(thread, *comm)
         link.to_worker.append((MASTER, kind, _copy(record)))
         ringer.ring(bell)

@@ -16,6 +16,7 @@ they are done, so most never get the other four.
 
 from __future__ import annotations
 
+import _thread
 import collections
 import concurrent.futures
 import logging
@@ -72,7 +73,7 @@ class _FutureCondition(threading.Condition):
     _queue: collections.deque[Any] | None = None
 
     def __init__(self) -> None:  # not super().__init__(): see the class docstring
-        self._lock = threading.RLock()
+        self._lock = _thread.RLock()  # threading.RLock is a Python-level factory of this
 
     @property
     def _waiters(self) -> collections.deque[Any]:

@@ -261,6 +261,9 @@ class Scheduler:
         self._zombies = self._duplicates = self._speculated = 0
         self._speculative = False  # a speculative task was ever submitted (rule 5 applies)
         self._lost: list[int] = []
+        #: ranks alive: asked several times per service round, counted here
+        #: rather than over every rank each time
+        self._live = 0
 
     # -- workers -----------------------------------------------------------
     def add_worker(self, rank: int, slots: int, now: float) -> bool:
@@ -268,13 +271,18 @@ class Scheduler:
         if self.max_workers is not None and self.live_workers() >= self.max_workers:
             return False
         info = _Rank(rank, max(1, slots), last_heard=now)
+        old = self._ranks.get(rank)
+        if old is not None and old.alive:
+            self._free[old.bucket].pop(rank, None)
+            self._live -= 1
         self._ranks[rank] = info
+        self._live += 1
         self._set_capacity(info)
         self._place(info)
         return True
 
     def live_workers(self) -> int:
-        return sum(1 for r in self._ranks.values() if r.alive)
+        return self._live
 
     def live_ranks(self) -> list[int]:
         return [r.rank for r in self._ranks.values() if r.alive]
@@ -295,6 +303,7 @@ class Scheduler:
             return []
         self._free[info.bucket].pop(rank, None)
         info.alive = False
+        self._live -= 1
         self._lost.append(rank)
         requeued = []
         for position, task_id in enumerate(info.inflight):

@@ -169,7 +169,10 @@ class Worker:
         self.transport = transport
         self.rank = transport.rank
         self.host = host()
-        self._cv = threading.Condition()
+        # ``with self._lock``, not ``with self._cv``: Condition's __enter__ and
+        # __exit__ are Python code, twelve calls per task on the worker
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
         self._queue: collections.deque[tuple[TaskItem, int]] = collections.deque()
         self._queued_calls = 0  # the user's calls in ``_queue`` (a bundle counts its parts)
         self._low_water = 0  # results go at once when ``_queued_calls`` falls to this
@@ -249,7 +252,7 @@ class Worker:
                     if not delay:
                         time.sleep(0)
                         continue
-                with self._cv:
+                with self._lock:
                     lingering = self._outbox_since  # a result waiting for company, 0 if none
                     ready = bool(self._outbox) and not lingering
                 if lingering:  # it goes when its linger is over, whatever comes
@@ -258,7 +261,7 @@ class Worker:
                     woken = t.wait(delay)  # a slot's poke after the check wakes it at once
                     probe = not woken  # a sleep that ran out (a recheck, the cap): look anyway
         finally:
-            with self._cv:
+            with self._lock:
                 self._stopping = True
                 self._wake_slots()
 
@@ -268,7 +271,7 @@ class Worker:
         rung, got: received, sending: sends still under way)."""
         t = self.transport
         active = False
-        with self._cv:
+        with self._lock:
             lingering = self._outbox_since  # results waiting for company since then, 0 if none
             if lingering and time.monotonic() - lingering < RESULT_LINGER and not self._stopping:
                 outbox = []  # woken by the first of them: they go when the linger is over
@@ -280,7 +283,7 @@ class Worker:
             self._send_results(outbox)
             active = True
         elif busy and time.monotonic() - self._last_sent > self._heartbeat_interval:
-            with self._cv:
+            with self._lock:
                 running = tuple(self._running)
             t.send(MASTER, Kind.HEARTBEAT, Heartbeat(running))
             self._last_sent = time.monotonic()
@@ -306,14 +309,14 @@ class Worker:
                 self._library.add_initializer(batch.init)
             for item in batch.items:
                 self._library.learn(item.fn)  # a bundle's function too
-            with self._cv:
+            with self._lock:
                 self._queue.extend((item, executor_id) for item in batch.items)
                 self._queued_calls += sum(map(_calls, batch.items))
                 self._low_water = self._queued_calls // 2
                 self._wake_slots()
         elif kind is Kind.STEAL:
             wanted = set(record.task_ids)
-            with self._cv:
+            with self._lock:
                 given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
                 self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
                 self._queued_calls = sum(_calls(q[0]) for q in self._queue)
@@ -333,7 +336,7 @@ class Worker:
             spec = PoolSpec.from_config(config)
             if self._fixed_slots:
                 spec = dataclasses.replace(spec, concurrency=self._fixed_slots)
-            with self._cv:
+            with self._lock:
                 self._spec = spec
                 self._cv.notify_all()
         elif kind is Kind.STOP:
@@ -358,7 +361,7 @@ class Worker:
         if self._logs is not None:
             logging.getLogger().addHandler(self._logs)
         try:
-            with self._cv:
+            with self._lock:
                 while self._spec is None and not self._stopping:
                     self._cv.wait()
                 spec = self._spec
@@ -410,7 +413,7 @@ class Worker:
         if spec.kind == "processes":
             self._replace_child(slot)  # every slot starts its child at once, in parallel
         while True:
-            with self._cv:
+            with self._lock:
                 while not self._queue and not self._stopping:
                     if self._may_listen():
                         self._listen(slot)
@@ -422,7 +425,7 @@ class Worker:
                 self._queued_calls -= _calls(item)
                 self._running.add(item.task_id)
             result = self._run(slot, item, executor_id)
-            with self._cv:
+            with self._lock:
                 self._running.discard(item.task_id)
                 self._outbox.append(result)
                 first = not self._outbox_since
@@ -462,7 +465,7 @@ class Worker:
     def _stop_after_error(self) -> None:
         """A slot's MPI call failed, as it would have in the comm thread: the
         rank stops, its comm thread too (else `run` would wait for it forever)."""
-        with self._cv:
+        with self._lock:
             self._stopping = True
             self._wake_slots()
         self.transport.poke()
@@ -536,7 +539,7 @@ class Worker:
         if not self._mpi_lock.acquire(blocking=False):
             return False
         try:
-            with self._cv:
+            with self._lock:
                 outbox, self._outbox = self._outbox, []
                 self._outbox_since = 0.0  # another slot's result held meanwhile goes too
             if outbox:
@@ -594,7 +597,7 @@ class Worker:
                 loop=self._event_loop() if spec.kind == "threads" else None,
             )
         slot.busy += outcome.t_end - outcome.t_start
-        with self._cv:
+        with self._lock:
             self.tasks += 1
             if isolation != "process":
                 self.task_cpu_time += outcome.cpu
@@ -627,7 +630,7 @@ class Worker:
         cpu = time.thread_time() - cpu0
         t_end = time.time()
         slot.busy += t_end - t_start
-        with self._cv:
+        with self._lock:
             self.tasks += len(item.parts)
             self.task_cpu_time += cpu
         return ResultItem(item.task_id, item.attempt, True, b"", (), "", t_start, t_end, False, tuple(parts), values)
@@ -665,7 +668,7 @@ class Worker:
             slot.child.close()
             slot.child = None
         if slot.children_started:
-            with self._cv:
+            with self._lock:
                 self.child_restarts += 1
         slot.children_started += 1
         slot.child = Child(self._library, self.rank, self.host)

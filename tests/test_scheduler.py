@@ -97,6 +97,18 @@ class TestWorkers:
         assert s.is_lost(0) and s.live_workers() == 0
         assert s.add_worker(1, 1, 1.0)
 
+    def test_live_count_follows_losses_and_rejoins(self) -> None:
+        s = farm(ranks=3)
+        s.rank_lost(1, 1.0)
+        s.rank_lost(1, 1.0)  # twice: counted once
+        assert s.live_workers() == 2 and s.live_ranks() == [0, 2]
+        assert s.add_worker(1, 2, 2.0)  # the lost rank back
+        assert s.add_worker(2, 2, 2.0)  # a live rank's second Hello: still one rank
+        assert s.live_workers() == 3
+        submit(s, *range(6))
+        dispatch = s.poll(2.0).dispatch
+        assert set(dispatch) == {0, 1, 2} and sum(map(len, dispatch.values())) == 6
+
     def test_unlimited_by_default(self) -> None:
         s = farm(ranks=50)
         assert s.live_workers() == 50

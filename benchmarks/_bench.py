@@ -488,6 +488,7 @@ def main() -> None:
         warm_up(eng)
         result = WORKLOADS[args.workload](eng, params)
         result["_workers"] = eng.workers
+        result["_cpus"] = len(os.sched_getaffinity(0))  # 1 where the launcher bound rank 0 to a core
         result["_info"] = eng.info()
         if args.engine != "pool":
             result["_mpi"] = _mpi_library()

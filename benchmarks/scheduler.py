@@ -28,10 +28,13 @@ from taskfarm._task import TaskPolicy
 
 #: seconds each task pretends to have taken (sets the scheduler's mean, hence its prefetch)
 DURATION = 0.001
+#: the farm's own default (``taskfarm._master.DEFAULT_HEARTBEAT_TIMEOUT``, not
+#: imported: that module brings MPI): rule 2 reads the ranks' clocks
+HEARTBEAT_TIMEOUT = 300.0
 
 
 def _farm(ranks: int) -> Scheduler:
-    scheduler = Scheduler()
+    scheduler = Scheduler(heartbeat_timeout=HEARTBEAT_TIMEOUT)
     for rank in range(1, ranks + 1):
         scheduler.add_worker(rank, 1, 0.0)
     return scheduler

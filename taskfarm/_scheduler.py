@@ -264,6 +264,16 @@ class Scheduler:
         #: ranks alive: asked several times per service round, counted here
         #: rather than over every rank each time
         self._live = 0
+        #: ranks holding more tasks than slots (a queue behind the running
+        #: ones): what rule 4 may steal from, kept here so that a poll with
+        #: nothing to steal does not walk every rank to find that out
+        self._queued: set[int] = set()
+        #: live ranks holding no task, for rule 4 likewise
+        self._idle: set[int] = set()
+        #: no rank holding tasks can have been silent for `heartbeat_timeout`
+        #: before this time (a lower bound: a heartbeat only moves a rank's
+        #: clock on), so rule 2 walks every rank only once it has come
+        self._heartbeat_due = -math.inf
 
     # -- workers -----------------------------------------------------------
     def add_worker(self, rank: int, slots: int, now: float) -> bool:
@@ -277,6 +287,8 @@ class Scheduler:
             self._live -= 1
         self._ranks[rank] = info
         self._live += 1
+        self._queued.discard(rank)
+        self._idle.add(rank)
         self._set_capacity(info)
         self._place(info)
         return True
@@ -324,6 +336,8 @@ class Scheduler:
             self._make_ready(entry, now)
             requeued.append(task_id)
         info.inflight.clear()
+        self._queued.discard(rank)
+        self._idle.discard(rank)
         info.load = 0
         info.sizes.clear()
         info.nbytes = 0
@@ -627,20 +641,27 @@ class Scheduler:
         """Everything that is due at ``now``; see the module docstring for the order."""
         actions = Actions()
         self._release_timed(now)
-        if self.heartbeat_timeout is not None:
-            for info in list(self._ranks.values()):
-                if (
-                    info.alive
-                    and info.inflight
-                    and now - info.last_heard > self.heartbeat_timeout
-                ):
-                    actions.lost_ranks.append(info.rank)
+        if self.heartbeat_timeout is not None and now >= self._heartbeat_due:
+            self._check_heartbeats(now, actions)
         self._assign(now, actions)
         if not self._ready:
             self._plan_steals(actions)
             if not actions.steal:
                 self._speculate(now, actions)
         return actions
+
+    def _check_heartbeats(self, now: float, actions: Actions) -> None:
+        """Rule 2 over every rank; then the next time it can find anything."""
+        assert self.heartbeat_timeout is not None
+        due = math.inf
+        for info in list(self._ranks.values()):
+            if not info.alive or not info.inflight:
+                continue
+            deadline = info.last_heard + self.heartbeat_timeout
+            if now > deadline:
+                actions.lost_ranks.append(info.rank)  # and again each poll until `rank_lost`
+            due = min(due, deadline)
+        self._heartbeat_due = due
 
     def next_wakeup(self) -> float | None:
         """The earliest time at which `poll` may have something new to do."""
@@ -649,10 +670,8 @@ class Scheduler:
             heapq.heappop(self._timed)
         if self._timed:
             times.append(self._timed[0][0])
-        if self.heartbeat_timeout is not None:
-            busy = [r.last_heard for r in self._ranks.values() if r.alive and r.inflight]
-            if busy:
-                times.append(min(busy) + self.heartbeat_timeout)
+        if self.heartbeat_timeout is not None and self._heartbeat_due < math.inf:
+            times.append(self._heartbeat_due)  # at worst early: that poll finds the true one
         straggling = self._straggling()
         if straggling:
             times.append(min(since for since, _ in straggling) + self._straggler_threshold())
@@ -845,15 +864,15 @@ class Scheduler:
         return fallback
 
     def _plan_steals(self, actions: Actions) -> None:
-        # nothing queued behind a running task anywhere: nothing to steal.  The
-        # plan below sorts every rank; run after each lone task on an idle farm
-        # of 2,048 ranks, the two passes (with `_speculate`'s) took ~1.6 ms
-        # of the scheduler's ~1.75 (benchmarks/scheduler.py)
-        if not any(len(r.inflight) > r.slots for r in self._ranks.values()):
+        # nothing queued behind a running task anywhere, or no rank idle:
+        # nothing to steal, known from the counters without walking the ranks
+        # (the plan below sorts every rank; after each lone task on an idle
+        # farm of 2,048 ranks, the walks alone took ~1.6 ms, benchmarks/scheduler.py)
+        if not self._queued:
             return
-        idle = sum(
-            1 for r in self._ranks.values() if r.alive and not r.inflight and r.rank not in actions.dispatch
-        )
+        idle = sum(1 for rank in self._idle if rank not in actions.dispatch)
+        if idle <= 0:
+            return
         # a steal still under way already serves idle ranks: do not take more for them
         idle -= sum(r.steal_serves for r in self._ranks.values() if r.alive and r.stealing)
         if idle <= 0:
@@ -932,6 +951,13 @@ class Scheduler:
         if entry.nbytes:
             info.sizes[task_id] = entry.nbytes
             info.nbytes += entry.nbytes
+        self._idle.discard(info.rank)
+        if len(info.inflight) > info.slots:
+            self._queued.add(info.rank)
+        if self.heartbeat_timeout is not None:
+            due = info.last_heard + self.heartbeat_timeout
+            if due < self._heartbeat_due:
+                self._heartbeat_due = due
         self._place(info)
 
     def _unhold(self, info: _Rank, task_id: int) -> None:
@@ -940,6 +966,10 @@ class Scheduler:
         info.load -= info.inflight.pop(task_id)
         info.nbytes -= info.sizes.pop(task_id, 0)
         info.stealing.discard(task_id)
+        if len(info.inflight) <= info.slots:
+            self._queued.discard(info.rank)
+            if not info.inflight and info.alive:
+                self._idle.add(info.rank)
         if info.alive:
             self._place(info)
 

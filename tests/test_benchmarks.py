@@ -90,6 +90,13 @@ def test_the_scheduler_benchmark_measures_each_farm_size(tmp_path: Path) -> None
     assert rows[0][2].strip() == rows[0][4].strip() == "1.0x"
 
 
+def test_the_scheduler_benchmark_runs_the_farms_heartbeat_rule() -> None:
+    """Rule 2 reads the ranks' clocks: the benchmark's scheduler has the farm's timeout."""
+    from taskfarm._master import DEFAULT_HEARTBEAT_TIMEOUT
+
+    assert _bench_module("scheduler")._farm(2).heartbeat_timeout == DEFAULT_HEARTBEAT_TIMEOUT
+
+
 def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path: Path) -> None:
     """Skewed durations by map as well as by submit; the idle latency beside
     what the machine itself charges for a round trip and a cold start."""
@@ -121,9 +128,9 @@ def test_bound_ranks_sit_one_to_a_core(mpi: MPI, tmp_path: Path) -> None:
         assert "_error" not in sample and sample["_cpus"] == 1, sample
 
 
-def _bench_run() -> Any:
-    """benchmarks/run.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+def _bench_module(name: str = "run") -> Any:
+    """benchmarks/<name>.py as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -133,7 +140,7 @@ def _bench_run() -> Any:
 def test_the_table_gives_taskfarms_spread_beside_its_median() -> None:
     """With several repetitions the table shows taskfarm's min-max next to
     its median (a digit more for ratios near 1); with one it has no such column."""
-    bench = _bench_run()
+    bench = _bench_module()
     runs = [{"makespan_over_bound": v, "submit_tasks_per_s": 1000.0 * v} for v in (1.0384, 1.0452, 1.0432)]
     results = {
         "meta": {"reps": 3},

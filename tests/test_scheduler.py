@@ -733,6 +733,10 @@ class TestHeartbeat:
         submit(s, 1)
         s.poll(0.0)
         s.heard_from(0, 5.0)
+        # a lower bound until a poll has looked at the clocks again (rule 2
+        # does not walk every rank after each message)
+        assert s.next_wakeup() == 10.0
+        assert not s.poll(10.0).lost_ranks
         assert s.next_wakeup() == 15.0
         assert not s.poll(15.0).lost_ranks
         assert s.poll(15.001).lost_ranks == [0]
@@ -740,6 +744,16 @@ class TestHeartbeat:
         assert s.poll(16.0).lost_ranks == [0]
         s.rank_lost(0, 16.0)
         assert not s.poll(100.0).lost_ranks
+
+    def test_clocks_are_read_only_once_one_may_have_run_out(self) -> None:
+        s = farm(ranks=2, heartbeat_timeout=10.0)
+        submit(s, 1, 2)
+        s.poll(0.0)  # both ranks hold a task, their clocks start at 0
+        # a clock set back behind the scheduler's back: only a poll that reads
+        # every rank's clock would see it, and none does before 10 s
+        s._ranks[1].last_heard = -100.0
+        assert not s.poll(9.9).lost_ranks
+        assert s.poll(10.0).lost_ranks == [1]
 
     def test_idle_rank_is_never_lost(self) -> None:
         s = farm(ranks=2, heartbeat_timeout=10.0)

@@ -268,8 +268,10 @@ class Scheduler:
         #: ones): what rule 4 may steal from, kept here so that a poll with
         #: nothing to steal does not walk every rank to find that out
         self._queued: set[int] = set()
-        #: live ranks holding no task, for rule 4 likewise
+        #: live ranks holding no task, and live ranks asked to give tasks
+        #: back (a steal under way), for rules 4 and 5 likewise
         self._idle: set[int] = set()
+        self._stealing: set[int] = set()
         #: no rank holding tasks can have been silent for `heartbeat_timeout`
         #: before this time (a lower bound: a heartbeat only moves a rank's
         #: clock on), so rule 2 walks every rank only once it has come
@@ -288,6 +290,7 @@ class Scheduler:
         self._ranks[rank] = info
         self._live += 1
         self._queued.discard(rank)
+        self._stealing.discard(rank)
         self._idle.add(rank)
         self._set_capacity(info)
         self._place(info)
@@ -342,6 +345,7 @@ class Scheduler:
         info.sizes.clear()
         info.nbytes = 0
         info.stealing.clear()
+        self._stealing.discard(rank)
         return requeued
 
     def quarantined(self, task_ids: Iterable[int]) -> list[int]:
@@ -606,6 +610,8 @@ class Scheduler:
         for task_id in task_ids:
             if info is not None:
                 info.stealing.discard(task_id)
+                if not info.stealing:
+                    self._stealing.discard(rank)
                 if task_id not in info.inflight:
                     continue
                 self._unhold(info, task_id)
@@ -870,16 +876,16 @@ class Scheduler:
         # farm of 2,048 ranks, the walks alone took ~1.6 ms, benchmarks/scheduler.py)
         if not self._queued:
             return
-        idle = sum(1 for rank in self._idle if rank not in actions.dispatch)
+        idle = len(self._idle)  # a rank dispatched to in this poll holds its task already
         if idle <= 0:
             return
         # a steal still under way already serves idle ranks: do not take more for them
-        idle -= sum(r.steal_serves for r in self._ranks.values() if r.alive and r.stealing)
+        idle -= sum(self._ranks[rank].steal_serves for rank in self._stealing)
         if idle <= 0:
             return
-        # the most queued work first
-        for info in sorted(self._ranks.values(), key=lambda r: -r.load):
-            if idle <= 0 or not info.alive:
+        # the most queued work first (only ranks with a queue can give any)
+        for info in sorted((self._ranks[rank] for rank in self._queued), key=lambda r: (-r.load, r.rank)):
+            if idle <= 0:
                 return
             if info.rank in actions.lost_ranks:
                 continue  # all its tasks go back to the queue anyway
@@ -901,6 +907,7 @@ class Scheduler:
             serves = min(idle, len(take))
             info.steal_serves = (info.steal_serves if info.stealing else 0) + serves
             info.stealing.update(take)
+            self._stealing.add(info.rank)
             actions.steal[info.rank] = take
             idle -= serves
 
@@ -928,7 +935,7 @@ class Scheduler:
         """Rule 5: copies of straggling speculative tasks on idle ranks, the slowest first."""
         if not self._speculative:
             return  # no task ever asked for it: no rank needs scanning
-        if any(r.stealing for r in self._ranks.values() if r.alive):
+        if self._stealing:
             return  # a steal under way serves the idle ranks first
         busy = set(actions.dispatch) | set(actions.lost_ranks)
         threshold = self._straggler_threshold()
@@ -966,6 +973,8 @@ class Scheduler:
         info.load -= info.inflight.pop(task_id)
         info.nbytes -= info.sizes.pop(task_id, 0)
         info.stealing.discard(task_id)
+        if not info.stealing:
+            self._stealing.discard(info.rank)
         if len(info.inflight) <= info.slots:
             self._queued.discard(info.rank)
             if not info.inflight and info.alive:

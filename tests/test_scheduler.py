@@ -817,6 +817,18 @@ class TestStealing:
         assert succeed(s, 2, 1, 2.0) is Decision.ACCEPT
         assert succeed(s, 1, 0, 2.0) is Decision.ACCEPT
 
+    def test_a_finished_steal_leaves_room_for_the_next(self) -> None:
+        s = self.skewed()
+        assert s.poll(0.0).steal == {0: [2]}
+        s.released(0, [2], 1.0)
+        assert s.poll(1.0).dispatch == {1: [2]}
+        submit(s, 3, 4, now=1.0)
+        assert s.poll(1.0).dispatch == {0: [3], 1: [4]}  # each rank a task queued again
+        assert succeed(s, 2, 1, 2.0) is Decision.ACCEPT
+        assert succeed(s, 4, 1, 2.0) is Decision.ACCEPT
+        # rank 1 idle, 3 queued on rank 0: the first steal, over, does not count against this one
+        assert s.poll(2.0).steal == {0: [3]}
+
     def test_no_steal_while_ready_work_exists(self) -> None:
         s = farm(ranks=1, slots=1)
         submit(s, 1, 2, 3)

@@ -99,10 +99,18 @@ class _FutureCondition(threading.Condition):
         return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
 
     def notify_all(self) -> None:
-        # a future is resolved once and mostly waited for by nobody: skip the
-        # ownership check and the loop when there is no one to wake
-        if self._queue:
-            super().notify_all()
+        # a future is resolved once and mostly waited for by nobody: nothing
+        # to do then.  Else Condition.notify_all's loop, inline: its notify,
+        # _is_owned and _waiters are five Python calls run just before the
+        # waiting thread can wake (the caller holds the lock, as there)
+        queue = self._queue
+        if queue:
+            for waiter in tuple(queue):
+                try:
+                    waiter.release()
+                except RuntimeError:  # released already: its wait timed out meanwhile
+                    pass
+            queue.clear()
 
 
 class FarmFuture(concurrent.futures.Future[Any]):

@@ -206,6 +206,7 @@ class Farm:
         #: (ringers, live ranks, ranks that said Hello, all ring) when last counted
         self._ringing: tuple[int, int, int, bool] = (0, 0, 0, False)
         self._rung = False  # a ring came since the last round that took a message
+        self._rings_taken = False  # the last wait, ended by a ring, took the rings waiting
         self._recheck = len(RING_RECHECKS)  # the next of RING_RECHECKS after a ring that found nothing
         self._next_dispatch = 0.0  # monotonic time the scheduler must be polled by
         self.pool = pool or PoolSpec()
@@ -565,15 +566,19 @@ class Farm:
         if wakeup is not None and wakeup < float("inf"):
             delay = max(0.0, min(delay, wakeup - time.monotonic()))
         woken = self.transport.wait(delay)
-        self._rung = bool(woken & RUNG)
+        self._rung = self._rings_taken = bool(woken & RUNG)
         if woken & POKED and not ringing:
             backoff.restart()  # fresh work: its results are awaited, poll for them
 
     # step 1
     def _receive(self) -> bool:
         got = False
-        # rings of the messages this probe takes: consumed now, they do not wake the next wait
-        self._rung = self.transport.take_rings() or self._rung
+        # rings of the messages this probe takes: consumed now, they do not wake
+        # the next wait (a wait a ring has just ended took them already)
+        if self._rings_taken:
+            self._rings_taken = False
+        else:
+            self._rung = self.transport.take_rings() or self._rung
         while (message := self.transport.poll()) is not None:
             got = True
             peer, kind, record = message

@@ -51,7 +51,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from . import _protocol
@@ -322,9 +322,12 @@ class Transport:
         passes: 0 on timeout, else the `RUNG` and `POKED` bits of what woke it."""
         return self.wakeup.wait(timeout)
 
-    def poke(self) -> None:
-        """Wake the thread sleeping in `wait` (from any thread of this process)."""
-        self.wakeup.poke()
+    @property
+    def poke(self) -> Callable[[], None]:
+        """Wake the thread sleeping in `wait` (from any thread of this process):
+        the doorbell pipe's own poke, one Python call where the wrappers took
+        three (a caller that pokes often keeps it: ``wake = transport.poke``)."""
+        return self.wakeup._pokes.poke
 
     def take_rings(self) -> bool:
         """Consume the rings waiting now; True if there were any.  Called just

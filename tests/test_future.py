@@ -67,6 +67,21 @@ def test_result_blocks_until_another_thread_sets_it(resolver: str) -> None:
     thread.join()
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_a_thread_asleep_in_result_is_woken(resolver: str) -> None:
+    """No timeout to fall back on: only the resolution's notify can end the wait."""
+    future = FarmFuture(1)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(future.result()), daemon=True)
+    waiter.start()
+    while future._cond is None or not future._cond._queue:  # until it waits on the condition
+        time.sleep(0.001)
+    getattr(future, resolver)(42)
+    waiter.join(5)
+    assert got == [42] and not future._cond._queue
+
+
 @pytest.mark.timeout(10)
 def test_result_timeout_and_exception() -> None:
     future = FarmFuture(1)

@@ -616,8 +616,9 @@ class Wakeup:
     being sent; the alternative, waking every millisecond to probe MPI, costs
     1-2% of a core per idle rank and still adds up to a millisecond of
     latency.  A ring carries the ringer's number so a rank knows which peers'
-    rings do arrive (`ringers`).  Without a socket (``TASKFARM_DOORBELL=0``, or none could be
-    opened) only pokes wake the rank and its peers cannot ring it.
+    rings do arrive (`ringers`).  Without a socket (``TASKFARM_DOORBELL=0``,
+    or none could be opened) only pokes wake the rank and its peers cannot
+    ring it.
     """
 
     def __init__(self, me: int, *, network: bool | None = None) -> None:

@@ -169,6 +169,7 @@ class Worker:
         self.transport = transport
         self.rank = transport.rank
         self.host = host()
+        # ``_cv``'s lock ("under ``_cv``" below means holding it), taken as
         # ``with self._lock``, not ``with self._cv``: Condition's __enter__ and
         # __exit__ are Python code, twelve calls per task on the worker
         self._lock = threading.RLock()

@@ -18,7 +18,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,16 @@ def can_listen() -> bool:
         return wakeup.can_listen()
     finally:
         wakeup.close()
+
+
+def wait_until(condition: Callable[[], object], what: str = "the condition", timeout: float = 10.0) -> None:
+    """Poll ``condition`` every millisecond until it holds; fail, naming
+    ``what``, once ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not reached in {timeout:g} s")
+        time.sleep(0.001)
 
 
 def asleep_in_epoll(native_id: int) -> bool:

@@ -14,7 +14,7 @@ from fractions import Fraction
 from typing import Any, TypeVar, cast
 
 import pytest
-from conftest import asleep_in_epoll, can_listen
+from conftest import asleep_in_epoll, can_listen, wait_until
 
 import taskfarm._serialization as ser
 import taskfarm._worker as worker_module
@@ -438,12 +438,13 @@ class _RungEnd(LocalEnd):
 
 
 def _until_asleep(*threads: threading.Thread) -> None:
-    deadline = time.monotonic() + ANSWER_WITHIN
     # a thread just started has no native id yet (threading.enumerate lists it
     # before it runs): it is not asleep either
-    while not all(t.native_id is not None and asleep_in_epoll(t.native_id) for t in threads):
-        assert time.monotonic() < deadline, "the worker's threads never went to sleep"
-        time.sleep(0.001)
+    wait_until(
+        lambda: all(t.native_id is not None and asleep_in_epoll(t.native_id) for t in threads),
+        "the worker's threads asleep",
+        ANSWER_WITHIN,
+    )
 
 
 @contextlib.contextmanager

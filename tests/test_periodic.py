@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MPI, farm_run
+from conftest import MPI, farm_run, wait_until
 
 from taskfarm import Task
 from taskfarm._periodic import PeriodicSchedule, PeriodicTask, stop_all
@@ -225,14 +225,6 @@ def fake() -> Any:
 
 def periodic(executor: Any, interval: float, fn: Callable[..., Any], *args: Any, **options: Any) -> PeriodicTask:
     return PeriodicTask(executor, interval, Task(fn, args), **options).start()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.005)
 
 
 def test_results_stream_to_callback_and_iterator_in_order(fake: Any) -> None:

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import asleep_in_epoll, can_listen
+from conftest import asleep_in_epoll, can_listen, wait_until
 
 from taskfarm import _transport
 from taskfarm._transport import DOORBELL_ENV, POKED, RUNG, Backoff, Wakeup
@@ -274,13 +274,6 @@ def _sleeping(target: Any) -> tuple[threading.Thread, list[int], list[int]]:
     return thread, ident, got
 
 
-def _until(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + LONG
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.001)
-
-
 @pytest.mark.skipif(not can_listen(), reason="needs epoll's exclusive wake-up (Linux)")
 def test_a_ring_wakes_the_listener_and_not_the_sleeper() -> None:
     """While a thread listens, the master's ring is its alone: the rank's
@@ -291,8 +284,11 @@ def test_a_ring_wakes_the_listener_and_not_the_sleeper() -> None:
     waiting, wait_id, waited = _sleeping(lambda: sleeper.wait(LONG))
     listening, listen_id, listened = _sleeping(lambda: sleeper.listen(LONG))
     try:
-        _until(lambda: wait_id and listen_id and asleep_in_epoll(wait_id[0]) and asleep_in_epoll(listen_id[0]),
-               "the two threads never both slept")
+        wait_until(
+            lambda: wait_id and listen_id and asleep_in_epoll(wait_id[0]) and asleep_in_epoll(listen_id[0]),
+            "the two threads both asleep",
+            LONG,
+        )
         ringer.ring(target)
         listening.join(LONG)
         assert listened == [RUNG]
@@ -303,7 +299,7 @@ def test_a_ring_wakes_the_listener_and_not_the_sleeper() -> None:
         assert waited == [POKED]  # woken by the poke, not by the ring
         # with nobody listening, a ring wakes the sleeper
         waiting, wait_id, waited = _sleeping(lambda: sleeper.wait(LONG))
-        _until(lambda: wait_id and asleep_in_epoll(wait_id[0]), "the sleeper never slept")
+        wait_until(lambda: wait_id and asleep_in_epoll(wait_id[0]), "the sleeper asleep", LONG)
         ringer.ring(target)
         waiting.join(LONG)
         assert waited == [RUNG]

@@ -192,6 +192,8 @@ class FarmFuture(concurrent.futures.Future[Any]):
         if self._state == _FINISHED and self._exception is None:
             value = self._result
         else:
+            if self._state not in _RESOLVED and self._farm is not None:
+                timeout = self._farm.wait_here(self, timeout)  # an idle farm's short cut
             value = super().result(timeout)
         if type(value) is _Encoded:
             with _decode_lock:
@@ -214,6 +216,8 @@ class FarmFuture(concurrent.futures.Future[Any]):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _FINISHED:  # stored before the state, as for `result`
             return self._exception
+        if self._state not in _RESOLVED and self._farm is not None:
+            timeout = self._farm.wait_here(self, timeout)  # an idle farm's short cut
         return super().exception(timeout)
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:

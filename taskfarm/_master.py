@@ -1,7 +1,7 @@
 """The service loop on rank 0: transport <-> scheduler <-> journal <-> futures.
 
-Data flow (one service thread owns every MPI call; user threads only touch
-futures and the submission queue)::
+Data flow (the service thread makes the MPI calls, in rounds; user threads
+touch futures and the submission queue, except in the short cuts below)::
 
     user threads                     service thread                    worker ranks
     ------------                     --------------                    ------------
@@ -16,7 +16,23 @@ futures and the submission queue)::
                                      7. wait       (backoff; a submit or a worker's ring wakes it at once)
 
 Decisions (who runs what, retries, dependencies) are the scheduler's; this
-module only carries them out.  A result is made durable in the journal before
+module only carries them out.
+
+Short cuts on an idle farm.  A round (steps 1-6) runs under `Farm._round`,
+which the service thread holds except while it sleeps in step 7.  When a
+user thread submits the one unfinished task of the farm and that lock is
+free, the user thread runs the round itself and sends the task; when it
+then waits in ``result()`` for the farm's only task, it sleeps on the
+doorbell in the service thread's stead (`Wakeup.listen`: the result's ring
+wakes it first) and runs the round that takes the result.  The service
+thread sleeps through both, and is poked only when its planned sleep no
+longer fits (`Farm._after_inline_round`).  That takes two of the four
+thread wake-ups off an idle farm's round trip: each costs ~50-150 us on a
+machine with idle cores, where the woken thread lands on a cold core
+(docs/performance.md, tenth round).  MPI is initialised for
+``MPI_THREAD_MULTIPLE`` and the lock keeps its calls to one thread at a
+time, as on a worker (`_worker.Worker._mpi_lock`).  A busy farm takes
+neither short cut: its threads already run and are woken by nothing.  A result is made durable in the journal before
 its future resolves (`taskfarm._outcomes`: records, events, the commit).
 
 Bundles.  Plain calls submitted faster than they run ride together (why,
@@ -56,7 +72,7 @@ from ._errors import (
     TimeLimitExceeded,
     WorkerLostError,
 )
-from ._future import _CANCELLED, _PENDING, _RUNNING, FarmFuture
+from ._future import _CANCELLED, _PENDING, _RESOLVED, _RUNNING, FarmFuture
 from ._journal_writer import JournalWriter
 from ._loopback import Loopback
 from ._outcomes import Listener, Outcomes, decode_error, fail_future
@@ -79,7 +95,7 @@ from ._protocol import (
 )
 from ._resume import ResumeIndex
 from ._scheduler import MAX_PREFETCH, PIPELINE_SECONDS, Decision, Scheduler
-from ._signals import leave_to_main_thread
+from ._signals import hold_main_thread_signals, leave_to_main_thread, release_main_thread_signals
 from ._statistics import FarmStatistics, RankStatistics
 from ._task import TaskPolicy, TaskState
 from ._transport import (
@@ -246,6 +262,18 @@ class Farm:
         self._service_cpu = 0.0
         self._mpi = str(library()["library"])
         self._switch_interval = _fast_switching()
+        #: held by the thread running a round: the service thread, but while it
+        #: sleeps (step 7), or a user thread taking a short cut (see "Short cuts")
+        self._round = threading.Lock()
+        self._round_owner = 0  # that user thread's ident while it runs a round
+        self._sleep_until = 0.0  # monotonic time the service thread's sleep ends
+        #: a user thread waiting on the doorbell for the farm's only task: there is one doorbell listener
+        self._listening = threading.Lock()
+        self._listened: FarmFuture | None = None
+        self._inline_cpu = 0.0  # CPU of the rounds user threads ran
+        #: rounds user threads ran in `submit` and in `wait_here` (see "Short cuts")
+        self._submit_rounds = 0
+        self._result_rounds = 0
         self._thread = threading.Thread(target=self._serve, name="taskfarm-master", daemon=True)
         self._thread.start()
 
@@ -313,7 +341,120 @@ class Farm:
             if self._stopped:
                 raise RuntimeError("cannot schedule new futures after the farm has ended")
             self._submissions.append(sub)
-        self._wake()
+        # the farm's only unfinished task, and the service thread asleep: send
+        # it from here (see "Short cuts" in the module docstring)
+        if not self._tasks and self._round.acquire(blocking=False):
+            try:
+                self._inline_round(receive=False)
+            finally:
+                self._round.release()
+        else:
+            self._wake()
+
+    def wait_here(self, future: FarmFuture, timeout: float | None) -> float | None:
+        """Called by a thread about to wait for ``future``: if it is the farm's
+        only task and rings come, take its result in this thread (see "Short
+        cuts").  Returns the rest of ``timeout`` for the usual wait, which
+        finds the future resolved unless this thread could not take it."""
+        wakeup = self.transport.wakeup
+        me = threading.get_ident()
+        if (
+            len(self._tasks) != 1
+            or future.task_id not in self._tasks
+            or not self._ringing[3]  # the service thread's `_all_ring`, as last counted
+            or me == self._round_owner  # a done-callback of this thread's own round
+            or me == self._thread.ident
+            or self._service_only()
+            or isinstance(self.transport, Loopback)  # rank 0's own worker pokes, it does not ring
+            or not wakeup.can_listen()
+            or not self._listening.acquire(blocking=False)  # one listener at a time
+        ):
+            return timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._listened = future
+        recheck = len(RING_RECHECKS)  # as the service thread's, after a ring whose probe found nothing
+        try:
+            while future._state not in _RESOLVED:
+                # else as the service thread's safety net (a ring lost between nodes)
+                nap = RING_RECHECKS[recheck] if recheck < len(RING_RECHECKS) else DOORBELL_POLL_CAP
+                if deadline is not None:
+                    nap = min(nap, deadline - time.monotonic())
+                    if nap <= 0.0:
+                        break
+                woken = wakeup.listen(nap)
+                if woken == POKED or future._state in _RESOLVED:
+                    continue  # the service thread resolved it (it pokes this listener)
+                with self._round:
+                    if self._service_only():
+                        self._wake()  # the rings this thread took announced messages for it
+                        break
+                    got = self._inline_round(receive=True)
+                recheck = len(RING_RECHECKS) if got else (0 if woken & RUNG else recheck + 1)
+        finally:
+            self._listened = None
+            self._listening.release()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _inline_round(self, *, receive: bool) -> bool:
+        """Steps 1-6 in a user thread holding `_round` (see "Short cuts"),
+        with the main thread's signals held back: a KeyboardInterrupt raised
+        halfway would leave the scheduler and the transport half changed.
+        Step 1 only with ``receive`` (a submit's round leaves messages to the
+        thread their rings wake).  True if a message came."""
+        if self._service_only():
+            self._wake()
+            return False
+        self._round_owner = threading.get_ident()
+        held = hold_main_thread_signals()
+        cpu0 = time.thread_time()
+        got = False
+        try:
+            if receive:
+                got = self._receive()
+                self._commit()
+            progressed = got | self._take_submissions() | self._notice_lost()
+            if progressed or time.monotonic() >= self._next_dispatch:
+                self._dispatch()
+            sending = self.transport.progress(push=not self._all_ring())
+            self._commit()  # what the submissions and the dispatch resolved (cancelled inputs, lost ranks)
+            if got:
+                self._rung = False
+                self._recheck = len(RING_RECHECKS)
+            self._after_inline_round(sending)
+        except BaseException as exc:
+            log.exception("taskfarm round in a user thread failed")
+            self._break(BrokenFarmError(f"the farm's round in a user thread failed: {exc!r}"))
+            self._wake()
+        finally:
+            self._inline_cpu += time.thread_time() - cpu0
+            if receive:
+                self._result_rounds += 1
+            else:
+                self._submit_rounds += 1
+            self._round_owner = 0
+            release_main_thread_signals(held)
+        return got
+
+    def _service_only(self) -> bool:
+        """True once the farm ends or drains: the service thread's work alone."""
+        return (
+            self._closing
+            or self._stopped
+            or self._drain_grace is not None
+            or (self._drain_at is not None and time.monotonic() >= self._drain_at)
+        )
+
+    def _after_inline_round(self, sending: bool) -> None:
+        """Poke the service thread if its planned sleep no longer fits."""
+        if (
+            sending  # sends to progress
+            or self._submissions  # another thread's, which poked or will
+            or not self._all_ring()  # messages that do not ring must be polled for
+            or self._next_dispatch < self._sleep_until  # a timer earlier than its sleep
+            or self._snapshot_wanted.is_set()
+            or self.scheduler.live_workers() == 0
+        ):
+            self._wake()
 
     def _cancel(self, task_id: int) -> None:
         self._submissions.append(("cancel", task_id))
@@ -324,7 +465,9 @@ class Farm:
         return self._broken
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(event, fields)`` on the service thread at every state change.
+        """Call ``listener(event, fields)`` at every state change, in the
+        thread that runs the farm's round (the service thread, or a user
+        thread taking a short cut on an idle farm).
 
         Listeners must be quick and must not raise; they see events from the
         moment they are added.
@@ -410,6 +553,7 @@ class Farm:
     # -- the service thread ------------------------------------------------
     def _serve(self) -> None:
         leave_to_main_thread()
+        self._round.acquire()  # let go only while asleep (`_wait`)
         backoff = Backoff(BUSY_POLL_CAP)
         cpu0 = time.thread_time()
         try:
@@ -417,10 +561,12 @@ class Farm:
                 got = self._receive()
                 progressed = got
                 if self._commit():
+                    self._wake_listener()
                     # a user thread waits on a future just resolved: the rest of
                     # this round would hold the GIL it wakes up to (~60 us of an
-                    # idle farm's round trip); yielding lets it have it first
-                    time.sleep(0)
+                    # idle farm's round trip); yielding lets it have it first, and
+                    # the round too: its next submit may be sent at once
+                    self._nap()
                 progressed |= self._take_submissions()
                 progressed |= self._notice_lost()
                 if self._draining():
@@ -448,7 +594,7 @@ class Farm:
                     if not self._backlog() or self.scheduler.prefetch >= MAX_PREFETCH:
                         backoff.reset()  # results are awaited: poll sooner (unless ranks ring)
                     # else: every rank holds a deep pipeline (long tasks, a backlog): no hurry
-                    time.sleep(0)
+                    self._nap()
                 elif sending:
                     if self._all_ring():
                         self.transport.wait(LARGE_SEND_NAP)  # workers ring when they have taken a large send
@@ -472,6 +618,29 @@ class Farm:
             self._service_cpu = time.thread_time() - cpu0
             self._snapshot = self._take_snapshot()
             self._snapshot_ready.set()
+            self._round.release()
+            self._wake_listener()
+
+    def _nap(self) -> None:
+        """``sleep(0)``, letting go of the GIL and of the round: after a round
+        that made progress, and after step 2 resolved an awaited future.  A
+        user thread's next submit on a farm run back to back finds the round
+        free (see "Short cuts").  Held through these naps, the round was
+        always taken then, and once the service thread had taken one result
+        it took every later one (the short cuts were taken in 0 of 20 round
+        trips in 3 runs of 8)."""
+        self._sleep_until = 0.0  # a round follows at once: no user thread need poke
+        self._round.release()
+        try:
+            time.sleep(0)
+        finally:
+            self._round.acquire()
+
+    def _wake_listener(self) -> None:
+        """A user thread listening for a future this thread resolved: wake it."""
+        listened = self._listened
+        if listened is not None and listened._state in _RESOLVED:
+            self.transport.wakeup.poke_listener()
 
     def _has_work(self) -> bool:
         """True while any task is neither done nor cancelled (held ones included)."""
@@ -556,7 +725,7 @@ class Farm:
         else:
             delay = IDLE_POLL_CAP
         if delay == 0.0:
-            time.sleep(0)
+            self._nap()
             return
         wakeup = self.scheduler.next_wakeup() if self._drain_grace is not None else self._next_dispatch
         if self._drain_at is not None:
@@ -565,7 +734,13 @@ class Farm:
             wakeup = self._drain_until if wakeup is None else min(wakeup, self._drain_until)
         if wakeup is not None and wakeup < float("inf"):
             delay = max(0.0, min(delay, wakeup - time.monotonic()))
-        woken = self.transport.wait(delay)
+        self._wake_listener()  # its future may have been resolved by another step than the commit
+        self._sleep_until = time.monotonic() + delay
+        self._round.release()  # a user thread may run a round meanwhile (see "Short cuts")
+        try:
+            woken = self.transport.wait(delay)
+        finally:
+            self._round.acquire()
         self._rung = self._rings_taken = bool(woken & RUNG)
         if woken & POKED and not ringing:
             backoff.restart()  # fresh work: its results are awaited, poll for them
@@ -1226,7 +1401,9 @@ class Farm:
             workers=sum(1 for r in s.ranks.values() if r.alive),
             lost_ranks=s.lost_ranks,
             wall_time=wall,
-            master_cpu_fraction=self._service_cpu / wall if wall > 0 else 0.0,
+            master_cpu_fraction=(self._service_cpu + self._inline_cpu) / wall if wall > 0 else 0.0,
+            submit_rounds=self._submit_rounds,
+            result_rounds=self._result_rounds,
             prefetch=self.scheduler.prefetch,
             mpi=self._mpi,
             ranks=ranks,

@@ -31,6 +31,24 @@ def leave_to_main_thread() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
 
 
+def hold_main_thread_signals() -> object:
+    """Block `MAIN_THREAD_SIGNALS` in the calling thread until
+    `release_main_thread_signals` (given what this returns): a section that
+    must not be cut by a handler's exception runs between the two, and a
+    signal that arrives meanwhile is handled at its end.  Two calls, not a
+    context manager: the master's short cuts run this per round trip, where
+    each Python call counts (`_master`, "Short cuts")."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+
+
+def release_main_thread_signals(held: object) -> None:
+    """Undo `hold_main_thread_signals`."""
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # type: ignore[arg-type]
+
+
 @contextlib.contextmanager
 def blocked_while_starting_threads() -> Iterator[None]:
     """Block `MAIN_THREAD_SIGNALS` in the calling thread for the ``with`` body:

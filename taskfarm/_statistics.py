@@ -55,7 +55,8 @@ class FarmStatistics:
     workers: int
     lost_ranks: tuple[int, ...]
     wall_time: float
-    #: CPU of the master's service thread per second of wall time
+    #: CPU of the master's rounds (its service thread's, and those user
+    #: threads ran: ``submit_rounds``, ``result_rounds``) per second of wall time
     master_cpu_fraction: float
     prefetch: int
     mpi: str
@@ -78,6 +79,12 @@ class FarmStatistics:
     #: tasks that went out in bundles with others (plain calls submitted faster
     #: than they run; see docs/performance.md, "Bundles"); counted in the above too
     bundled: int = 0
+    #: rounds a user thread ran itself on an idle farm while the service
+    #: thread slept: in ``submit``, sending the farm's one task; in
+    #: ``result``, taking what the rings it waited on announced (see
+    #: docs/performance.md, "Short cuts on an idle farm")
+    submit_rounds: int = 0
+    result_rounds: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``--stats-json`` writes)."""

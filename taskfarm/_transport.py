@@ -62,8 +62,9 @@ from ._signals import blocked_while_starting_threads
 try:  # mpi4py must not be initialised before the launcher has set things up
     import mpi4py
 
-    # the master's service thread makes the MPI calls; on a worker, its comm thread
-    # or a slot sending its own results, one at a time (`_worker.Worker._mpi_lock`)
+    # on the master, the thread running a round (its service thread, or a user
+    # thread on an idle farm: `_master.Farm._round`); on a worker, its comm thread
+    # or a slot sending its own results; one at a time (`_worker.Worker._mpi_lock`)
     mpi4py.rc.thread_level = "multiple"
     with blocked_while_starting_threads():  # MPI's own threads leave signals to the main thread
         from mpi4py import MPI

@@ -217,3 +217,48 @@ def test_only_the_main_thread_of_rank_0_takes_the_drain_signals(mpi: MPI, script
     threads = report["threads"].items()
     open_to_them = {tid: name for tid, (name, mask) in threads if not all(mask & b for b in drain_bits)}
     assert not open_to_them, f"threads of rank 0 that can take a drain signal: {open_to_them}"
+
+
+LONE_WAIT = """\
+import os
+import sys
+import time
+
+from taskfarm import FarmExecutor, Task
+
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return path
+
+
+warm, ready = sys.argv[1], sys.argv[2]
+with FarmExecutor() as ex:
+    # every worker runs a task first, so that every worker's rings have come
+    blockers = [ex.submit_task(Task(wait_for, (warm,), time_limit=120)) for _ in range(ex.workers)]
+    open(warm, "w").close()
+    [b.result() for b in blockers]
+    # in a process of its own, which the drain can cut off: the ranks stop cleanly
+    lone = ex.submit_task(Task(wait_for, (warm + ".never",), isolation="process"))
+    open(ready, "w").close()
+    lone.result()  # the signal comes while this thread listens for the farm's only task
+"""
+
+
+def test_a_drain_signal_reaches_a_main_thread_that_listens_for_the_only_task(
+    mpi: MPI, script: Any, start: Callable[..., Job], tmp_path: Path
+) -> None:
+    """A main thread waiting for the farm's only task sleeps on the doorbell
+    and runs rounds of the farm itself, with the drain signals held back
+    while it does (taskfarm._master, "Short cuts"): it must take them again,
+    and a signal that comes while it sleeps must start the drain."""
+    warm, ready = tmp_path / "warm", tmp_path / "ready"
+    job = start(mpi, 3, ["run", "-q", "--grace", 1, script(LONE_WAIT), warm, ready])
+    wait_until(ready.exists, "the lone task to be submitted", job)
+    t0 = time.monotonic()
+    job.proc.send_signal(signal.SIGUSR1)  # both launchers pass it on
+    res = job.finish(TIMEOUT)
+    assert time.monotonic() - t0 < 1 + DRAIN_SLACK, res.explain()
+    assert res.returncode == 75, res.explain()
+    assert "taskfarm: SIGUSR1: draining" in res.stderr

@@ -194,7 +194,10 @@ class FarmFuture(concurrent.futures.Future[Any]):
         else:
             if self._state not in _RESOLVED and self._farm is not None:
                 timeout = self._farm.wait_here(self, timeout)  # an idle farm's short cut
-            value = super().result(timeout)
+            if self._state == _FINISHED and self._exception is None:  # as above: resolved meanwhile
+                value = self._result
+            else:
+                value = super().result(timeout)
         if type(value) is _Encoded:
             with _decode_lock:
                 value = self._result

@@ -388,6 +388,8 @@ class Farm:
                     if self._service_only():
                         self._wake()  # the rings this thread took announced messages for it
                         break
+                    # `listen` took the rings waiting, as the service thread's `_wait` does
+                    self._rings_taken = bool(woken & RUNG)
                     got = self._inline_round(receive=True)
                 recheck = len(RING_RECHECKS) if got else (0 if woken & RUNG else recheck + 1)
         finally:

@@ -270,7 +270,7 @@ class Farm:
         #: a user thread waiting on the doorbell for the farm's only task: there is one doorbell listener
         self._listening = threading.Lock()
         self._listened: FarmFuture | None = None
-        self._inline_cpu = 0.0  # CPU of the rounds user threads ran
+        self._inline_cpu = 0.0  # time the rounds user threads ran took (they do not block)
         #: rounds user threads ran in `submit` and in `wait_here` (see "Short cuts")
         self._submit_rounds = 0
         self._result_rounds = 0
@@ -408,7 +408,9 @@ class Farm:
             return False
         self._round_owner = threading.get_ident()
         held = hold_main_thread_signals()
-        cpu0 = time.thread_time()
+        # wall time: such a round does not block, and thread_time() is a system
+        # call (~5 us each, run cold), where monotonic() is not
+        t0 = time.monotonic()
         got = False
         try:
             if receive:
@@ -428,7 +430,7 @@ class Farm:
             self._break(BrokenFarmError(f"the farm's round in a user thread failed: {exc!r}"))
             self._wake()
         finally:
-            self._inline_cpu += time.thread_time() - cpu0
+            self._inline_cpu += time.monotonic() - t0
             if receive:
                 self._result_rounds += 1
             else:

@@ -16,24 +16,25 @@ touch futures and the submission queue, except in the short cuts below)::
                                      7. wait       (backoff; a submit or a worker's ring wakes it at once)
 
 Decisions (who runs what, retries, dependencies) are the scheduler's; this
-module only carries them out.
+module only carries them out.  A result is made durable in the journal before
+its future resolves (`taskfarm._outcomes`: records, events, the commit).
 
 Short cuts on an idle farm.  A round (steps 1-6) runs under `Farm._round`,
-which the service thread holds except while it sleeps in step 7.  When a
-user thread submits the one unfinished task of the farm and that lock is
-free, the user thread runs the round itself and sends the task; when it
+which the service thread holds except while it sleeps (step 7, and its
+``sleep(0)`` naps: `Farm._nap`).  When a user thread submits the one
+unfinished task of the farm and that lock is free, the user thread runs
+the round itself and sends the task; when it
 then waits in ``result()`` for the farm's only task, it sleeps on the
 doorbell in the service thread's stead (`Wakeup.listen`: the result's ring
 wakes it first) and runs the round that takes the result.  The service
 thread sleeps through both, and is poked only when its planned sleep no
 longer fits (`Farm._after_inline_round`).  That takes two of the four
-thread wake-ups off an idle farm's round trip: each costs ~50-150 us on a
-machine with idle cores, where the woken thread lands on a cold core
-(docs/performance.md, tenth round).  MPI is initialised for
-``MPI_THREAD_MULTIPLE`` and the lock keeps its calls to one thread at a
-time, as on a worker (`_worker.Worker._mpi_lock`).  A busy farm takes
-neither short cut: its threads already run and are woken by nothing.  A result is made durable in the journal before
-its future resolves (`taskfarm._outcomes`: records, events, the commit).
+thread wake-ups off an idle farm's round trip, ~0.2 ms on a 2-core VM where
+a woken thread lands on an idle, cold core (docs/performance.md, tenth
+round).  MPI is initialised for ``MPI_THREAD_MULTIPLE`` and the lock keeps
+its calls to one thread at a time, as on a worker
+(`_worker.Worker._mpi_lock`).  A busy farm takes neither short cut: its
+threads already run and are woken by nothing.
 
 Bundles.  Plain calls submitted faster than they run ride together (why,
 and the size rule: `taskfarm._bundles`): a submission with nothing special

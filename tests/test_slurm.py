@@ -507,3 +507,35 @@ def test_farm_walltime_chain(cluster: Cluster, farm_cli: str, work: Path, launch
 
 def chain_lines(run_dir: Path) -> list[str]:
     return [line for line in (run_dir / "chain.log").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("path", "pattern"),
+    [
+        # a directory holding the job id's digits (a temporary directory's random name did)
+        ("/tmp/tfs-kuudp275/chain-75.out", "/tmp/tfs-kuudp275/chain-%j.out"),
+        ("/scratch/75/run-75-x.out", "/scratch/75/run-%j-x.out"),
+        ("/a/75x/out-7575.log", "/a/75x/out-75%j.log"),  # the last time the id appears
+        ("/work/farm.out", "/work/farm.out"),  # a fixed name: every job of the chain appends to it
+        ("farm-75.out", "farm-%j.out"),
+    ],
+)
+def test_the_follow_up_writes_where_this_job_does(path: str, pattern: str) -> None:
+    """The walltime chain submits its follow-up with this job's output file as
+    a pattern (``--output``): the job id turned back into ``%j`` in the file's
+    name, and nowhere else.  Replacing it everywhere once sent a follow-up's
+    output to a directory that did not exist, and the follow-up failed at once."""
+    script = SLURM_DIR / "farm-walltime.sbatch"
+    function = subprocess.run(
+        ["sed", "-n", "/^as_pattern() {/,/^}/p", str(script)], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    assert function.startswith("as_pattern() {"), function
+    got = subprocess.run(
+        ["bash", "-c", f'{function}\nas_pattern "$1"', "_", path],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SLURM_JOB_ID": "75"},
+        timeout=10,
+        check=True,
+    )
+    assert got.stdout == pattern + "\n", got

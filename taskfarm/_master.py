@@ -407,8 +407,8 @@ class Farm:
         if self._service_only():
             self._wake()
             return False
-        self._round_owner = threading.get_ident()
         held = hold_main_thread_signals()
+        self._round_owner = threading.get_ident()  # once no handler can cut in before the try
         # wall time: such a round does not block, and thread_time() is a system
         # call (~5 us each, run cold), where monotonic() is not
         t0 = time.monotonic()

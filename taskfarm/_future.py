@@ -187,17 +187,14 @@ class FarmFuture(concurrent.futures.Future[Any]):
         return cancelled
 
     def result(self, timeout: float | None = None) -> Any:
+        if self._state not in _RESOLVED and self._farm is not None:
+            timeout = self._farm.wait_here(self, timeout)  # an idle farm's short cut
         # a finished future never changes again, and its result is stored
         # before its state: read without the condition (Python-level methods)
         if self._state == _FINISHED and self._exception is None:
             value = self._result
         else:
-            if self._state not in _RESOLVED and self._farm is not None:
-                timeout = self._farm.wait_here(self, timeout)  # an idle farm's short cut
-            if self._state == _FINISHED and self._exception is None:  # as above: resolved meanwhile
-                value = self._result
-            else:
-                value = super().result(timeout)
+            value = super().result(timeout)
         if type(value) is _Encoded:
             with _decode_lock:
                 value = self._result

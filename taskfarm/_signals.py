@@ -63,11 +63,8 @@ def blocked_while_starting_threads() -> Iterator[None]:
     """Block `MAIN_THREAD_SIGNALS` in the calling thread for the ``with`` body:
     threads that C code starts meanwhile (MPI's initialisation) inherit the
     block.  A signal that arrives meanwhile is delivered at the end."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+    held = hold_main_thread_signals()
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        release_main_thread_signals(held)

@@ -211,13 +211,25 @@ def can_listen() -> bool:
         wakeup.close()
 
 
-def wait_until(condition: Callable[[], object], what: str = "the condition", timeout: float = 10.0) -> None:
+def wait_until(
+    condition: Callable[[], object],
+    what: str = "the condition",
+    timeout: float = 10.0,
+    *,
+    ended: Callable[[], str | None] | None = None,
+    context: Callable[[], str] | None = None,
+) -> None:
     """Poll ``condition`` every millisecond until it holds; fail, naming
-    ``what``, once ``timeout`` seconds have passed."""
+    ``what``, once ``timeout`` seconds have passed (with ``context()``
+    appended: a job's output so far), or at once when ``ended()`` gives a
+    reason (the process that was to bring it about has exited)."""
     deadline = time.monotonic() + timeout
     while not condition():
+        if ended is not None and (why := ended()) is not None:
+            pytest.fail(f"{what}: not reached, {why}")
         if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached in {timeout:g} s")
+            extra = "" if context is None else "\n" + context()
+            pytest.fail(f"{what}: not reached in {timeout:g} s{extra}")
         time.sleep(0.001)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import conftest
 import pytest
 from conftest import MPI, ROOT, Result, farm_run, read_json, run
 
@@ -196,15 +197,17 @@ def descendants(root: int) -> list[int]:
 
 
 def wait_until(cond: Callable[[], bool], what: str, job: Job | None = None, timeout: float = 60.0) -> None:
-    """Poll ``cond`` (never a fixed sleep); fail if ``job`` ends first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if job is not None and not job.running():
-            pytest.fail(f"job ended before {what}\n{job.output(job.proc.returncode).explain()}")
-        if time.monotonic() > deadline:
-            extra = "" if job is None else "\n" + job.output(-1).explain()
-            pytest.fail(f"timed out waiting for {what}{extra}")
-        time.sleep(0.002)
+    """`conftest.wait_until`, failing at once with ``job``'s output if it ends first."""
+    if job is None:
+        conftest.wait_until(cond, what, timeout)
+        return
+    conftest.wait_until(
+        cond,
+        what,
+        timeout,
+        ended=lambda: None if job.running() else "the job ended\n" + job.output(job.proc.returncode).explain(),
+        context=lambda: job.output(-1).explain(),
+    )
 
 
 def size(path: Path) -> int:

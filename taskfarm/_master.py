@@ -96,7 +96,7 @@ from ._protocol import (
 )
 from ._resume import ResumeIndex
 from ._scheduler import MAX_PREFETCH, PIPELINE_SECONDS, Decision, Scheduler
-from ._signals import hold_main_thread_signals, leave_to_main_thread, release_main_thread_signals
+from ._signals import NOT_STORED, hold_main_thread_signals, leave_to_main_thread, release_main_thread_signals
 from ._statistics import FarmStatistics, RankStatistics
 from ._task import TaskPolicy, TaskState
 from ._transport import (
@@ -344,12 +344,7 @@ class Farm:
             self._submissions.append(sub)
         # the farm's only unfinished task, and the service thread asleep: send
         # it from here (see "Short cuts" in the module docstring)
-        if not self._tasks and self._round.acquire(blocking=False):
-            try:
-                self._inline_round(receive=False)
-            finally:
-                self._round.release()
-        else:
+        if self._tasks or self._inline_round(receive=False, wait=False) is None:
             self._wake()
 
     def wait_here(self, future: FarmFuture, timeout: float | None) -> float | None:
@@ -385,30 +380,47 @@ class Farm:
                 woken = wakeup.listen(nap)
                 if woken == POKED or future._state in _RESOLVED:
                     continue  # the service thread resolved it (it pokes this listener)
-                with self._round:
-                    if self._service_only():
-                        self._wake()  # the rings this thread took announced messages for it
-                        break
-                    # `listen` took the rings waiting, as the service thread's `_wait` does
-                    self._rings_taken = bool(woken & RUNG)
-                    got = self._inline_round(receive=True)
+                if self._service_only():
+                    self._wake()  # the rings this thread took announced messages for it
+                    break
+                got = bool(self._inline_round(receive=True, wait=True, rung=bool(woken & RUNG)))
                 recheck = len(RING_RECHECKS) if got else (0 if woken & RUNG else recheck + 1)
         finally:
             self._listened = None
             self._listening.release()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _inline_round(self, *, receive: bool) -> bool:
-        """Steps 1-6 in a user thread holding `_round` (see "Short cuts"),
-        with the main thread's signals held back: a KeyboardInterrupt raised
-        halfway would leave the scheduler and the transport half changed.
-        Step 1 only with ``receive`` (a submit's round leaves messages to the
-        thread their rings wake).  True if a message came."""
-        if self._service_only():
-            self._wake()
-            return False
-        held = hold_main_thread_signals()
-        self._round_owner = threading.get_ident()  # once no handler can cut in before the try
+    def _inline_round(self, *, receive: bool, wait: bool, rung: bool = False) -> bool | None:
+        """Steps 1-6 in a user thread (see "Short cuts"), taking `_round`
+        (``wait``: until it is free); True if a message came, None if the
+        round was not free.  Step 1 only with ``receive`` (a submit's round
+        leaves messages to the thread their rings wake); ``rung``: the
+        caller's `Wakeup.listen` took the rings waiting, as the service
+        thread's `_wait` does.  The main thread's signals are held from
+        before the round is taken to after it is let go: a KeyboardInterrupt
+        raised in between would leave the round taken for good, or the
+        scheduler and the transport half changed."""
+        held = NOT_STORED
+        try:
+            held = hold_main_thread_signals()
+            if not self._round.acquire(wait):
+                return None
+            try:
+                if self._service_only():
+                    self._wake()
+                    return False
+                self._round_owner = threading.get_ident()
+                self._rings_taken = rung
+                return self._inline_steps(receive)
+            finally:
+                self._round_owner = 0
+                self._round.release()
+        finally:
+            release_main_thread_signals(held)
+
+    def _inline_steps(self, receive: bool) -> bool:
+        """`_inline_round`'s steps, its error breaking the farm as one in the
+        service thread does."""
         # wall time: such a round does not block, and thread_time() is a system
         # call (~5 us each, run cold), where monotonic() is not
         t0 = time.monotonic()
@@ -436,8 +448,6 @@ class Farm:
                 self._result_rounds += 1
             else:
                 self._submit_rounds += 1
-            self._round_owner = 0
-            release_main_thread_signals(held)
         return got
 
     def _service_only(self) -> bool:

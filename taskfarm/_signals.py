@@ -52,9 +52,21 @@ def hold_main_thread_signals() -> object:
     return _sigmask(signal.SIG_BLOCK, _HELD)
 
 
+#: what a caller passes to `release_main_thread_signals` when the hold may
+#: have happened but its result was never stored: a handler's exception
+#: (KeyboardInterrupt) raised as `hold_main_thread_signals` returned, for a
+#: signal that came just before the block.  Written ``held = NOT_STORED``
+#: before a ``try`` whose first line is ``held = hold_main_thread_signals()``,
+#: the ``finally`` unblocks the signals then, as the main thread has them
+NOT_STORED = object()
+
+
 def release_main_thread_signals(held: object) -> None:
-    """Undo `hold_main_thread_signals`."""
-    if held is not None:
+    """Undo `hold_main_thread_signals` (see `NOT_STORED`)."""
+    if held is NOT_STORED:
+        if _sigmask is not None and threading.current_thread() is threading.main_thread():
+            _sigmask(signal.SIG_UNBLOCK, _HELD)
+    elif held is not None:
         _sigmask(signal.SIG_SETMASK, held)
 
 
@@ -63,8 +75,9 @@ def blocked_while_starting_threads() -> Iterator[None]:
     """Block `MAIN_THREAD_SIGNALS` in the calling thread for the ``with`` body:
     threads that C code starts meanwhile (MPI's initialisation) inherit the
     block.  A signal that arrives meanwhile is delivered at the end."""
-    held = hold_main_thread_signals()
+    held = NOT_STORED
     try:
+        held = hold_main_thread_signals()
         yield
     finally:
         release_main_thread_signals(held)

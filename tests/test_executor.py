@@ -1088,6 +1088,51 @@ SHORT_CUTS = section(
         waiter.start()
         open(GATE + ".both", "w").close()
         out["both"] = [both.result(60), (waiter.join(60), other)[1]]
+        # a signal for the main thread while it waits to take the round (the
+        # idle service thread has let it go; another thread holds it here)
+        import signal
+        from taskfarm._executor import last_farm
+
+        class Interrupted(Exception):
+            pass
+
+        def interrupt(signum, frame):
+            raise Interrupted()
+
+        farm_ = last_farm()
+        main = threading.main_thread()
+        taken = threading.Event()
+
+        def hold_the_round():
+            with farm_._round:
+                taken.set()
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:  # until the main thread sleeps on the round's lock
+                    with open(f"/proc/self/task/{{main.native_id}}/wchan") as f:
+                        if "futex" in f.read():
+                            break
+                    time.sleep(0.001)
+                signal.pthread_kill(main.ident, signal.SIGINT)
+
+        previous = signal.signal(signal.SIGINT, interrupt)
+        rounds = ex.statistics().submit_rounds
+        holder = threading.Thread(target=hold_the_round)
+        holder.start()
+        taken.wait(60)
+        try:
+            farm_._inline_round(receive=False, wait=True)
+            out["interrupted"] = False
+        except Interrupted:
+            out["interrupted"] = True
+        holder.join(60)
+        signal.signal(signal.SIGINT, previous)
+        out["round_ran"] = ex.statistics().submit_rounds - rounds
+        free = farm_._round.acquire(blocking=False)
+        if free:
+            farm_._round.release()
+        out["round_free"] = free
+        out["sigint_blocked"] = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        out["after_signal"] = ex.submit(add, 2, 2).result(60)
     """,
 )
 
@@ -1114,3 +1159,15 @@ def test_the_short_cuts_keep_the_future_contract(farm_results: Results) -> None:
     assert got["chained"] == 3
     assert got["retried"] == "second attempt"
     assert got["both"] == ["released", ["released"]]
+
+
+def test_a_signal_waits_until_a_user_threads_round_is_over(farm_results: Results) -> None:
+    """A handler's exception raised while the main thread waits for the
+    round, or halfway through it, would leave the round taken or the
+    scheduler half changed: the signal is handled once the round is let go."""
+    got = farm_results(SHORT_CUTS)
+    assert got["interrupted"] is True
+    assert got["round_ran"] == 1
+    assert got["round_free"] is True
+    assert got["sigint_blocked"] is False
+    assert got["after_signal"] == 4

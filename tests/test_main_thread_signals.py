@@ -10,7 +10,14 @@ import signal
 import threading
 
 from taskfarm._cli import DRAIN_SIGNALS
-from taskfarm._signals import MAIN_THREAD_SIGNALS, blocked_while_starting_threads, leave_to_main_thread
+from taskfarm._signals import (
+    MAIN_THREAD_SIGNALS,
+    NOT_STORED,
+    blocked_while_starting_threads,
+    hold_main_thread_signals,
+    leave_to_main_thread,
+    release_main_thread_signals,
+)
 
 
 def _mask() -> set[int]:
@@ -51,3 +58,15 @@ def test_threads_started_while_blocked_inherit_the_block() -> None:
         inherited = _mask_of_a_thread(before=True)
     assert wanted <= inherited
     assert _mask() == before  # the main thread's own mask is back
+
+
+def test_a_hold_whose_result_was_never_stored_is_undone() -> None:
+    """A handler's exception raised as the hold returned (a signal that came
+    just before the block) leaves no mask to restore: the main thread gets
+    its signals unblocked, as it had them."""
+    wanted = {int(s) for s in MAIN_THREAD_SIGNALS}
+    before = _mask()
+    hold_main_thread_signals()  # its result dropped, as such an exception drops it
+    assert wanted <= _mask()
+    release_main_thread_signals(NOT_STORED)
+    assert _mask() == before

@@ -106,6 +106,7 @@ from ._transport import (
     RING_RECHECKS,
     RUNG,
     Backoff,
+    Rechecks,
     Transport,
     library,
     ulfm_enabled,
@@ -224,7 +225,7 @@ class Farm:
         self._ringing: tuple[int, int, int, bool] = (0, 0, 0, False)
         self._rung = False  # a ring came since the last round that took a message
         self._rings_taken = False  # the last wait, ended by a ring, took the rings waiting
-        self._recheck = len(RING_RECHECKS)  # the next of RING_RECHECKS after a ring that found nothing
+        self._rechecks = Rechecks(RING_RECHECKS)  # after a ring that found nothing
         self._next_dispatch = 0.0  # monotonic time the scheduler must be polled by
         self.pool = pool or PoolSpec()
         self.master_works = bool(master_works)
@@ -368,11 +369,11 @@ class Farm:
             return timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         self._listened = future
-        recheck = len(RING_RECHECKS)  # as the service thread's, after a ring whose probe found nothing
+        rechecks = Rechecks(RING_RECHECKS)  # as the service thread's, after a ring whose probe found nothing
         try:
             while future._state not in _RESOLVED:
                 # else as the service thread's safety net (a ring lost between nodes)
-                nap = RING_RECHECKS[recheck] if recheck < len(RING_RECHECKS) else DOORBELL_POLL_CAP
+                nap = rechecks.delay(DOORBELL_POLL_CAP)
                 if deadline is not None:
                     nap = min(nap, deadline - time.monotonic())
                     if nap <= 0.0:
@@ -384,7 +385,12 @@ class Farm:
                     self._wake()  # the rings this thread took announced messages for it
                     break
                 got = bool(self._inline_round(receive=True, wait=True, rung=bool(woken & RUNG)))
-                recheck = len(RING_RECHECKS) if got else (0 if woken & RUNG else recheck + 1)
+                if got:
+                    rechecks.found()
+                elif woken & RUNG:
+                    rechecks.rang_empty()
+                else:
+                    rechecks.ran_out()
         finally:
             self._listened = None
             self._listening.release()
@@ -436,7 +442,7 @@ class Farm:
             self._commit()  # what the submissions and the dispatch resolved (cancelled inputs, lost ranks)
             if got:
                 self._rung = False
-                self._recheck = len(RING_RECHECKS)
+                self._rechecks.found()
             self._after_inline_round(sending)
         except BaseException as exc:
             log.exception("taskfarm round in a user thread failed")
@@ -605,7 +611,7 @@ class Farm:
                 if progressed:
                     if got:  # what rang came in; a ring with nothing found yet keeps its rechecks
                         self._rung = False
-                        self._recheck = len(RING_RECHECKS)
+                        self._rechecks.found()
                     if not self._backlog() or self.scheduler.prefetch >= MAX_PREFETCH:
                         backoff.reset()  # results are awaited: poll sooner (unless ranks ring)
                     # else: every rank holds a deep pipeline (long tasks, a backlog): no hurry
@@ -728,12 +734,8 @@ class Farm:
         ringing = self._all_ring()
         if ringing:  # every message rings: sleep until one does
             if self._rung:
-                self._recheck = 0
-            if self._recheck < len(RING_RECHECKS):
-                delay = RING_RECHECKS[self._recheck]
-                self._recheck += 1
-            else:
-                delay = DOORBELL_POLL_CAP if busy else IDLE_RINGING_CAP
+                self._rechecks.rang_empty()
+            delay = self._rechecks.next_delay(DOORBELL_POLL_CAP if busy else IDLE_RINGING_CAP)
         elif busy:
             backoff.cap = self._poll_cap()
             delay = backoff.next()

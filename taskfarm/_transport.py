@@ -52,7 +52,7 @@ import time
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from . import _protocol
 from ._errors import BrokenFarmError
@@ -597,6 +597,62 @@ class Backoff:
             return self._delay
         self._delay = min(self.cap, self._delay * self.GROWTH)
         return self._delay
+
+
+#: what `Rechecks` gives back once its sequence is spent: a sleep's length, or
+#: None (no timeout)
+_After = TypeVar("_After", float, None)
+
+
+class Rechecks:
+    """When a sleeper on a doorbell (`Wakeup`) probes MPI again after a ring
+    whose probe found nothing: after each of ``delays`` in turn (the
+    sequence is `RING_RECHECKS`), then no more until the next such ring.
+
+    MPI may show a message a moment after its ring arrives; without the
+    rechecks it would wait for the sleeper's safety cap (`DOORBELL_POLL_CAP`).
+    A probe that finds something ends the sequence: the ring was seen to.
+    One rule for every sleeper (the master's service thread and waiting user
+    threads, a worker's comm thread and listening slot), which sleep on an
+    idle farm's round trip: the calls are cheap and allocate nothing.
+    """
+
+    __slots__ = ("_count", "_delays", "_next")
+
+    def __init__(self, delays: tuple[float, ...]) -> None:
+        self._delays = delays
+        self._count = len(delays)
+        self._next = self._count  # none pending until a ring finds nothing
+
+    def found(self) -> None:
+        """A probe found messages: no recheck is pending."""
+        self._next = self._count
+
+    def rang_empty(self) -> None:
+        """A ring whose probe found nothing: recheck from the first delay."""
+        self._next = 0
+
+    def ran_out(self) -> None:
+        """The pending recheck's sleep ran out and its probe found nothing:
+        the next one is pending (none after the last)."""
+        if self._next < self._count:
+            self._next += 1
+
+    def delay(self, after: _After) -> float | _After:
+        """How long to sleep: the pending recheck's delay, or ``after`` if
+        none is pending.  For a sleeper that a poke may wake without a
+        probe: it calls `ran_out` once the sleep did run out."""
+        i = self._next
+        return self._delays[i] if i < self._count else after
+
+    def next_delay(self, after: _After) -> float | _After:
+        """As `delay`, and that recheck counts as done: for a sleeper that
+        probes after every sleep, however it ended."""
+        i = self._next
+        if i < self._count:
+            self._next = i + 1
+            return self._delays[i]
+        return after
 
 
 class Bell(NamedTuple):

@@ -79,6 +79,7 @@ from ._transport import (
     RING_RECHECKS,
     RUNG,
     Backoff,
+    Rechecks,
     Transport,
     host,
 )
@@ -215,7 +216,7 @@ class Worker:
         backoff = Backoff(IDLE_POLL_CAP)  # until (unless) the master's rings arrive
         ringing = False
         woken = 0
-        recheck = len(RING_RECHECKS)  # the next of RING_RECHECKS after a ring that found nothing
+        rechecks = Rechecks(RING_RECHECKS)  # after a ring that found nothing
         probe = True  # probe MPI this round even if nothing rang (after a sleep ran out)
         try:
             while True:
@@ -227,13 +228,13 @@ class Worker:
                     break
                 woken = 0
                 if got:
-                    recheck = len(RING_RECHECKS)
+                    rechecks.found()
                 elif rung:
                     # rung, and the probe found nothing yet (MPI shows a message a
                     # moment late): look again, even if this round was busy sending
                     # results, which used to skip the rechecks and leave a refill
                     # unseen until DOORBELL_POLL_CAP (250 ms idle, seen in skewed runs)
-                    recheck = 0
+                    rechecks.rang_empty()
                     probe = True
                 if active or (sending and not ringing):
                     backoff.reset()
@@ -243,11 +244,7 @@ class Worker:
                     probe = not woken
                     continue
                 if ringing:  # every message comes with a ring: sleep until one does
-                    if recheck < len(RING_RECHECKS):
-                        delay = RING_RECHECKS[recheck]
-                        recheck += 1
-                    else:
-                        delay = DOORBELL_POLL_CAP
+                    delay = rechecks.next_delay(DOORBELL_POLL_CAP)
                 else:
                     delay = backoff.next()
                     if not delay:
@@ -495,10 +492,10 @@ class Worker:
         self._listener = slot
         # as the comm thread's: after a ring whose probe found nothing (here
         # in whole milliseconds, `Wakeup.listen`'s resolution)
-        recheck = len(RING_RECHECKS)
+        rechecks = Rechecks(RING_RECHECKS)
         try:
             while not self._queue and not self._stopping:
-                timeout = RING_RECHECKS[recheck] if recheck < len(RING_RECHECKS) else None
+                timeout = rechecks.delay(None)
                 self._in_listen = True
                 self._cv.release()
                 try:
@@ -522,11 +519,11 @@ class Worker:
                 if sending or self._stopping:
                     t.poke()  # the comm thread sees a large send through; or leaves
                 if got:
-                    recheck = len(RING_RECHECKS)
+                    rechecks.found()
                 elif rung:
-                    recheck = 0
+                    rechecks.rang_empty()
                 elif timeout is not None:
-                    recheck += 1
+                    rechecks.ran_out()
         finally:
             self._listener = None
             self._cv.notify()  # another idle slot may listen in this one's stead

@@ -18,7 +18,7 @@ import pytest
 from conftest import asleep_in_epoll, can_listen, wait_until
 
 from taskfarm import _transport
-from taskfarm._transport import DOORBELL_ENV, POKED, RUNG, Backoff, Wakeup
+from taskfarm._transport import DOORBELL_ENV, POKED, RING_RECHECKS, RUNG, Backoff, Rechecks, Wakeup
 
 #: a wait that must end early is given this long; it returns in microseconds
 LONG = 10.0
@@ -345,3 +345,33 @@ def test_backoff_grows_to_its_cap_after_a_few_spins() -> None:
     assert all(b >= a for a, b in zip(delays[Backoff.SPINS :], delays[Backoff.SPINS + 1 :]))
     backoff.restart()
     assert backoff.next() == 0.0
+
+
+def test_rechecks_follow_a_ring_that_found_nothing_until_spent_or_found() -> None:
+    cap = 0.25
+    rechecks = Rechecks(RING_RECHECKS)
+    assert rechecks.next_delay(cap) == cap  # nothing rang: no recheck pending
+    rechecks.rang_empty()
+    assert [rechecks.next_delay(cap) for _ in range(4)] == [*RING_RECHECKS, cap, cap]
+    rechecks.rang_empty()
+    assert rechecks.next_delay(cap) == RING_RECHECKS[0]
+    rechecks.rang_empty()  # another empty ring mid-sequence starts over
+    assert rechecks.next_delay(cap) == RING_RECHECKS[0]
+    rechecks.found()  # a probe found the message: no more rechecks
+    assert rechecks.next_delay(cap) == cap
+
+
+def test_a_recheck_only_peeked_at_stays_pending_until_its_sleep_runs_out() -> None:
+    rechecks = Rechecks((0.001, 0.002, 0.003))
+    assert rechecks.delay(None) is None
+    rechecks.rang_empty()
+    assert rechecks.delay(None) == rechecks.delay(None) == 0.001  # a poke's wake-up: the same again
+    delays = []
+    for _ in range(5):
+        delays.append(rechecks.delay(None))
+        rechecks.ran_out()
+    assert delays == [0.001, 0.002, 0.003, None, None]
+    rechecks.rang_empty()  # spent (however often it ran out): a ring still starts over
+    assert rechecks.delay(1.0) == 0.001
+    rechecks.found()
+    assert rechecks.delay(1.0) == 1.0

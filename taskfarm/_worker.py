@@ -195,6 +195,7 @@ class Worker:
         self._spec: PoolSpec | None = None
         self._slots: list[_Slot] = []
         self._library = Library()
+        self._heads: dict[tuple[int, str], str] = {}  # see `_head`
         self._loop: EventLoop | None = None
         self._loop_lock = threading.Lock()
         self._heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
@@ -579,10 +580,10 @@ class Worker:
             return self._run_bundle(slot, item, executor_id)
         isolation = item.isolation or ("process" if spec.kind == "processes" else "inline")
         if isolation == "process":
-            head = traceback_head(self.rank, self.host, item.attempt, ", in a child process")
+            head = self._head(item.attempt, ", in a child process")
             outcome = self._run_in_child(slot, item, executor_id, head)
         else:
-            head = traceback_head(self.rank, self.host, item.attempt)
+            head = self._head(item.attempt)
             library = self._library
             outcome = execute(
                 lambda: library.function(item.fn.digest),
@@ -615,7 +616,7 @@ class Worker:
         """A bundle's calls, one after another in this slot, each with its own outcome."""
         spec = self._spec
         assert spec is not None
-        head = traceback_head(self.rank, self.host, item.attempt)
+        head = self._head(item.attempt)
         library = self._library
         init_error = library.init_error(executor_id)
         loop = self._event_loop() if spec.kind == "threads" else None
@@ -632,6 +633,16 @@ class Worker:
             self.tasks += len(item.parts)
             self.task_cpu_time += cpu
         return ResultItem(item.task_id, item.attempt, True, b"", (), "", t_start, t_end, False, tuple(parts), values)
+
+    def _head(self, attempt: int, where: str = "") -> str:
+        """The head of a traceback from a task's ``attempt`` here, made once
+        per attempt number: it names the pid, a system call (one per task
+        on an idle farm's round trip, run cold)."""
+        key = (attempt, where)
+        head = self._heads.get(key)
+        if head is None:
+            head = self._heads[key] = traceback_head(self.rank, self.host, attempt, where)
+        return head
 
     def _event_loop(self) -> EventLoop:
         with self._loop_lock:

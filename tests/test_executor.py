@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import _VENVS, MPI, farm_run, read_json
+from conftest import _VENVS, MPI, farm_run, read_json, run
 
 from taskfarm._master import MASTER_SWITCH_INTERVAL, _fast_switching, _restore_switching
 from taskfarm._scheduler import MAX_PREFETCH
@@ -1171,3 +1171,44 @@ def test_a_signal_waits_until_a_user_threads_round_is_over(farm_results: Results
     assert got["round_free"] is True
     assert got["sigint_blocked"] is False
     assert got["after_signal"] == 4
+
+
+THREAD_LEVEL_SCRIPT = """\
+import json
+import sys
+
+import mpi4py
+
+mpi4py.rc.thread_level = sys.argv[2]
+from mpi4py import MPI
+
+import taskfarm
+
+try:
+    with taskfarm.farm() as ex:
+        if ex is not None:
+            ex.submit(abs, -1).result(60)
+    out = {"error": None}
+except taskfarm.BrokenFarmError as exc:
+    out = {"error": type(exc).__name__, "names_the_level": "MPI_THREAD_FUNNELED" in str(exc)}
+if MPI.COMM_WORLD.Get_rank() == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(out, f)
+"""
+
+
+@pytest.mark.parametrize("level", ["funneled", "serialized"])
+def test_mpi_initialised_without_enough_thread_support_is_refused(
+    mpi: MPI, script: Callable[[str], Any], tmp_path: Any, level: str
+) -> None:
+    """taskfarm's threads call MPI one at a time: MPI_THREAD_SERIALIZED is
+    enough, and MPI initialised with less before taskfarm was imported
+    fails the farm with a clear error on every rank, no hang."""
+    out = tmp_path / "out.json"
+    path = script(THREAD_LEVEL_SCRIPT)
+    run([*mpi.launch(2), mpi.python, str(path), str(out), level], timeout=TIMEOUT, env=mpi.env(), check=0)
+    got = read_json(out)
+    if level == "funneled":
+        assert got == {"error": "BrokenFarmError", "names_the_level": True}
+    else:
+        assert got == {"error": None}

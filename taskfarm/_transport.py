@@ -345,7 +345,7 @@ class Transport:
         """Wake the thread sleeping in `wait` (from any thread of this process):
         the doorbell pipe's own poke, one Python call where the wrappers took
         three (a caller that pokes often keeps it: ``wake = transport.poke``)."""
-        return self.wakeup._pokes.poke
+        return self.wakeup.poker
 
     def take_rings(self) -> bool:
         """Consume the rings waiting now; True if there were any.  Called just
@@ -792,6 +792,12 @@ class Wakeup:
         `wait` returned (and its caller, checking its state after the wait,
         sees what the poke announced)."""
         self._pokes.poke()
+
+    @property
+    def poker(self) -> Callable[[], None]:
+        """`poke` as one Python call, the pipe's own, for a caller that keeps
+        it and pokes often (`Transport.poke`)."""
+        return self._pokes.poke
 
     def wait(self, timeout: float) -> int:
         """Sleep up to ``timeout`` seconds: 0 on timeout, else `RUNG` | `POKED`."""

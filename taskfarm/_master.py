@@ -174,9 +174,11 @@ class Submission(NamedTuple):
     #: then ``call`` is empty, and they are pickled only for a task of their own
     args: tuple[Any, ...] | None = None
 
-    def frame(self) -> ser.Frame:
-        """The pickled call, as a task of its own sends it."""
-        return self.call if self.args is None else ser.dumps((self.args, {}), "argument")
+    def wire_call(self) -> tuple[bytes | tuple[Any, ...], tuple[Any, ...]]:
+        """The call as a task of its own sends it (`TaskItem.call` and
+        ``buffers``): scalar arguments as they are, as a bundle's parts send
+        them; the pickle is another ~30 us of an idle farm's round trip, cold."""
+        return self.call if self.args is None else (self.args, ())
 
 
 #: a Submission's ``call`` while its arguments ride as they are (``Submission.args``)
@@ -1254,7 +1256,7 @@ class Farm:
                 continue
             attempt = attempt_of(task_id)
             self._mark_dispatched(sub, rank, attempt)
-            call, buffers = sub.frame()
+            call, buffers = sub.wire_call()
             by_executor.setdefault(sub.executor_id, []).append(
                 TaskItem(
                     task_id,

@@ -307,7 +307,7 @@ def traceback_head(rank: int, host: str, attempt: int, where: str = "") -> str:
 
 def execute(
     fn: Callable[[], Callable[..., Any]],
-    call: bytes,
+    call: bytes | tuple[Any, ...],
     buffers: tuple[Any, ...],
     deps: tuple[tuple[int, bytes, tuple[Any, ...]], ...],
     time_limit: float | None,
@@ -323,7 +323,10 @@ def execute(
         _check_initialized(init_error)
         function = fn()
         values = {task_id: ser.loads(data, bufs) for task_id, data, bufs in deps} if deps else None
-        args, kwargs = ser.loads(call, buffers, values)
+        if isinstance(call, tuple):  # scalar arguments, as they are (`TaskItem.call`)
+            args, kwargs = call, {}
+        else:
+            args, kwargs = ser.loads(call, buffers, values)
         value = call_limited(function, args, kwargs, time_limit, loop)
         payload, out = ser.dumps(value, "result")
         ok, tb = True, ""

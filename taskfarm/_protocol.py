@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 
 
 class Kind(enum.IntEnum):
@@ -77,8 +77,10 @@ class TaskItem(NamedTuple):
     task_id: int
     attempt: int
     fn: FnRef
-    #: pickled ``(args, kwargs)``; its out-of-band buffers follow in ``buffers``
-    call: bytes
+    #: pickled ``(args, kwargs)``, its out-of-band buffers following in
+    #: ``buffers``; or, as in a `Part`, the positional arguments themselves
+    #: when they are all plain scalars (no pickle of their own either end)
+    call: bytes | tuple[Any, ...]
     buffers: tuple[Any, ...]
     #: results of the task's input futures, by task id: (pickled, buffers)
     deps: tuple[tuple[int, bytes, tuple[Any, ...]], ...]

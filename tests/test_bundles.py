@@ -27,7 +27,7 @@ from taskfarm._executor import FarmExecutor
 from taskfarm._future import FarmFuture
 from taskfarm._master import Farm, Submission
 from taskfarm._outcomes import Outcomes
-from taskfarm._pools import PoolSpec
+from taskfarm._pools import PoolSpec, execute
 from taskfarm._protocol import Kind, PartResult, PartValues, ResultBatch, ResultItem, TaskBatch
 from taskfarm._scheduler import PIPELINE_SECONDS, Scheduler
 from taskfarm._task import TaskPolicy
@@ -417,9 +417,9 @@ def test_plain_values_resolve_their_calls_with_journal_and_events() -> None:
     assert farm.scheduler.statistics().running == 0
 
 
-def test_scalar_arguments_ride_as_they_are_in_bundles_and_are_pickled_alone() -> None:
+def test_scalar_arguments_ride_as_they_are_in_bundles_and_alone() -> None:
     """A submission whose arguments are scalars carries them unpickled: a
-    bundle's part holds them as they are, a task of its own gets their pickle."""
+    bundle's part holds them as they are, and so does a task of its own."""
     farm = _bare_farm(ranks=1, capacity=4)
     _hold(farm, 8, call=b"", fields=lambda i: {"args": (i, 0.5, None)})
     farm._feed(0.0)
@@ -436,7 +436,7 @@ def test_scalar_arguments_ride_as_they_are_in_bundles_and_are_pickled_alone() ->
     farm._send_tasks(rank, [alone.future.task_id])
     (item,) = farm.transport.sent[-1][2].items  # type: ignore[attr-defined]
     assert item.task_id == alone.future.task_id and not item.parts
-    assert ser.loads(item.call, item.buffers) == ((7, True), {})
+    assert item.call == (7, True) and item.buffers == ()
 
 
 class _Capture:
@@ -472,6 +472,21 @@ def _capturing_executor(journal: Any = None) -> tuple[FarmExecutor, _Capture]:
     return ex, capture
 
 
+def test_a_task_of_its_own_takes_scalar_arguments_as_they_are() -> None:
+    """A call of its own (not bundled) sends scalar arguments unpickled, as a
+    bundle's parts do, and the worker runs it from them; anything else goes
+    pickled, as before."""
+    ex, capture = _capturing_executor()
+    ex.submit(divmod, 7, 2)
+    ex.submit(divmod, "7", 2)
+    calls = [sub.wire_call() for sub in capture.subs]
+    assert calls[0] == ((7, 2), ())
+    assert isinstance(calls[1][0], bytes)
+    ran = [execute(lambda: divmod, call, buffers, (), None, "head\n") for call, buffers in calls]
+    assert ran[0].ok and ser.loads(ran[0].payload, ran[0].buffers) == (3, 1)
+    assert not ran[1].ok and "TypeError" in ran[1].traceback  # divmod("7", 2), unpickled as sent
+
+
 def test_submit_leaves_only_scalar_positional_arguments_unpickled() -> None:
     """Scalars without keywords skip the pickle on submit; anything else (a
     string, a list, a keyword, an int subclass), or any call with a journal
@@ -485,7 +500,7 @@ def test_submit_leaves_only_scalar_positional_arguments_unpickled() -> None:
     for args, kwargs in [(("7",), {}), (([7],), {}), ((7,), {"b": 2}), ((Kind.TASKS, 2), {})]:
         ex.submit(divmod, *args, **kwargs)
     assert [sub.args for sub in capture.subs] == [None] * 4
-    assert [ser.loads(*sub.frame()) for sub in capture.subs] == [
+    assert [ser.loads(*sub.call) for sub in capture.subs] == [
         (("7",), {}),
         (([7],), {}),
         ((7,), {"b": 2}),

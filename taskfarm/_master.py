@@ -171,7 +171,7 @@ class Submission(NamedTuple):
     bundle: bool = True
     #: the positional arguments themselves when all are `ser.SCALARS` and there
     #: are no keyword arguments (nor a journal, which keys a call by its pickle):
-    #: then ``call`` is empty, and they are pickled only for a task of their own
+    #: then ``call`` is empty, and they travel as they are (`wire_call`, a bundle's `Part`)
     args: tuple[Any, ...] | None = None
 
     def wire_call(self) -> tuple[bytes | tuple[Any, ...], tuple[Any, ...]]:

@@ -1133,6 +1133,34 @@ SHORT_CUTS = section(
         out["round_free"] = free
         out["sigint_blocked"] = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         out["after_signal"] = ex.submit(add, 2, 2).result(60)
+        # the service thread takes the result a listening thread waits for (its
+        # ring came while that thread was not asleep on the doorbell): it must
+        # poke the listener, which has no safety-net look to wake it here
+        import taskfarm._master
+        from taskfarm._transport import Wakeup
+
+        real_listen, real_cap = Wakeup.listen, taskfarm._master.DOORBELL_POLL_CAP
+        late = threading.Event()
+
+        def listen_late(self, timeout=None):
+            if late.is_set():  # once: keep off the doorbell until the service thread has the result
+                late.clear()
+                open(GATE + ".poke", "w").close()
+                while not farm_._listened.done():
+                    time.sleep(0.001)
+            return real_listen(self, timeout)
+
+        Wakeup.listen = listen_late
+        taskfarm._master.DOORBELL_POLL_CAP = 3600.0
+        try:
+            lone = ex.submit(wait_for, GATE + ".poke")
+            late.set()
+            t0 = time.monotonic()
+            out["poked_value"] = lone.result(30)  # unpoked, the listener would sleep all 30 s
+            out["poked_took"] = time.monotonic() - t0
+            out["listened_late"] = not late.is_set()
+        finally:
+            Wakeup.listen, taskfarm._master.DOORBELL_POLL_CAP = real_listen, real_cap
     """,
 )
 
@@ -1171,6 +1199,17 @@ def test_a_signal_waits_until_a_user_threads_round_is_over(farm_results: Results
     assert got["round_free"] is True
     assert got["sigint_blocked"] is False
     assert got["after_signal"] == 4
+
+
+def test_a_listening_thread_is_poked_when_the_service_thread_takes_its_result(farm_results: Results) -> None:
+    """A result's ring that finds the listening thread off the doorbell wakes
+    the service thread, which takes the result; it must poke the listener
+    (`Farm._wake_listener`), or the listener sleeps until its safety-net
+    look (turned off here: its wait's 30 s timeout)."""
+    got = farm_results(SHORT_CUTS)
+    assert got["listened_late"] is True  # the short cut was taken, and the result left to the service thread
+    assert got["poked_value"] == "released"
+    assert got["poked_took"] < 15.0, got
 
 
 THREAD_LEVEL_SCRIPT = """\

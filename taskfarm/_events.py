@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-from ._signals import leave_to_main_thread
+from ._signals import start_thread
 
 log = logging.getLogger("taskfarm.events")
 
@@ -69,8 +69,7 @@ class EventLog:
         }
         self._queue.append(("log_opened", head))
         self._write_pending()
-        self._thread = threading.Thread(target=self._loop, name="taskfarm-events", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(threading.Thread(target=self._loop, name="taskfarm-events", daemon=True))
 
     # -- the listener (service thread): O(1), never blocks ----------------------------
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
@@ -110,7 +109,6 @@ class EventLog:
 
     # -- the writer thread --------------------------------------------------------------
     def _loop(self) -> None:
-        leave_to_main_thread()
         while not self._closing:
             self._kick.wait(self._flush_interval)
             self._kick.clear()

@@ -34,7 +34,7 @@ from ._master import DEFAULT_HEARTBEAT_TIMEOUT, NOT_PICKLED, Farm, Submission
 from ._pools import PoolSpec
 from ._protocol import FnRef, Initializer
 from ._resume import Recorded, ResumeIndex, content_key, function_digest, label_for
-from ._signals import leave_to_main_thread
+from ._signals import start_thread
 from ._statistics import FarmStatistics
 from ._task import Task, TaskPolicy, TaskState, wall_time_of
 from ._worker import serve
@@ -622,7 +622,7 @@ class FarmExecutor(concurrent.futures.Executor):
             if self._owned and not already:
                 self._farm.close()
         elif self._owned and not already:
-            threading.Thread(target=self._close_later, daemon=False).start()
+            start_thread(threading.Thread(target=self._close_later, daemon=False))
 
     def _wait_all(self) -> None:
         while True:
@@ -633,7 +633,6 @@ class FarmExecutor(concurrent.futures.Executor):
             concurrent.futures.wait(pending)
 
     def _close_later(self) -> None:
-        leave_to_main_thread()
         self._wait_all()
         self._farm.close()
 

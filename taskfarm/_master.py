@@ -96,7 +96,7 @@ from ._protocol import (
 )
 from ._resume import ResumeIndex
 from ._scheduler import MAX_PREFETCH, PIPELINE_SECONDS, Decision, Scheduler
-from ._signals import NOT_STORED, hold_main_thread_signals, leave_to_main_thread, release_main_thread_signals
+from ._signals import NOT_STORED, hold_main_thread_signals, release_main_thread_signals, start_thread
 from ._statistics import FarmStatistics, RankStatistics
 from ._task import TaskPolicy, TaskState
 from ._transport import (
@@ -278,8 +278,7 @@ class Farm:
         #: rounds user threads ran in `submit` and in `wait_here` (see "Short cuts")
         self._submit_rounds = 0
         self._result_rounds = 0
-        self._thread = threading.Thread(target=self._serve, name="taskfarm-master", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(threading.Thread(target=self._serve, name="taskfarm-master", daemon=True))
 
     # -- called from user threads -------------------------------------------
     def new_task_id(self) -> int:
@@ -573,7 +572,6 @@ class Farm:
 
     # -- the service thread ------------------------------------------------
     def _serve(self) -> None:
-        leave_to_main_thread()
         self._round.acquire()  # let go only while asleep (`_wait`)
         backoff = Backoff(BUSY_POLL_CAP)
         cpu0 = time.thread_time()

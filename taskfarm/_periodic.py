@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._errors import BrokenFarmError
-from ._signals import leave_to_main_thread
+from ._signals import start_thread
 from ._task import Task, wall_time_of
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ class PeriodicTask:
     def start(self) -> PeriodicTask:
         with _registry_lock:
             _registry.setdefault(self._executor, set()).add(self)
-        self._thread.start()
+        start_thread(self._thread)
         return self
 
     def cancel(self) -> None:
@@ -290,7 +290,6 @@ class PeriodicTask:
 
     # -- the handle's thread ----------------------------------------------------
     def _loop(self) -> None:
-        leave_to_main_thread()
         try:
             while self._next_run():
                 future = self._submit()

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 from . import _serialization as ser
 from ._errors import BrokenFarmError, TimeLimitExceeded, WorkerLostError
 from ._protocol import Config, FnRef, Initializer, Part, PartResult, PartValues, TaskItem
-from ._signals import leave_to_main_thread
+from ._signals import start_thread
 
 #: the pools, by name
 POOLS = ("solo", "threads", "processes")
@@ -193,7 +193,7 @@ class _ThreadAlarm:
         self.fired = False
         self._timer = threading.Timer(seconds, self._fire)
         self._timer.daemon = True
-        self._timer.start()
+        start_thread(self._timer)
 
     def _fire(self) -> None:
         with self._lock:
@@ -272,11 +272,9 @@ class EventLoop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, name="taskfarm-asyncio", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(threading.Thread(target=self._serve, name="taskfarm-asyncio", daemon=True))
 
     def _serve(self) -> None:
-        leave_to_main_thread()
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any, NamedTuple
 
-from ._signals import leave_to_main_thread
+from ._signals import start_thread
 
 #: seconds between plain lines in a batch job (``--progress-interval``)
 DEFAULT_INTERVAL = 30.0
@@ -165,8 +165,7 @@ class Progress:
         self._started = time.monotonic()
         if self._use_bar:
             self._open_bar()
-        self._thread = threading.Thread(target=self._loop, name="taskfarm-progress", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(threading.Thread(target=self._loop, name="taskfarm-progress", daemon=True))
 
     def figures(self) -> Figures:
         now = time.monotonic()
@@ -203,7 +202,6 @@ class Progress:
         )
 
     def _loop(self) -> None:
-        leave_to_main_thread()
         wait = BAR_REFRESH if self._bar is not None else self.interval
         while not self._stop.wait(wait):
             self._show()

@@ -25,12 +25,15 @@ from typing import Any
 MAIN_THREAD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})
 
 
-def leave_to_main_thread() -> None:
-    """Block `MAIN_THREAD_SIGNALS` in the calling thread, unless it is the main thread.
-
-    Called first thing by every thread taskfarm starts."""
-    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is not threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+def start_thread(thread: threading.Thread) -> threading.Thread:
+    """Start one of taskfarm's threads (a `threading.Thread` or `Timer` made
+    but not started) blocking `MAIN_THREAD_SIGNALS` from its first
+    instruction: it inherits the block, held in the starting thread around
+    the start.  A thread that blocked them itself, first thing, could take
+    one in between.  Returns ``thread``."""
+    with blocked_while_starting_threads():
+        thread.start()
+    return thread
 
 
 #: the C function under `signal.pthread_sigmask`, which also turns the mask it

@@ -57,7 +57,7 @@ from typing import Any, NamedTuple, TypeVar
 from . import _protocol
 from ._errors import BrokenFarmError
 from ._protocol import Kind
-from ._signals import blocked_while_starting_threads
+from ._signals import blocked_while_starting_threads, start_thread
 
 try:  # mpi4py must not be initialised before the launcher has set things up
     import mpi4py
@@ -1051,7 +1051,7 @@ def finalize_guarded() -> None:
     sys.stderr.flush()
     watchdog = threading.Timer(timeout, leave)
     watchdog.daemon = True
-    watchdog.start()
+    start_thread(watchdog)
     mpi_finalize()
     watchdog.cancel()
 

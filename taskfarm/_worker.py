@@ -69,7 +69,7 @@ from ._protocol import (
     TaskItem,
 )
 from ._serialization import buffers_nbytes
-from ._signals import leave_to_main_thread
+from ._signals import start_thread
 from ._transport import (
     DOORBELL_POLL_CAP,
     LARGE_SEND_NAP,
@@ -211,7 +211,6 @@ class Worker:
 
     # -- comm thread -------------------------------------------------------
     def _comm_loop(self) -> None:
-        leave_to_main_thread()
         t = self.transport
         t.send(MASTER, Kind.HELLO, Hello(PROTOCOL_VERSION, self.host, os.getpid(), self._fixed_slots, t.doorbell()))
         backoff = Backoff(IDLE_POLL_CAP)  # until (unless) the master's rings arrive
@@ -352,11 +351,9 @@ class Worker:
     # -- the slots -----------------------------------------------------------
     def run(self) -> None:
         """Serve until the master says stop; returns after Bye is sent."""
-        leave_to_main_thread()  # rank 0's own worker runs in a thread
         previous_interval = sys.getswitchinterval()
         sys.setswitchinterval(WORKER_SWITCH_INTERVAL)
-        comm = threading.Thread(target=self._comm_loop, name="taskfarm-comm", daemon=True)
-        comm.start()
+        comm = start_thread(threading.Thread(target=self._comm_loop, name="taskfarm-comm", daemon=True))
         if self._logs is not None:
             logging.getLogger().addHandler(self._logs)
         try:
@@ -374,7 +371,7 @@ class Worker:
                         for slot in self._slots
                     ]
                     for thread in threads:
-                        thread.start()
+                        start_thread(thread)
                     for thread in threads:
                         thread.join()
         finally:
@@ -406,7 +403,6 @@ class Worker:
         self.transport.flush(timeout=10.0)
 
     def _serve_slot(self, slot: _Slot) -> None:
-        leave_to_main_thread()
         spec = self._spec
         assert spec is not None
         if spec.kind == "processes":
@@ -719,6 +715,4 @@ def serve(transport: Transport) -> None:
 def serve_in_thread(transport: Transport) -> threading.Thread:
     """Rank 0's own worker (``master_works``): one slot, in a thread of the master's process."""
     worker = Worker(transport, slots=1, forward_logs=False)
-    thread = threading.Thread(target=worker.run, name="taskfarm-rank0-worker", daemon=True)
-    thread.start()
-    return thread
+    return start_thread(threading.Thread(target=worker.run, name="taskfarm-rank0-worker", daemon=True))

@@ -368,7 +368,7 @@ def execute_parts(
     values: list[Any] = []
     starts: list[float] = []
     ends: list[float] = []
-    loads, dumps, now, plain = ser.loads, ser.dumps, time.time, ser.PLAIN
+    loads, dumps, now, plain = ser.loads, ser.dumps, time.time, ser.value_types()
     t_start = now()
     try:  # one function per bundle: loaded (or found wanting) once, not per call
         _check_initialized(init_error)
@@ -385,7 +385,7 @@ def execute_parts(
                 value = fn(*args, **kwargs)
             else:  # scalars, not pickled (see `Part`)
                 value = fn(*call)
-            if type(value) in plain:  # the usual case: no pickle of its own, no record
+            if type(value) in plain:  # the usual case: no pickle of its own, no record (`ser.value_types`)
                 t_end = now()
                 task_ids.append(part.task_id)
                 values.append(value)

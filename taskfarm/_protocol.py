@@ -126,7 +126,7 @@ class ResultItem(NamedTuple):
     #: a bundle's outcomes, one per part, in order (its own ``ok`` says it ran),
     #: but for the calls in ``values``
     parts: tuple[PartResult, ...] = ()
-    #: a bundle's calls that returned a value of a plain type
+    #: a bundle's calls that returned a value of a plain type or a numpy scalar
     values: PartValues | None = None
 
 
@@ -144,8 +144,8 @@ class PartResult(NamedTuple):
 
 class PartValues(NamedTuple):
     """A bundle's calls that returned a value of a plain type (None, bool, int,
-    float, complex, str, bytes; see `taskfarm._serialization.PLAIN`), as
-    columns, one entry per call.
+    float, complex, str, bytes) or a numpy numeric scalar (see
+    `taskfarm._serialization.value_types`), as columns, one entry per call.
 
     The values ride in the message itself, pickled once with it, where a
     `PartResult` carries a pickle of its own: for short calls that was a

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import MPI, Result, farm_run, read_json
 
@@ -276,6 +277,17 @@ def test_bundle_values_of_plain_types_ride_as_they_are() -> None:
     # the same clock readings as parts: each call starts where the one before ended
     assert values.t_starts[1:3] == values.t_ends[:2] and values.t_starts[3] == results[0].t_end
     assert results[1].t_start == values.t_ends[-1]
+
+
+def test_bundle_values_of_numpy_scalars_ride_as_they_are() -> None:
+    """numpy's numeric scalars (what numeric functions return) go in the
+    columns too, keeping their types; a numpy array or string still gets a part."""
+    numeric: list[Any] = [np.float64(1.5), np.int64(7), np.bool_(True), np.float32(0.25), np.complex128(2j)]
+    parts, function = _parts(same, *[(v,) for v in numeric], (np.zeros(2),), (np.str_("s"),))
+    results, values = execute_parts(parts, function, "")
+    assert values is not None and values.task_ids == [1, 2, 3, 4, 5]
+    assert values.values == numeric and [type(v) for v in values.values] == [type(v) for v in numeric]
+    assert [r.task_id for r in results] == [6, 7]
 
 
 def test_bundle_parts_take_scalar_arguments_as_they_are() -> None:

@@ -382,10 +382,10 @@ class Farm:
                 woken = wakeup.listen(nap)
                 if woken == POKED or future._state in _RESOLVED:
                     continue  # the service thread resolved it (it pokes this listener)
-                if self._service_only():
+                got = self._inline_round(receive=True, wait=True, rung=bool(woken & RUNG))
+                if got is None:  # the farm ends or drains: the service thread's work alone
                     self._wake()  # the rings this thread took announced messages for it
                     break
-                got = bool(self._inline_round(receive=True, wait=True, rung=bool(woken & RUNG)))
                 if got:
                     rechecks.found()
                 elif woken & RUNG:
@@ -399,8 +399,9 @@ class Farm:
 
     def _inline_round(self, *, receive: bool, wait: bool, rung: bool = False) -> bool | None:
         """Steps 1-6 in a user thread (see "Short cuts"), taking `_round`
-        (``wait``: until it is free); True if a message came, None if the
-        round was not free.  Step 1 only with ``receive`` (a submit's round
+        (``wait``: until it is free); True if a message came.  None if the
+        round was not free, or the farm ends or drains (`_service_only`): the
+        caller pokes the service thread.  Step 1 only with ``receive`` (a submit's round
         leaves messages to the thread their rings wake); ``rung``: the
         caller's `Wakeup.listen` took the rings waiting, as the service
         thread's `_wait` does.  The main thread's signals are held from
@@ -414,8 +415,7 @@ class Farm:
                 return None
             try:
                 if self._service_only():
-                    self._wake()
-                    return False
+                    return None
                 self._round_owner = threading.get_ident()
                 self._rings_taken = rung
                 return self._inline_steps(receive)

@@ -57,6 +57,11 @@ class Engine:
         """``chunksize=None``: the engine's own default."""
         raise NotImplementedError
 
+    def imap(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int) -> Iterable[Any]:
+        """A map whose results come as an iterator, its input a generator: the
+        engine's own way of mapping a long input (taskfarm: its default map)."""
+        return self.map(fn, items, chunksize)
+
     @staticmethod
     def result(future: Any) -> Any:
         return future.result()
@@ -78,6 +83,11 @@ class _Executor(Engine):
         if chunksize is None:
             return self.ex.map(fn, items)
         return self.ex.map(fn, items, chunksize=chunksize)
+
+    def imap(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int) -> Iterable[Any]:
+        # taskfarm chooses its chunks itself; mpi4py.futures' default (1) would
+        # take minutes over a long input, so it gets its best hand-picked size
+        return self.map(fn, items, None if self.name == "taskfarm" else chunksize)
 
     def info(self) -> dict[str, Any]:
         if self.name != "taskfarm":
@@ -110,6 +120,9 @@ class _Pool(Engine):
     def map(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int | None) -> Iterable[Any]:
         # Pool.map's default (None) picks len/(4*workers) by itself
         return self.pool.map(fn, items, chunksize)
+
+    def imap(self, fn: Callable[..., Any], items: Iterable[Any], chunksize: int) -> Iterable[Any]:
+        return self.pool.imap(fn, items, chunksize)
 
 
 def _mpi_library() -> str:
@@ -346,6 +359,28 @@ def _timed_after_pauses(samples: int, step: Callable[[], Any]) -> list[float]:
     return times
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
+    """The master's memory over a long map: its peak resident memory grows by
+    how much while ``n`` no-op calls are mapped over a generator and their
+    results dropped as they come (an engine that takes its whole input, or
+    keeps every result, grows with ``n``)."""
+    n = int(p["n"])
+    before = _peak_rss_bytes()
+    count = 0
+    for _ in eng.imap(_tasks.noop, (i for i in range(n)), int(p["chunksize"])):
+        count += 1
+    assert count == n, (count, n)
+    grown = max(0, _peak_rss_bytes() - before)
+    return {"memory_peak_growth_MB": grown / 1e6, "memory_bytes_per_item": grown / n}
+
+
 def latency(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     """One task's round trip: on an idle farm (after a random pause), and back to back."""
     idle_samples = _timed_after_pauses(int(p["samples"]), lambda: eng.result(eng.submit(_tasks.noop, 0)))
@@ -368,6 +403,7 @@ WORKLOADS: dict[str, Callable[[Engine, dict[str, Any]], dict[str, Any]]] = {
     "skewed": skewed,
     "echo": echo,
     "idle": idle,
+    "memory": memory,
     "latency": latency,
 }
 

@@ -47,6 +47,7 @@ WORKLOADS: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {
     "echo": (5, {"n_1mb": 64, "n_16mb": 16}, {"n_1mb": 16, "n_16mb": 4}),
     "idle": (5, {"seconds": 1.0}, {"seconds": 0.4}),
     "latency": (5, {"samples": 60}, {"samples": 20}),
+    "memory": (5, {"n": 1_000_000, "chunksize": 1024}, {"n": 200_000, "chunksize": 1024}),
 }
 #: parameters scaled by --scale (task counts)
 SCALED = ("n", "n_1mb", "n_16mb", "samples")
@@ -90,6 +91,8 @@ ROWS: list[tuple[str, str, str, bool]] = [
         False,
     ),
     ("latency", "cold_python_us", "  baseline: ~3 us of Python run right after such a pause, us", False),
+    ("memory", "memory_peak_growth_MB", "lazy map of no-ops, results dropped: master memory growth, MB", False),
+    ("memory", "memory_bytes_per_item", "  per item, bytes (mpi4py.futures, Pool.imap: chunksize=1024)", False),
 ]
 
 

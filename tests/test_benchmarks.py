@@ -115,6 +115,20 @@ def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path:
     assert data["meta"]["bind"] == "none" and latency["_cpus"] == len(os.sched_getaffinity(0)), latency
 
 
+def test_memory_workload_reports_the_masters_growth_on_every_engine(mpich: MPI, tmp_path: Path) -> None:
+    """The master's memory over a long lazy map, on every engine."""
+    out = tmp_path / "bench.json"
+    cmd = [mpich.python, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "memory"]
+    cmd += ["--reps", "1", "--scale", "0.05", "--json", str(out)]
+    res = run(cmd, timeout=120, env=mpich.env(), check=0)
+    assert "master memory growth, MB" in res.stdout, res.stdout
+    data = read_json(out)
+    for engine in ("taskfarm", "mpi4py", "pool"):
+        (sample,) = data["samples"]["memory"][engine]
+        assert "_error" not in sample, sample
+        assert sample["memory_peak_growth_MB"] >= 0 and sample["memory_bytes_per_item"] >= 0, sample
+
+
 def test_bound_ranks_sit_one_to_a_core(mpi: MPI, tmp_path: Path) -> None:
     """``--bind core`` binds every MPI engine's ranks, oversubscribed too, on each wheel."""
     out = tmp_path / "bench.json"

@@ -52,6 +52,13 @@ _CANCELLED = "CANCELLED"
 _FINISHED = "FINISHED"
 #: the states in which a future is resolved
 _RESOLVED = (_CANCELLED, "CANCELLED_AND_NOTIFIED", _FINISHED)
+#: longest the main thread sleeps at a time in ``result()`` or ``exception()``
+#: without a timeout (seconds).  Python runs a signal's handler only when the
+#: main thread runs: a drain signal (Slurm's SIGTERM) that the kernel handed
+#: to another thread, one MPI started before taskfarm could block it there
+#: (`taskfarm._signals`), would wait until the future resolved, and the drain
+#: with it.  A wake-up every half second costs a few microseconds.
+MAIN_THREAD_WAIT_SLICE = 0.5
 
 
 class _FutureCondition(threading.Condition):
@@ -194,6 +201,8 @@ class FarmFuture(concurrent.futures.Future[Any]):
         if self._state == _FINISHED and self._exception is None:
             value = self._result
         else:
+            if timeout is None and self._state not in _RESOLVED:
+                self._wait_in_slices()
             value = super().result(timeout)
         if type(value) is _Encoded:
             with _decode_lock:
@@ -218,7 +227,18 @@ class FarmFuture(concurrent.futures.Future[Any]):
             return self._exception
         if self._state not in _RESOLVED and self._farm is not None:
             timeout = self._farm.wait_here(self, timeout)  # an idle farm's short cut
+        if timeout is None and self._state not in _RESOLVED:
+            self._wait_in_slices()
         return super().exception(timeout)
+
+    def _wait_in_slices(self) -> None:
+        """On the main thread: wait until resolved, waking every
+        `MAIN_THREAD_WAIT_SLICE` so that a signal's handler runs meanwhile."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # the caller's own wait: no handler runs here anyway
+        with self._condition:
+            while self._state not in _RESOLVED:
+                self._condition.wait(MAIN_THREAD_WAIT_SLICE)
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
         with self._condition:

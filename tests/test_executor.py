@@ -1161,6 +1161,39 @@ SHORT_CUTS = section(
             out["listened_late"] = not late.is_set()
         finally:
             Wakeup.listen, taskfarm._master.DOORBELL_POLL_CAP = real_listen, real_cap
+        # a signal the kernel handed to another thread: the main thread, waiting
+        # on a future (two unfinished: no listening), runs its handler within a
+        # slice of its wait, not once the future resolves
+        def open_sliced(signum, frame):
+            open(GATE + ".sliced", "w").close()
+
+        def signal_elsewhere():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until the main thread sleeps on the future
+                with open(f"/proc/self/task/{{main.native_id}}/wchan") as f:
+                    if "futex" in f.read():
+                        break
+                time.sleep(0.001)
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # this thread, not the main one
+
+        previous = signal.signal(signal.SIGUSR1, open_sliced)
+        try:
+            gated = [
+                ex.submit_task(taskfarm.Task(wait_for, (GATE + ".sliced", 30.0), time_limit=120))
+                for _ in range(ex.workers)
+            ]
+            elsewhere = threading.Thread(target=signal_elsewhere)
+            elsewhere.start()
+            sliced = []
+            for g in gated:
+                try:
+                    sliced.append(g.result())
+                except TimeoutError:
+                    sliced.append("the gate stayed shut: the handler waited for the task")
+            out["sliced"] = sliced
+            elsewhere.join(60)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
     """,
 )
 
@@ -1199,6 +1232,16 @@ def test_a_signal_waits_until_a_user_threads_round_is_over(farm_results: Results
     assert got["round_free"] is True
     assert got["sigint_blocked"] is False
     assert got["after_signal"] == 4
+
+
+def test_a_signal_taken_by_another_thread_is_handled_while_the_main_thread_waits(farm_results: Results) -> None:
+    """The kernel may hand a drain signal to a thread that does not block it
+    (one MPI started before taskfarm could block it there); Python runs the
+    handler only when the main thread runs, so a main thread waiting on a
+    future wakes every `MAIN_THREAD_WAIT_SLICE` (here: its handler opens the
+    gate its tasks wait for, else they give up after 30 s)."""
+    got = farm_results(SHORT_CUTS)
+    assert got["sliced"] == ["released", "released"], got
 
 
 def test_a_listening_thread_is_poked_when_the_service_thread_takes_its_result(farm_results: Results) -> None:

@@ -386,12 +386,7 @@ class Farm:
                 if got is None:  # the farm ends or drains: the service thread's work alone
                     self._wake()  # the rings this thread took announced messages for it
                     break
-                if got:
-                    rechecks.found()
-                elif woken & RUNG:
-                    rechecks.rang_empty()
-                else:
-                    rechecks.ran_out()
+                rechecks.probed(got, bool(woken & RUNG))
         finally:
             self._listened = None
             self._listening.release()

@@ -649,16 +649,22 @@ class Rechecks:
         """A ring whose probe found nothing: recheck from the first delay."""
         self._next = 0
 
-    def ran_out(self) -> None:
-        """The pending recheck's sleep ran out and its probe found nothing:
-        the next one is pending (none after the last)."""
-        if self._next < self._count:
+    def probed(self, got: bool, rung: bool) -> None:
+        """After the probe of a sleeper that a poke may wake without one
+        (see `delay`): as `found` if it ``got`` messages, else as
+        `rang_empty` if a ring woke it; else its sleep ran out, and the next
+        recheck is pending (none after the last)."""
+        if got:
+            self._next = self._count
+        elif rung:
+            self._next = 0
+        elif self._next < self._count:
             self._next += 1
 
     def delay(self, after: _After) -> float | _After:
         """How long to sleep: the pending recheck's delay, or ``after`` if
         none is pending.  For a sleeper that a poke may wake without a
-        probe: it calls `ran_out` once the sleep did run out."""
+        probe: it calls `probed` after each probe."""
         i = self._next
         return self._delays[i] if i < self._count else after
 

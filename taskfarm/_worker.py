@@ -515,12 +515,7 @@ class Worker:
                     self._cv.acquire()
                 if sending or self._stopping:
                     t.poke()  # the comm thread sees a large send through; or leaves
-                if got:
-                    rechecks.found()
-                elif rung:
-                    rechecks.rang_empty()
-                elif timeout is not None:
-                    rechecks.ran_out()
+                rechecks.probed(got, rung)  # a sleep without a timeout had no recheck pending
         finally:
             self._listener = None
             self._cv.notify()  # another idle slot may listen in this one's stead

@@ -369,9 +369,9 @@ def test_a_recheck_only_peeked_at_stays_pending_until_its_sleep_runs_out() -> No
     delays = []
     for _ in range(5):
         delays.append(rechecks.delay(None))
-        rechecks.ran_out()
+        rechecks.probed(got=False, rung=False)  # its sleep ran out, the probe found nothing
     assert delays == [0.001, 0.002, 0.003, None, None]
-    rechecks.rang_empty()  # spent (however often it ran out): a ring still starts over
+    rechecks.probed(got=False, rung=True)  # spent (however often it ran out): a ring still starts over
     assert rechecks.delay(1.0) == 0.001
-    rechecks.found()
+    rechecks.probed(got=True, rung=True)
     assert rechecks.delay(1.0) == 1.0

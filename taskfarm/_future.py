@@ -194,15 +194,13 @@ class FarmFuture(concurrent.futures.Future[Any]):
         return cancelled
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._state not in _RESOLVED and self._farm is not None:
-            timeout = self._farm.wait_here(self, timeout)  # an idle farm's short cut
+        if self._state not in _RESOLVED:
+            timeout = self._wait(timeout)
         # a finished future never changes again, and its result is stored
         # before its state: read without the condition (Python-level methods)
         if self._state == _FINISHED and self._exception is None:
             value = self._result
         else:
-            if timeout is None and self._state not in _RESOLVED:
-                self._wait_in_slices()
             value = super().result(timeout)
         if type(value) is _Encoded:
             with _decode_lock:
@@ -225,20 +223,23 @@ class FarmFuture(concurrent.futures.Future[Any]):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _FINISHED:  # stored before the state, as for `result`
             return self._exception
-        if self._state not in _RESOLVED and self._farm is not None:
-            timeout = self._farm.wait_here(self, timeout)  # an idle farm's short cut
-        if timeout is None and self._state not in _RESOLVED:
-            self._wait_in_slices()
+        if self._state not in _RESOLVED:
+            timeout = self._wait(timeout)
         return super().exception(timeout)
 
-    def _wait_in_slices(self) -> None:
-        """On the main thread: wait until resolved, waking every
-        `MAIN_THREAD_WAIT_SLICE` so that a signal's handler runs meanwhile."""
-        if threading.current_thread() is not threading.main_thread():
-            return  # the caller's own wait: no handler runs here anyway
-        with self._condition:
-            while self._state not in _RESOLVED:
-                self._condition.wait(MAIN_THREAD_WAIT_SLICE)
+    def _wait(self, timeout: float | None) -> float | None:
+        """The part of ``result()``'s and ``exception()``'s wait that is the
+        farm's; returns the rest of ``timeout`` for `concurrent.futures`' own.
+        On an idle farm the farm's only task is taken in this thread
+        (`Farm.wait_here`); without a timeout the main thread then waits in
+        slices of `MAIN_THREAD_WAIT_SLICE`, so that a signal's handler runs."""
+        if self._farm is not None:
+            timeout = self._farm.wait_here(self, timeout)
+        if timeout is None and self._state not in _RESOLVED and threading.current_thread() is threading.main_thread():
+            with self._condition:
+                while self._state not in _RESOLVED:
+                    self._condition.wait(MAIN_THREAD_WAIT_SLICE)
+        return timeout
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
         with self._condition:

@@ -80,6 +80,18 @@ def open_gate():
     with open(GATE, "a"):
         pass
 
+
+def until_main_thread_sleeps_on_a_lock(limit=60.0):
+    """From another thread: return once the main thread sleeps in a futex
+    wait (a lock, a condition), or after ``limit`` seconds."""
+    main = threading.main_thread()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with open(f"/proc/self/task/{main.native_id}/wchan") as f:
+            if "futex" in f.read():
+                return
+        time.sleep(0.001)
+
 '''
 
 #: group -> section name -> script text (module level of the group's script)
@@ -1106,12 +1118,7 @@ SHORT_CUTS = section(
         def hold_the_round():
             with farm_._round:
                 taken.set()
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:  # until the main thread sleeps on the round's lock
-                    with open(f"/proc/self/task/{{main.native_id}}/wchan") as f:
-                        if "futex" in f.read():
-                            break
-                    time.sleep(0.001)
+                until_main_thread_sleeps_on_a_lock()  # the round's
                 signal.pthread_kill(main.ident, signal.SIGINT)
 
         previous = signal.signal(signal.SIGINT, interrupt)
@@ -1168,12 +1175,7 @@ SHORT_CUTS = section(
             open(GATE + ".sliced", "w").close()
 
         def signal_elsewhere():
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # until the main thread sleeps on the future
-                with open(f"/proc/self/task/{{main.native_id}}/wchan") as f:
-                    if "futex" in f.read():
-                        break
-                time.sleep(0.001)
+            until_main_thread_sleeps_on_a_lock()  # the future's condition
             signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # this thread, not the main one
 
         previous = signal.signal(signal.SIGUSR1, open_sliced)

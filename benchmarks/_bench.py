@@ -260,17 +260,48 @@ def skewed_durations(n: int, mean: float, long: int, long_seconds: float, seed: 
 def skewed(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     """Makespan of skewed durations against max(sum / workers, longest): one
     submit per task, then the same list through map at the engine's default
-    chunk size (where chunks must not strand a long task behind short ones)."""
+    chunk size (where chunks must not strand a long task behind short ones).
+    For the submit run, where the time over the bound went: the master's CPU,
+    the workers' CPU outside the tasks and the machine's idle CPU, each in
+    points of the ratio (with a core per worker, they and the CPU of other
+    processes add up to the ratio's excess over 1)."""
     durations = skewed_durations(int(p["n"]), float(p["mean"]), int(p["long"]), float(p["long_seconds"]), 2026)
+    me, workers = os.getpid(), _worker_pids(eng)
+    before = {pid: _cpu_seconds(pid) for pid in [me, *workers]}
+    idle0 = _machine_idle_seconds()
     elapsed = _timed(lambda: _drain(eng, [eng.submit(_tasks.spin, d) for d in durations]))
+    idle1 = _machine_idle_seconds()
+    after = {pid: _cpu_seconds(pid) for pid in [me, *workers]}
     mapped = _timed(lambda: list(eng.map(_tasks.spin, durations, None)))
     bound = max(sum(durations) / eng.workers, max(durations))
-    return {
+    out = {
         "makespan_over_bound": elapsed / bound,
         "makespan_over_bound_map": mapped / bound,
         "elapsed_s": elapsed,
         "bound_s": bound,
     }
+    # where the submit run's time over the bound went, in points of the ratio:
+    # with a core per worker and the machine saturated, makespan x cores is the
+    # tasks' CPU plus the master's, the workers' own and the idle cores'
+    used = {pid: after[pid] - before[pid] for pid in before if before[pid] is not None and after[pid] is not None}  # type: ignore[operator]
+    capacity = eng.workers * bound
+    if me in used and len(used) == len(workers) + 1 == eng.workers + 1:
+        out["skewed_master_cpu_points"] = 100 * used.pop(me) / capacity
+        out["skewed_worker_overhead_points"] = 100 * (sum(used.values()) - sum(durations)) / capacity
+    if idle0 is not None and idle1 is not None:
+        out["skewed_idle_cpu_points"] = 100 * (idle1 - idle0) / capacity
+    return out
+
+
+def _machine_idle_seconds() -> float | None:
+    """Idle CPU time of the whole machine (all cores), from /proc/stat: idle
+    and iowait, in clock ticks (10 ms here: coarse over a one-second run)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def echo(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:

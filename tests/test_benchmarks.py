@@ -98,8 +98,9 @@ def test_the_scheduler_benchmark_runs_the_farms_heartbeat_rule() -> None:
 
 
 def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path: Path) -> None:
-    """Skewed durations by map as well as by submit; the idle latency beside
-    what the machine itself charges for a round trip and a cold start."""
+    """Skewed durations by map as well as by submit, with where the submit
+    run's time over the bound went; the idle latency beside what the machine
+    itself charges for a round trip and a cold start."""
     out = tmp_path / "bench.json"
     cmd = [mpich.python, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "skewed,latency"]
     cmd += ["--engines", "taskfarm", "--reps", "1", "--scale", "0.1", "--json", str(out)]
@@ -109,6 +110,8 @@ def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path:
     skewed = data["samples"]["skewed"]["taskfarm"][0]
     assert "_error" not in skewed, skewed
     assert skewed["makespan_over_bound"] > 0 and skewed["makespan_over_bound_map"] > 0, skewed
+    assert skewed["skewed_master_cpu_points"] > 0 and skewed["skewed_idle_cpu_points"] >= 0, skewed
+    assert "skewed_worker_overhead_points" in skewed, skewed
     latency = data["samples"]["latency"]["taskfarm"][0]
     assert "_error" not in latency, latency
     assert latency["pipe_round_trip_idle_ms"] > 0 and latency["cold_python_us"] > 0, latency

@@ -134,22 +134,27 @@ class FarmFuture(concurrent.futures.Future[Any]):
     _done_callbacks: list[Callable[[FarmFuture], object]] | tuple[()] = ()
     #: the executor's own callback (it forgets the future), called first
     _on_done: Callable[[FarmFuture], object] | None = None
+    # the fields below start as these class defaults, set on the instance only
+    # when they change: a burst of submits builds a future each (fewer stores,
+    # a smaller instance dictionary)
+    _result: Any = None
+    _exception: BaseException | None = None
+    key: str | None = None
+    _task_state = TaskState.PENDING
+    #: the rank the task was last dispatched to
+    rank: int | None = None
+    _cancel_hook: Any = None
+    #: the farm that runs the task (a future is an input only within it)
+    _farm: Any = None
 
     def __init__(self, task_id: int, key: str | None = None, label: str = "") -> None:
         # Future.__init__'s fields, but not its condition and lists (see the
         # module docstring); not super().__init__(), which would make them
         self._state = _PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
         self.task_id = task_id
-        self.key = key
+        if key is not None:
+            self.key = key
         self.label = label
-        self._task_state = TaskState.PENDING
-        #: the rank the task was last dispatched to
-        self.rank: int | None = None
-        self._cancel_hook: Any = None
-        #: the farm that runs the task (a future is an input only within it)
-        self._farm: Any = None
 
     @property
     def _condition(self) -> _FutureCondition:  # type: ignore[override]  # Future's attribute, made on first use

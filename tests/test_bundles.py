@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +57,7 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
     if call_time is not None:
         farm._bundler.call_time[FN[0]] = call_time
     farm._id_lock = threading.Lock()
-    farm._next_task_id = 0
+    farm._task_ids = itertools.count(1)
     farm.journal = None
     farm._listeners = []
     farm._outcomes = Outcomes(None, farm._listeners, farm._emit)

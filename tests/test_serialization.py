@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import pickle
 import sys
@@ -168,6 +169,23 @@ def test_function_cache_distinguishes_functions() -> None:
     assert cache.get(module_level)[0] != cache.get(other)[0]
     lam = lambda x: x * 2  # noqa: E731
     assert cache.get(lam) is cache.get(lam)  # no closure: cached too
+
+
+def test_function_cache_answers_for_the_function_asked_not_the_last_one() -> None:
+    """The cache keeps the last function looked up in front (a loop submits
+    one function over and over): it must answer only for that very function,
+    and not for a new one made where a dead one was."""
+    cache = ser.FunctionCache()
+    one = lambda x, k=1: x + k  # noqa: E731
+    two = lambda x, k=2: x + k  # noqa: E731
+    first = cache.get(one)
+    assert cache.get(two) is not first
+    assert cache.get(one) is first and cache.get(one) is first
+    assert ser.loads(cache.get(two)[1])(0) == 2
+    del one, first
+    gc.collect()
+    three = lambda x, k=3: x + k  # noqa: E731  # may take the dead one's address
+    assert ser.loads(cache.get(three)[1])(0) == 3
 
 
 def test_function_cache_does_not_cache_closures() -> None:

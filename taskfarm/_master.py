@@ -26,7 +26,8 @@ unfinished task of the farm and that lock is free, the user thread runs
 the round itself and sends the task; when it
 then waits in ``result()`` for the farm's only task, it sleeps on the
 doorbell in the service thread's stead (`Wakeup.listen`: the result's ring
-wakes it first) and runs the round that takes the result.  The service
+wakes it first) and runs the round that takes the result; a submit while it
+listens pokes it, and it gives the doorbell back.  The service
 thread sleeps through both, and is poked only when its planned sleep no
 longer fits (`Farm._after_inline_round`).  That takes two of the four
 thread wake-ups off an idle farm's round trip, ~0.2 ms on a 2-core VM where
@@ -350,6 +351,8 @@ class Farm:
         # it from here (see "Short cuts" in the module docstring)
         if self._tasks or self._inline_round(receive=False, wait=False) is None:
             self._wake()
+            if self._listened is not None:
+                self.transport.wakeup.poke_listener()  # its task is the farm's only one no more
 
     def wait_here(self, future: FarmFuture, timeout: float | None) -> float | None:
         """Called by a thread about to wait for ``future``: if it is the farm's
@@ -360,6 +363,7 @@ class Farm:
         me = threading.get_ident()
         if (
             len(self._tasks) != 1
+            or self._submissions  # another task is on its way in
             or future.task_id not in self._tasks
             or not self._ringing[3]  # the service thread's `_all_ring`, as last counted
             or me == self._round_owner  # a done-callback of this thread's own round
@@ -375,6 +379,12 @@ class Farm:
         rechecks = Rechecks(RING_RECHECKS)  # as the service thread's, after a ring whose probe found nothing
         try:
             while future._state not in _RESOLVED:
+                if self._submissions or len(self._tasks) != 1:
+                    # the farm's only task no more: the rings are the service
+                    # thread's again, and this thread waits as any other does
+                    # (a main thread in slices, so that signal handlers run)
+                    self._wake()
+                    break
                 # else as the service thread's safety net (a ring lost between nodes)
                 nap = rechecks.delay(DOORBELL_POLL_CAP)
                 if deadline is not None:

@@ -1196,6 +1196,24 @@ SHORT_CUTS = section(
             elsewhere.join(60)
         finally:
             signal.signal(signal.SIGUSR1, previous)
+        # a thread listening for the farm's only task gives the doorbell back
+        # once another task is submitted: the farm's rings are the service
+        # thread's again, and the listener waits as any other thread does
+        alone = ex.submit(wait_for, GATE + ".alone", 120)
+        listener = threading.Thread(target=alone.exception, args=(60,))
+        listener.start()
+        deadline = time.monotonic() + 30
+        while farm_._listened is not alone and time.monotonic() < deadline:
+            time.sleep(0.001)
+        out["listened_alone"] = farm_._listened is alone
+        out["company"] = ex.submit(add, 1, 1).result(60)
+        deadline = time.monotonic() + 10  # the poke gives it back at once; unpoked, it listened until its task ended
+        while farm_._listened is not None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        out["gave_back"] = farm_._listened is None and not alone.done()
+        open(GATE + ".alone", "w").close()
+        listener.join(60)
+        out["alone"] = alone.result(60)
     """,
 )
 
@@ -1244,6 +1262,19 @@ def test_a_signal_taken_by_another_thread_is_handled_while_the_main_thread_waits
     gate its tasks wait for, else they give up after 30 s)."""
     got = farm_results(SHORT_CUTS)
     assert got["sliced"] == ["released", "released"], got
+
+
+def test_a_listening_thread_gives_the_doorbell_back_when_another_task_comes(farm_results: Results) -> None:
+    """The short cut is for the farm's only task: a submit while a thread
+    listens for one pokes it, and it goes back to the usual wait (a main
+    thread's in slices).  Before, it listened until its task ended, and a
+    main thread waiting on two tasks of which the second was not yet taken
+    in listened too, so a signal handled by another thread waited for them."""
+    got = farm_results(SHORT_CUTS)
+    assert got["listened_alone"] is True, got
+    assert got["company"] == 2
+    assert got["gave_back"] is True, got
+    assert got["alone"] == "released"
 
 
 def test_a_listening_thread_is_poked_when_the_service_thread_takes_its_result(farm_results: Results) -> None:

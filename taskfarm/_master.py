@@ -808,8 +808,8 @@ class Farm:
             )
             self.transport.send(peer, Kind.STOP, Stop("protocol version mismatch"))
             return
-        if self._closing and not self._has_work():
-            return  # Stop follows
+        if self._closing and not self._submissions and not self._has_work():
+            return  # Stop follows (a submission not yet taken in is work to come)
         if not self._ready:
             self._parked.append((peer, hello))  # answered once the pool is known
             return

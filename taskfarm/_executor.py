@@ -373,12 +373,15 @@ class FarmExecutor(concurrent.futures.Executor):
                 future.label = task.label
         if not_before is not None or (inputs and any(not dep.done() for dep in inputs)):
             future._task_state = TaskState.SCHEDULED  # waiting for its ETA or its inputs
-        with self._pending_lock:
-            self._pending.add(future)
         # not add_done_callback: no other thread has this future yet, and this
         # needs no list of callbacks (see FarmFuture._on_done)
         future._on_done = self._forget_callback
         try:
+            # in the try: a KeyboardInterrupt between the two would leave a
+            # future in ``_pending`` that nothing will resolve, and shutdown,
+            # which waits for them all, would wait for good
+            with self._pending_lock:
+                self._pending.add(future)
             farm_.submit(
                 Submission(
                     future,

@@ -255,3 +255,23 @@ def script(tmp_path: Path) -> Iterator[Any]:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     names = [m.name for m in available_mpis()] or ["none (run make test)"]
     return [f"taskfarm MPI venvs: {', '.join(names)}; python {sys.version.split()[0]}"]
+
+
+def bare_executor(farm: Any, pending: set[Any] | None = None) -> Any:
+    """A `FarmExecutor` over a stand-in ``farm`` (what its submit uses of
+    one: ``new_task_id``, ``submit``, ``broken``, ``journal``, ``resume``), no MPI."""
+    import threading
+
+    from taskfarm import _serialization as ser
+    from taskfarm._executor import FarmExecutor
+    from taskfarm._task import TaskPolicy
+
+    ex = object.__new__(FarmExecutor)
+    ex._farm = farm
+    ex._functions = ser.FunctionCache()
+    ex._policy = TaskPolicy()
+    ex._shutdown, ex._shutdown_lock = False, threading.Lock()
+    ex._pending, ex._pending_lock = (set() if pending is None else pending), threading.Lock()
+    ex._forget_callback = ex._forget
+    ex._executor_id = 1
+    return ex

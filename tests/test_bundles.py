@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from conftest import bare_executor
+
 from taskfarm import _serialization as ser
 from taskfarm._bundles import (
     BUNDLE_CALL_BYTES,
@@ -460,16 +462,9 @@ class _Capture:
 
 
 def _capturing_executor(journal: Any = None) -> tuple[FarmExecutor, _Capture]:
-    ex = object.__new__(FarmExecutor)
     capture = _Capture()
     capture.journal = journal
-    ex._farm = capture  # type: ignore[assignment]
-    ex._functions = ser.FunctionCache()
-    ex._policy = TaskPolicy()
-    ex._shutdown, ex._shutdown_lock = False, threading.Lock()
-    ex._pending, ex._pending_lock = set(), threading.Lock()
-    ex._forget_callback = ex._forget
-    ex._executor_id = 1
+    ex: FarmExecutor = bare_executor(capture)
     return ex, capture
 
 

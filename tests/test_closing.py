@@ -6,19 +6,16 @@ executor over a stand-in farm); no MPI."""
 from __future__ import annotations
 
 import collections
-import threading
 from typing import Any
 
 import pytest
+from conftest import bare_executor
 
-from taskfarm import _serialization as ser
 from taskfarm._bundles import Bundler
-from taskfarm._executor import FarmExecutor
 from taskfarm._master import Farm
 from taskfarm._pools import PoolSpec
 from taskfarm._protocol import PROTOCOL_VERSION, Hello, Kind
 from taskfarm._scheduler import Scheduler
-from taskfarm._task import TaskPolicy
 
 
 class _Recorder:
@@ -103,15 +100,8 @@ def test_a_submit_cut_short_leaves_no_future_for_shutdown_to_wait_on() -> None:
     before the submit's try block left it there, never sent: a Ctrl-C in a
     submit loop then hung the job as it left its ``with`` block (Open MPI,
     3 of 8 runs here; 0 of 20 with the fix, either MPI)."""
-    ex = object.__new__(FarmExecutor)
     farm = _StandInFarm()
-    ex._farm = farm  # type: ignore[assignment]
-    ex._functions = ser.FunctionCache()
-    ex._policy = TaskPolicy()
-    ex._shutdown, ex._shutdown_lock = False, threading.Lock()
-    ex._pending, ex._pending_lock = _InterruptedAdd(), threading.Lock()
-    ex._forget_callback = ex._forget
-    ex._executor_id = 1
+    ex = bare_executor(farm, _InterruptedAdd())
     with pytest.raises(KeyboardInterrupt):
         ex.submit(divmod, 7, 2)
     assert not ex._pending and not farm.submitted

@@ -237,9 +237,18 @@ class FarmFuture(concurrent.futures.Future[Any]):
         farm's; returns the rest of ``timeout`` for `concurrent.futures`' own.
         On an idle farm the farm's only task is taken in this thread
         (`Farm.wait_here`); without a timeout the main thread then waits in
-        slices of `MAIN_THREAD_WAIT_SLICE`, so that a signal's handler runs."""
-        if self._farm is not None:
-            timeout = self._farm.wait_here(self, timeout)
+        slices of `MAIN_THREAD_WAIT_SLICE`, so that a signal's handler runs.
+        A wait in the thread that runs the farm's round (a done-callback's,
+        a listener's) is refused: nothing else would resolve the future."""
+        farm = self._farm
+        if farm is not None:
+            if (timeout is None or timeout > 0) and farm.resolves_here():
+                raise RuntimeError(
+                    f"waiting for task {self.task_id} in the thread that resolves the farm's futures "
+                    "(a done-callback or an event listener): it would wait for good; "
+                    "chain with add_done_callback, or wait in a thread of your own"
+                )
+            timeout = farm.wait_here(self, timeout)
         if timeout is None and self._state not in _RESOLVED and threading.current_thread() is threading.main_thread():
             with self._condition:
                 while self._state not in _RESOLVED:

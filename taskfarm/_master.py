@@ -354,6 +354,13 @@ class Farm:
             if self._listened is not None:
                 self.transport.wakeup.poke_listener()  # its task is the farm's only one no more
 
+    def resolves_here(self) -> bool:
+        """True in the thread that runs a round now: the service thread, or a
+        user thread in a short cut.  It resolves the futures (and runs their
+        callbacks), so a wait there for one not yet resolved would never end."""
+        me = threading.get_ident()
+        return me == self._thread.ident or me == self._round_owner
+
     def wait_here(self, future: FarmFuture, timeout: float | None) -> float | None:
         """Called by a thread about to wait for ``future``: if it is the farm's
         only task and rings come, take its result in this thread (see "Short

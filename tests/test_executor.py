@@ -362,6 +362,50 @@ def test_as_completed_and_wait_work_on_farm_futures(farm_results: Results) -> No
     assert got["blocker"] == "released"
 
 
+CALLBACK_THAT_WAITS_IS_REFUSED = section(
+    "basics",
+    "callback_that_waits_is_refused",
+    """
+    with taskfarm.FarmExecutor() as ex:
+        blocker = ex.submit(wait_for, GATE)
+        seen = []
+        called = threading.Event()
+
+        def waits(fut):
+            t0 = time.monotonic()
+            try:
+                blocker.result(timeout=20)
+                seen.append("returned")
+            except BaseException as exc:
+                seen.append(type(exc).__name__)
+            seen.append(time.monotonic() - t0)
+            seen.append(blocker.exception(0) if blocker.done() else "not done")  # a zero timeout only looks
+            called.set()
+
+        quick = ex.submit(ident, 5)
+        quick.add_done_callback(waits)
+        out["quick"] = quick.result(60)
+        out["called"] = called.wait(60)
+        open_gate()
+        out["blocker"] = blocker.result(60)
+        out["seen"] = seen[:2] + [str(seen[2])]
+    """,
+)
+
+
+def test_a_done_callback_that_waits_for_another_task_is_refused_at_once(farm_results: Results) -> None:
+    """Callbacks run in the thread that resolves the farm's futures: one that
+    waited there for another task's result would wait for good (here it
+    waited out its 20 s timeout, the farm stalled meanwhile).  The wait is
+    refused with a RuntimeError at once; a zero timeout still only looks."""
+    got = farm_results(CALLBACK_THAT_WAITS_IS_REFUSED)
+    assert got["quick"] == 5 and got["called"] is True
+    assert got["seen"][0] == "RuntimeError", got
+    assert got["seen"][1] < 5.0, got
+    assert got["seen"][2] == "not done", got
+    assert got["blocker"] == "released"
+
+
 #: calls behind blocked workers: 100 more than their pipelines can hold, so that
 #: the last 100 are still at the master, however fast its thread dispatches
 BEHIND_BLOCKERS = (RANKS - 1) * (1 + MAX_PREFETCH) + 100

@@ -628,12 +628,19 @@ class FarmExecutor(concurrent.futures.Executor):
             start_thread(threading.Thread(target=self._close_later, daemon=False))
 
     def _wait_all(self) -> None:
+        """Until every future of this executor is resolved.  One at a time
+        through its own wait, not `concurrent.futures.wait`: a main thread
+        waits there in slices, so that a signal's handler runs meanwhile
+        (`_future.MAIN_THREAD_WAIT_SLICE`), and the farm's short cut may
+        take a lone task's result in this thread."""
         while True:
             with self._pending_lock:
                 pending = list(self._pending)
             if not pending:
                 return
-            concurrent.futures.wait(pending)
+            for future in pending:
+                with contextlib.suppress(concurrent.futures.CancelledError):
+                    future.exception()
 
     def _close_later(self) -> None:
         self._wait_all()

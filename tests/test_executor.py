@@ -1240,6 +1240,26 @@ SHORT_CUTS = section(
             elsewhere.join(60)
         finally:
             signal.signal(signal.SIGUSR1, previous)
+        # the same while the main thread waits for an executor's futures as it
+        # leaves its with block (shutdown's own wait)
+        def open_shut(signum, frame):
+            open(GATE + ".shut", "w").close()
+
+        previous = signal.signal(signal.SIGUSR1, open_shut)
+        try:
+            t0 = time.monotonic()
+            with taskfarm.FarmExecutor() as inner:
+                shut = [
+                    inner.submit_task(taskfarm.Task(wait_for, (GATE + ".shut", 30.0), time_limit=120))
+                    for _ in range(inner.workers)
+                ]
+                elsewhere = threading.Thread(target=signal_elsewhere)
+                elsewhere.start()
+            out["shutdown_took"] = time.monotonic() - t0
+            out["shutdown_values"] = [g.exception(0) is None for g in shut]
+            elsewhere.join(60)
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
         # a thread listening for the farm's only task gives the doorbell back
         # once another task is submitted: the farm's rings are the service
         # thread's again, and the listener waits as any other thread does
@@ -1302,10 +1322,14 @@ def test_a_signal_taken_by_another_thread_is_handled_while_the_main_thread_waits
     """The kernel may hand a drain signal to a thread that does not block it
     (one MPI started before taskfarm could block it there); Python runs the
     handler only when the main thread runs, so a main thread waiting on a
-    future wakes every `MAIN_THREAD_WAIT_SLICE` (here: its handler opens the
-    gate its tasks wait for, else they give up after 30 s)."""
+    future, or for an executor's futures in shutdown, wakes every
+    `MAIN_THREAD_WAIT_SLICE` (here: its handler opens the gate its tasks wait
+    for, else they give up after 30 s)."""
     got = farm_results(SHORT_CUTS)
     assert got["sliced"] == ["released", "released"], got
+    # and while it waits for an executor's futures in shutdown (leaving ``with``)
+    assert got["shutdown_values"] == [True, True], got
+    assert got["shutdown_took"] < 15.0, got
 
 
 def test_a_listening_thread_gives_the_doorbell_back_when_another_task_comes(farm_results: Results) -> None:

@@ -361,20 +361,22 @@ class Farm:
         me = threading.get_ident()
         return me == self._thread.ident or me == self._round_owner
 
+    def _only_task_left(self) -> bool:
+        """One unfinished task, and no other on its way in: the farm a
+        listening thread (`wait_here`) may take the result of."""
+        return len(self._tasks) == 1 and not self._submissions
+
     def wait_here(self, future: FarmFuture, timeout: float | None) -> float | None:
         """Called by a thread about to wait for ``future``: if it is the farm's
         only task and rings come, take its result in this thread (see "Short
         cuts").  Returns the rest of ``timeout`` for the usual wait, which
         finds the future resolved unless this thread could not take it."""
         wakeup = self.transport.wakeup
-        me = threading.get_ident()
         if (
-            len(self._tasks) != 1
-            or self._submissions  # another task is on its way in
+            not self._only_task_left()
             or future.task_id not in self._tasks
             or not self._ringing[3]  # the service thread's `_all_ring`, as last counted
-            or me == self._round_owner  # a done-callback of this thread's own round
-            or me == self._thread.ident
+            or self.resolves_here()  # a done-callback's (a zero timeout: `FarmFuture._wait`)
             or self._service_only()
             or isinstance(self.transport, Loopback)  # rank 0's own worker pokes, it does not ring
             or not wakeup.can_listen()
@@ -386,7 +388,7 @@ class Farm:
         rechecks = Rechecks(RING_RECHECKS)  # as the service thread's, after a ring whose probe found nothing
         try:
             while future._state not in _RESOLVED:
-                if self._submissions or len(self._tasks) != 1:
+                if not self._only_task_left():
                     # the farm's only task no more: the rings are the service
                     # thread's again, and this thread waits as any other does
                     # (a main thread in slices, so that signal handlers run)

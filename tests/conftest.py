@@ -257,6 +257,42 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"taskfarm MPI venvs: {', '.join(names)}; python {sys.version.split()[0]}"]
 
 
+class RecordingTransport:
+    """A stand-in transport that keeps what it is asked to send (a peer with
+    no doorbell): for a bare `Farm` driven without MPI."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, Any, Any]] = []
+
+    def send(self, peer: int, kind: Any, record: Any) -> None:
+        self.sent.append((peer, kind, record))
+
+    def connect_doorbell(self, peer: int, doorbell: Any) -> None:
+        pass
+
+    def doorbell(self) -> None:
+        return None
+
+
+class CapturingFarm:
+    """What `FarmExecutor._submit` uses of a farm, keeping each submission."""
+
+    broken = None
+    journal: Any = None
+    resume = None
+
+    def __init__(self) -> None:
+        self.subs: list[Any] = []
+        self._next = 0
+
+    def new_task_id(self) -> int:
+        self._next += 1
+        return self._next
+
+    def submit(self, sub: Any) -> None:
+        self.subs.append(sub)
+
+
 def bare_executor(farm: Any, pending: set[Any] | None = None) -> Any:
     """A `FarmExecutor` over a stand-in ``farm`` (what its submit uses of
     one: ``new_task_id``, ``submit``, ``broken``, ``journal``, ``resume``), no MPI."""

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from conftest import bare_executor
+from conftest import CapturingFarm, RecordingTransport, bare_executor
 
 from taskfarm import _serialization as ser
 from taskfarm._bundles import (
@@ -66,18 +66,8 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
     farm._fn_sent = collections.defaultdict(set)
     farm._executors = {}
     farm._init_sent = collections.defaultdict(set)
-    farm.transport = _Recorder()  # type: ignore[assignment]
+    farm.transport = RecordingTransport()  # type: ignore[assignment]
     return farm
-
-
-class _Recorder:
-    """A transport that keeps what it is asked to send."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, Kind, Any]] = []
-
-    def send(self, peer: int, kind: Kind, record: Any) -> None:
-        self.sent.append((peer, kind, record))
 
 
 def _submission(
@@ -442,27 +432,8 @@ def test_scalar_arguments_ride_as_they_are_in_bundles_and_alone() -> None:
     assert item.call == (7, True) and item.buffers == ()
 
 
-class _Capture:
-    """What `FarmExecutor._submit` uses of a farm, keeping each submission."""
-
-    broken = None
-    journal: Any = None
-    resume = None
-
-    def __init__(self) -> None:
-        self.subs: list[Submission] = []
-        self._next = 0
-
-    def new_task_id(self) -> int:
-        self._next += 1
-        return self._next
-
-    def submit(self, sub: Submission) -> None:
-        self.subs.append(sub)
-
-
-def _capturing_executor(journal: Any = None) -> tuple[FarmExecutor, _Capture]:
-    capture = _Capture()
+def _capturing_executor(journal: Any = None) -> tuple[FarmExecutor, CapturingFarm]:
+    capture = CapturingFarm()
     capture.journal = journal
     ex: FarmExecutor = bare_executor(capture)
     return ex, capture

@@ -9,7 +9,7 @@ import collections
 from typing import Any
 
 import pytest
-from conftest import bare_executor
+from conftest import CapturingFarm, RecordingTransport, bare_executor
 
 from taskfarm._bundles import Bundler
 from taskfarm._master import Farm
@@ -18,23 +18,7 @@ from taskfarm._protocol import PROTOCOL_VERSION, Hello, Kind
 from taskfarm._scheduler import Scheduler
 
 
-class _Recorder:
-    """What `Farm._on_hello` uses of a transport, keeping what is sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, Kind, Any]] = []
-
-    def send(self, peer: int, kind: Kind, record: Any) -> None:
-        self.sent.append((peer, kind, record))
-
-    def connect_doorbell(self, peer: int, doorbell: Any) -> None:
-        pass
-
-    def doorbell(self) -> None:
-        return None
-
-
-def _closing_farm(submissions: list[Any]) -> tuple[Farm, _Recorder]:
+def _closing_farm(submissions: list[Any]) -> tuple[Farm, RecordingTransport]:
     farm = object.__new__(Farm)
     farm.scheduler = Scheduler()
     farm._bundler = Bundler()
@@ -45,7 +29,7 @@ def _closing_farm(submissions: list[Any]) -> tuple[Farm, _Recorder]:
     farm._submissions = collections.deque(submissions)
     farm.pool = PoolSpec()
     farm.heartbeat_timeout = 60.0
-    transport = _Recorder()
+    transport = RecordingTransport()
     farm.transport = transport  # type: ignore[assignment]
     return farm, transport
 
@@ -77,31 +61,14 @@ class _InterruptedAdd(set[Any]):
         raise KeyboardInterrupt
 
 
-class _StandInFarm:
-    """What `FarmExecutor._submit` uses of a farm."""
-
-    broken = None
-    journal = None
-    resume = None
-
-    def __init__(self) -> None:
-        self.submitted: list[Any] = []
-
-    def new_task_id(self) -> int:
-        return 1
-
-    def submit(self, sub: Any) -> None:
-        self.submitted.append(sub)
-
-
 def test_a_submit_cut_short_leaves_no_future_for_shutdown_to_wait_on() -> None:
     """shutdown(wait=True) waits for every future in the executor's pending
     set.  A KeyboardInterrupt that landed after a future went into it and
     before the submit's try block left it there, never sent: a Ctrl-C in a
     submit loop then hung the job as it left its ``with`` block (Open MPI,
     3 of 8 runs here; 0 of 20 with the fix, either MPI)."""
-    farm = _StandInFarm()
+    farm = CapturingFarm()
     ex = bare_executor(farm, _InterruptedAdd())
     with pytest.raises(KeyboardInterrupt):
         ex.submit(divmod, 7, 2)
-    assert not ex._pending and not farm.submitted
+    assert not ex._pending and not farm.subs

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,17 +218,42 @@ def busy(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     its threads) and the workers (their CPU minus the tasks'), per task."""
     n, d = int(p["n"]), float(p["seconds"])
     ideal = n * d / eng.workers
+    cost = _timed_with_cpu(eng, lambda: _drain(eng, [eng.submit(_tasks.spin, d) for _ in range(n)]), n * d)
+    mapped = _timed(lambda: list(eng.map(_tasks.spin, [d] * n, None)))
+    elapsed = cost.elapsed
+    out = {"efficiency": ideal / elapsed, "efficiency_map": ideal / mapped, "elapsed_s": elapsed, "ideal_s": ideal}
+    if cost.master is not None and cost.workers is not None:
+        out["master_cpu_us_per_task"] = 1e6 * cost.master / n
+        out["worker_overhead_us_per_task"] = 1e6 * cost.workers / n
+    return out
+
+
+class _Cost(NamedTuple):
+    """A timed run and the CPU around it: the master process's (all its
+    threads), the workers' beyond their tasks' and the whole machine's idle
+    time, in seconds (None where a figure could not be read)."""
+
+    elapsed: float
+    master: float | None
+    workers: float | None
+    idle: float | None
+
+
+def _timed_with_cpu(eng: Engine, run: Callable[[], object], task_cpu: float) -> _Cost:
+    """``run`` timed, with its `_Cost`; ``task_cpu``: the seconds of CPU its
+    tasks burn by design (`_tasks.spin`), which the workers' figure leaves out."""
     me, workers = os.getpid(), _worker_pids(eng)
     before = {pid: _cpu_seconds(pid) for pid in [me, *workers]}
-    elapsed = _timed(lambda: _drain(eng, [eng.submit(_tasks.spin, d) for _ in range(n)]))
+    idle0 = _machine_idle_seconds()
+    elapsed = _timed(run)
+    idle1 = _machine_idle_seconds()
     after = {pid: _cpu_seconds(pid) for pid in [me, *workers]}
-    mapped = _timed(lambda: list(eng.map(_tasks.spin, [d] * n, None)))
-    out = {"efficiency": ideal / elapsed, "efficiency_map": ideal / mapped, "elapsed_s": elapsed, "ideal_s": ideal}
     used = {pid: after[pid] - before[pid] for pid in before if before[pid] is not None and after[pid] is not None}  # type: ignore[operator]
+    idle = None if idle0 is None or idle1 is None else idle1 - idle0
     if me in used and len(used) == len(workers) + 1 == eng.workers + 1:
-        out["master_cpu_us_per_task"] = 1e6 * used.pop(me) / n
-        out["worker_overhead_us_per_task"] = 1e6 * (sum(used.values()) - n * d) / n
-    return out
+        master = used.pop(me)
+        return _Cost(elapsed, master, sum(used.values()) - task_cpu, idle)
+    return _Cost(elapsed, None, None, idle)
 
 
 def _worker_pids(eng: Engine) -> list[int]:
@@ -266,13 +291,9 @@ def skewed(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     points of the ratio (with a core per worker, they and the CPU of other
     processes add up to the ratio's excess over 1)."""
     durations = skewed_durations(int(p["n"]), float(p["mean"]), int(p["long"]), float(p["long_seconds"]), 2026)
-    me, workers = os.getpid(), _worker_pids(eng)
-    before = {pid: _cpu_seconds(pid) for pid in [me, *workers]}
-    idle0 = _machine_idle_seconds()
-    elapsed = _timed(lambda: _drain(eng, [eng.submit(_tasks.spin, d) for d in durations]))
-    idle1 = _machine_idle_seconds()
-    after = {pid: _cpu_seconds(pid) for pid in [me, *workers]}
+    cost = _timed_with_cpu(eng, lambda: _drain(eng, [eng.submit(_tasks.spin, d) for d in durations]), sum(durations))
     mapped = _timed(lambda: list(eng.map(_tasks.spin, durations, None)))
+    elapsed = cost.elapsed
     bound = max(sum(durations) / eng.workers, max(durations))
     out = {
         "makespan_over_bound": elapsed / bound,
@@ -283,13 +304,12 @@ def skewed(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     # where the submit run's time over the bound went, in points of the ratio:
     # with a core per worker and the machine saturated, makespan x cores is the
     # tasks' CPU plus the master's, the workers' own and the idle cores'
-    used = {pid: after[pid] - before[pid] for pid in before if before[pid] is not None and after[pid] is not None}  # type: ignore[operator]
     capacity = eng.workers * bound
-    if me in used and len(used) == len(workers) + 1 == eng.workers + 1:
-        out["skewed_master_cpu_points"] = 100 * used.pop(me) / capacity
-        out["skewed_worker_overhead_points"] = 100 * (sum(used.values()) - sum(durations)) / capacity
-    if idle0 is not None and idle1 is not None:
-        out["skewed_idle_cpu_points"] = 100 * (idle1 - idle0) / capacity
+    if cost.master is not None and cost.workers is not None:
+        out["skewed_master_cpu_points"] = 100 * cost.master / capacity
+        out["skewed_worker_overhead_points"] = 100 * cost.workers / capacity
+    if cost.idle is not None:
+        out["skewed_idle_cpu_points"] = 100 * cost.idle / capacity
     return out
 
 

@@ -27,7 +27,7 @@ from . import _periodic, _transport
 from . import _serialization as ser
 from ._bundles import guided_size
 from ._errors import BrokenFarmError, ExitCode, JournalError, RemoteTraceback
-from ._future import FarmFuture, _Encoded
+from ._future import FarmFuture, PendingSet, _Encoded
 from ._journal import JournalNotFoundError, read_journal
 from ._journal_writer import JournalWriter
 from ._master import DEFAULT_HEARTBEAT_TIMEOUT, NOT_PICKLED, Farm, Submission
@@ -246,10 +246,10 @@ class FarmExecutor(concurrent.futures.Executor):
         self._functions = ser.FunctionCache()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
-        self._pending: set[FarmFuture] = set()
-        self._pending_lock = threading.Lock()
-        #: `_forget` bound once, as every future's done-callback (see Farm._cancel_hook)
-        self._forget_callback = self._forget
+        #: every future's done-callback: it forgets the future once resolved
+        self._forget = PendingSet()
+        self._pending = self._forget.futures  # what shutdown waits for
+        self._pending_lock = self._forget.lock
         size = _transport.world_size()
         if size > 1:
             if _transport.world_rank() != 0:
@@ -375,7 +375,7 @@ class FarmExecutor(concurrent.futures.Executor):
             future._task_state = TaskState.SCHEDULED  # waiting for its ETA or its inputs
         # not add_done_callback: no other thread has this future yet, and this
         # needs no list of callbacks (see FarmFuture._on_done)
-        future._on_done = self._forget_callback
+        future._on_done = self._forget
         try:
             # in the try: a KeyboardInterrupt between the two would leave a
             # future in ``_pending`` that nothing will resolve, and shutdown,
@@ -444,10 +444,6 @@ class FarmExecutor(concurrent.futures.Executor):
                 self, interval, task, start=start, stop=stop, on_result=on_result, on_error=on_error
             )
             return handle.start()
-
-    def _forget(self, future: concurrent.futures.Future[Any]) -> None:
-        with self._pending_lock:
-            self._pending.discard(future)  # type: ignore[arg-type]
 
     def map(
         self,

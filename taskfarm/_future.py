@@ -328,3 +328,84 @@ class FarmFuture(concurrent.futures.Future[Any]):
     def __repr__(self) -> str:
         where = "" if self.rank is None else f" rank={self.rank}"
         return f"<FarmFuture task={self.task_id} {self.state.value}{where}>"
+
+
+class PendingSet:
+    """An executor's futures not yet resolved, which its ``shutdown`` waits
+    for: each future's `FarmFuture._on_done`.  Called with one future, it
+    forgets that one; `call_back_all` forgets a round's worth at once."""
+
+    __slots__ = ("futures", "lock")
+
+    def __init__(self) -> None:
+        self.futures: set[FarmFuture] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, future: FarmFuture) -> None:
+        with self.lock:
+            self.futures.discard(future)
+
+    def forget(self, futures: list[FarmFuture]) -> None:
+        with self.lock:
+            self.futures.difference_update(futures)
+
+
+#: an outcome on its way to its future: (future, value, None) or (future, None, error)
+Outcome = tuple[concurrent.futures.Future[Any], Any, BaseException | None]
+
+
+def start_unwatched(futures: list[FarmFuture]) -> None:
+    """Move to RUNNING, under one hold of `_make_lock`, each of ``futures``
+    still PENDING that no thread has locked or waited on (no condition yet):
+    `FarmFuture._start` for a whole bundle, which took the lock once per call.
+    The others stay as they are, for `_start` to move or to find cancelled."""
+    with _make_lock:
+        for future in futures:
+            if future._cond is None and future._state == _PENDING:
+                future._state = _RUNNING
+
+
+def succeed_unwatched(outcomes: list[Outcome]) -> tuple[list[FarmFuture], list[Outcome]]:
+    """Resolve, under one hold of `_make_lock`, each success in ``outcomes``
+    whose FarmFuture no thread has locked or waited on: there is nobody to
+    notify, and `FarmFuture._succeed` took the lock once per future.
+
+    Returns the futures resolved here, whose done-callbacks are still to run
+    (`call_back_all`), and the other outcomes in their order (failures, and
+    futures a thread waits on), which go the usual way.  A future has one
+    outcome at most, so resolving these first changes no result, only the
+    order in which the round's futures resolve."""
+    resolved: list[FarmFuture] = []
+    rest: list[Outcome] = []
+    with _make_lock:
+        for outcome in outcomes:
+            future, value, error = outcome
+            if error is None and type(future) is FarmFuture and future._cond is None:
+                if future._state not in _RESOLVED:
+                    future._result = value
+                    future._state = _FINISHED
+                    resolved.append(future)
+            else:
+                rest.append(outcome)
+    return resolved, rest
+
+
+def call_back_all(futures: list[FarmFuture]) -> None:
+    """The done-callbacks of ``futures``, just resolved: an executor's
+    `PendingSet` forgets its futures together; a future with callbacks of
+    its own has them all run as `FarmFuture._invoke_callbacks` does."""
+    sink: PendingSet | None = None
+    batch: list[FarmFuture] = []
+    for future in futures:
+        on_done = future._on_done
+        if future._done_callbacks or type(on_done) is not PendingSet:
+            future._invoke_callbacks()
+            continue
+        if on_done is not sink:
+            if sink is not None:
+                sink.forget(batch)
+                batch = []
+            sink = on_done
+        batch.append(future)
+    if sink is not None:
+        sink.forget(batch)

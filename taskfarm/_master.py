@@ -75,7 +75,7 @@ from ._errors import (
     TimeLimitExceeded,
     WorkerLostError,
 )
-from ._future import _CANCELLED, _PENDING, _RESOLVED, _RUNNING, FarmFuture
+from ._future import _CANCELLED, _PENDING, _RESOLVED, _RUNNING, FarmFuture, start_unwatched
 from ._journal_writer import JournalWriter
 from ._loopback import Loopback
 from ._outcomes import Listener, Outcomes, decode_error, fail_future
@@ -182,6 +182,10 @@ class Submission(NamedTuple):
         them; the pickle is another ~30 us of an idle farm's round trip, cold."""
         return self.call if self.args is None else (self.args, ())
 
+
+#: a `Part` made as the tuple it is: NamedTuple's own ``__new__`` is a Python
+#: function, another call for each of a bundle's calls
+_new_part = tuple.__new__
 
 #: a Submission's ``call`` while its arguments ride as they are (``Submission.args``)
 NOT_PICKLED: ser.Frame = (b"", ())
@@ -1297,31 +1301,33 @@ class Farm:
     ) -> TaskItem | None:
         """The message item of a bundle going to ``rank``; None if every call
         in it was cancelled meanwhile."""
+        tasks = self._tasks
+        start_unwatched([sub.future for sub in subs])  # `_mark_running`'s usual case, for all at once
+        attempt = self.scheduler.attempt(bundle_id)
+        recorded = self.journal is not None or bool(self._listeners)
         live = []
+        parts = []
         for sub in subs:
-            if self._tasks.get(sub.future.task_id) is not sub:
+            future = sub.future
+            task_id = future.task_id
+            if tasks.get(task_id) is not sub:
                 continue  # cancelled while it waited (counted then)
-            if not _mark_running(sub.future):
+            if future._state != _RUNNING and not _mark_running(future):
                 self._cancelled_outside(sub)  # cancelled just now
                 continue
             live.append(sub)
+            if recorded:
+                self._mark_dispatched(sub, rank, attempt)
+            else:  # the usual case: `_mark_dispatched`'s state, without a call per part
+                future._task_state = TaskState.RUNNING
+                future.rank = rank
+            parts.append(_new_part(Part, (task_id, sub.call[0] if sub.args is None else sub.args)))
         if len(live) != len(subs):
             subs[:] = live
         if not live:
             del self._bundler.bundles[bundle_id]
             self.scheduler.withdraw(bundle_id, rank)
             return None
-        attempt = self.scheduler.attempt(bundle_id)
-        recorded = self.journal is not None or bool(self._listeners)
-        parts = []
-        for sub in live:
-            future = sub.future
-            if recorded:
-                self._mark_dispatched(sub, rank, attempt)
-            else:  # the usual case: `_mark_dispatched`'s state, without a call per part
-                future._task_state = TaskState.RUNNING
-                future.rank = rank
-            parts.append(Part(future.task_id, sub.call[0] if sub.args is None else sub.args))
         # one function per bundle (`Bundler.take`): it rides on the bundle's item
         fn = _fn_ref(live[0].fn, sent_fns)
         awaited = self.scheduler.awaited(bundle_id)

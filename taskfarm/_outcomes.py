@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _serialization as ser
 from ._errors import BrokenFarmError, RemoteTraceback, SerializationError
-from ._future import _CANCELLED, _PENDING, _RESOLVED, FarmFuture, _Encoded
+from ._future import _CANCELLED, _PENDING, _RESOLVED, FarmFuture, Outcome, _Encoded, call_back_all, succeed_unwatched
 from ._journal_writer import JournalWriter
 from ._protocol import PartResult, ResultItem
 
@@ -40,9 +40,9 @@ class Outcomes:
         self.journal = journal
         self._listeners = listeners
         self._emit = emit
-        #: futures to resolve at the next commit, in order: (future, value, None)
-        #: or (future, None, error); tuples, not closures (fewer objects per task)
-        self._pending: list[tuple[FarmFuture, Any, BaseException | None]] = []
+        #: futures to resolve at the next commit: (future, value, None) or
+        #: (future, None, error); tuples, not closures (fewer objects per task)
+        self._pending: list[Outcome] = []
 
     def succeeded(self, future: FarmFuture, key: str | None, peer: int, attempt: int, result: Result) -> None:
         """A task's (or a bundled call's) success: journal first, its future at the commit."""
@@ -130,14 +130,18 @@ class Outcomes:
         if self.journal is not None:
             self.journal.sync()  # group commit: one fsync for this round's outcomes
         pending, self._pending = self._pending, []
+        # most are successes of futures no thread waits on: resolved together
+        # (a lone outcome, as an idle farm's round trip brings, goes as it is)
+        resolved, rest = succeed_unwatched(pending) if len(pending) > 1 else ([], pending)
         awaited = False
-        for future, value, error in pending:
+        for future, value, error in rest:
             # a FarmFuture makes its condition when a thread first waits on it
             awaited = awaited or type(future) is not FarmFuture or future._cond is not None
             if error is None:
                 succeed(future, value)
             else:
                 fail_future(future, error)
+        call_back_all(resolved)
         return awaited
 
     def _event(

@@ -300,6 +300,7 @@ def bare_executor(farm: Any, pending: set[Any] | None = None) -> Any:
 
     from taskfarm import _serialization as ser
     from taskfarm._executor import FarmExecutor
+    from taskfarm._future import PendingSet
     from taskfarm._task import TaskPolicy
 
     ex = object.__new__(FarmExecutor)
@@ -307,7 +308,9 @@ def bare_executor(farm: Any, pending: set[Any] | None = None) -> Any:
     ex._functions = ser.FunctionCache()
     ex._policy = TaskPolicy()
     ex._shutdown, ex._shutdown_lock = False, threading.Lock()
-    ex._pending, ex._pending_lock = (set() if pending is None else pending), threading.Lock()
-    ex._forget_callback = ex._forget
+    ex._forget = PendingSet()
+    if pending is not None:
+        ex._forget.futures = pending
+    ex._pending, ex._pending_lock = ex._forget.futures, ex._forget.lock
     ex._executor_id = 1
     return ex

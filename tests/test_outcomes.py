@@ -12,7 +12,7 @@ import pytest
 
 import taskfarm._serialization as ser
 from taskfarm._errors import BrokenFarmError, RemoteTraceback, SerializationError
-from taskfarm._future import FarmFuture
+from taskfarm._future import FarmFuture, Outcome, PendingSet, start_unwatched, succeed_unwatched
 from taskfarm._outcomes import Outcomes, decode_error
 from taskfarm._protocol import PartResult, ResultItem
 
@@ -147,3 +147,46 @@ def test_commit_says_whether_a_thread_waits_on_what_it_resolved() -> None:
     assert outcomes.commit() is True
     waiter.join(LONG)
     assert got == ["two"]
+
+
+def test_a_rounds_unwatched_successes_resolve_together_and_each_executor_forgets_its_own() -> None:
+    """`Outcomes.commit` resolves the successes no thread waits on under one
+    lock and lets each executor's `PendingSet` forget them in one go; a
+    failure, and a future a thread waits on, go the usual way, and a future
+    with callbacks of its own has them run after the executor's."""
+    mine, theirs = PendingSet(), PendingSet()
+    futures = [FarmFuture(i) for i in range(1, 6)]
+    for i, future in enumerate(futures):
+        future._on_done = mine if i % 2 == 0 else theirs
+        (mine if i % 2 == 0 else theirs).futures.add(future)
+    order: list[str] = []
+    futures[4].add_done_callback(lambda f: order.append(f"own callback, pending: {f in mine.futures}"))
+    watched = futures[2]
+    assert watched._condition is not None  # a thread waits on it (`FarmFuture._condition`)
+    outcomes = Outcomes(None, [], lambda *a, **k: None)
+    for i, future in enumerate(futures):
+        if i == 3:
+            outcomes.fail(future, ValueError("four"))
+        else:
+            outcomes.succeeded_with(future, None, 1, 1, f"v{i}", 0.0, 1.0)
+    assert outcomes.commit() is True  # the watched one
+    assert [f.result(0) for f in (futures[0], futures[1], futures[2], futures[4])] == ["v0", "v1", "v2", "v4"]
+    assert isinstance(futures[3].exception(0), ValueError)
+    assert mine.futures == set() and theirs.futures == set()
+    assert order == ["own callback, pending: False"]
+
+
+def test_unwatched_helpers_leave_watched_cancelled_and_failed_futures_to_the_usual_path() -> None:
+    free, watched, cancelled = FarmFuture(1), FarmFuture(2), FarmFuture(3)
+    assert watched._condition is not None
+    assert cancelled.cancel()
+    start_unwatched([free, watched, cancelled])
+    assert (free._state, watched._state, cancelled._state) == ("RUNNING", "PENDING", "CANCELLED")
+    failed = FarmFuture(4)
+    error = ValueError("x")
+    outcomes: list[Outcome] = [(free, 1, None), (watched, 2, None), (failed, None, error), (cancelled, 3, None)]
+    resolved, rest = succeed_unwatched(outcomes)
+    assert resolved == [free] and free.result(0) == 1
+    # in their order; cancel() made the cancelled one's condition
+    assert rest == [(watched, 2, None), (failed, None, error), (cancelled, 3, None)]
+    assert not watched.done() and not failed.done() and cancelled.cancelled()

@@ -146,11 +146,16 @@ LOST_BYE_TIMEOUT = 5.0
 #: GIL switch interval while a farm runs (seconds; Python's default is 5 ms).
 #: The service thread takes and drops the GIL many times a round (each MPI and
 #: socket call releases it); a user thread running Python meanwhile (a burst
-#: of submits, a loop over results) held it up to the full interval each time,
-#: so a round took 10-20 ms and ranks sat idle.  1 ms tasks, 2 workers, 2,000
-#: submits: efficiency 0.926-0.932 -> 0.939-0.943 (3 interleaved pairs); 0.5 ms
-#: gave no more.  Workers run at the same (`_worker.WORKER_SWITCH_INTERVAL`).
-MASTER_SWITCH_INTERVAL = 0.001
+#: of submits, a loop over results) holds it up to the full interval each
+#: time.  At 5 ms a round took 10-20 ms and ranks sat idle; 1 ms took 1 ms
+#: tasks' efficiency (2 workers, 2,000 submits) 0.926-0.932 -> 0.939-0.943.
+#: At 1 ms the round of a 2,000-submit burst still took as long as the burst
+#: (~10 ms): the second rank's first task waited 8-21 ms (12 bursts), with a
+#: core idle.  50 us: skewed submits -0.60 +- 0.22 points, the cores' idle
+#: time -0.49 +- 0.12 (10 interleaved pairs), 1 ms tasks and no-op submits
+#: unchanged; 200 us read alike (8 pairs).  Workers keep 1 ms
+#: (`_worker.WORKER_SWITCH_INTERVAL`): their slot runs the task, holding the GIL.
+MASTER_SWITCH_INTERVAL = 0.00005
 #: a bundle's policy to the scheduler: its calls have the default one (no retries)
 _BUNDLE_POLICY = TaskPolicy()
 
@@ -1478,8 +1483,14 @@ def _fast_switching() -> float:
 
 def _restore_switching(previous: float) -> None:
     """Undo `_fast_switching`, unless the program has set an interval of its own since."""
-    if sys.getswitchinterval() == MASTER_SWITCH_INTERVAL:
+    if _switching_is(MASTER_SWITCH_INTERVAL):
         sys.setswitchinterval(previous)
+
+
+def _switching_is(interval: float) -> bool:
+    """True if the GIL switch interval is ``interval``: Python keeps it in whole
+    microseconds, so 50 us reads back as 4.9999999999999996e-05."""
+    return round(sys.getswitchinterval() * 1e6) == round(interval * 1e6)
 
 
 def _relay_logs(peer: int, records: Any) -> None:

@@ -264,6 +264,8 @@ class Farm:
         self._hosts: dict[int, str] = {}
         self._byes: dict[int, Bye] = {}
         self._fn_sent: dict[int, set[bytes]] = collections.defaultdict(set)
+        #: failed calls of running bundles already resolved, by bundle (`_on_parts`)
+        self._parts_failed: dict[int, int] = {}
         self._init_sent: dict[int, set[int]] = collections.defaultdict(set)
         self._closing = False
         self._stopped = False
@@ -801,6 +803,8 @@ class Farm:
             self.scheduler.heard_from(peer, now)
             if kind is Kind.RESULTS:
                 self._on_results(peer, record, now)
+            elif kind is Kind.PARTS:
+                self._on_parts(peer, record)
             elif kind is Kind.RELEASED:
                 self._on_released(peer, record.task_ids, now)
             elif kind is Kind.HEARTBEAT:
@@ -905,6 +909,7 @@ class Farm:
     def _on_bundle(self, peer: int, item: ResultItem, now: float) -> None:
         """A bundle's outcome: each part resolves its own call (see "Bundles")."""
         failed = sum(1 for part in item.parts if not part.ok) if item.ok else 0
+        failed += self._parts_failed.pop(item.task_id, 0)  # sent before it ended (`_on_parts`)
         decision = self.scheduler.finished(
             item.task_id,
             peer,
@@ -923,10 +928,29 @@ class Farm:
             for sub in subs:
                 self._fail(sub.future.task_id, error, journaled=False)
             return
+        # all its calls: some may have come before it ended (`_on_parts`)
+        self._bundler.observe(subs[0].fn[0], (item.t_end - item.t_start) / len(subs))
+        self._resolve_parts(peer, item)
+
+    def _on_parts(self, peer: int, batch: ResultBatch) -> None:
+        """Calls of bundles still running on ``peer`` that ended a while ago
+        (`taskfarm._pools.BundleProgress`): resolved now, not when their
+        bundle ends.  A call no longer of that bundle (dissolved, its rank
+        lost) or resolved already is left alone: counted once."""
+        tasks = self._tasks
+        for item in batch.items:
+            ids = [part.task_id for part in item.parts]
+            if item.values is not None:
+                ids += item.values.task_ids
+            if all((task := tasks.get(task_id)) is not None and task.future._bundle == item.task_id for task_id in ids):
+                failed = sum(1 for part in item.parts if not part.ok)
+                if failed:  # the statistics count them when the bundle ends
+                    self._parts_failed[item.task_id] = self._parts_failed.get(item.task_id, 0) + failed
+                self._resolve_parts(peer, item)
+
+    def _resolve_parts(self, peer: int, item: ResultItem) -> None:
+        """Each call in ``item`` (a bundle's, whole or in part) resolves its own future."""
         values = item.values
-        calls = len(item.parts) + (len(values.task_ids) if values is not None else 0)
-        if calls:
-            self._bundler.observe(subs[0].fn[0], (item.t_end - item.t_start) / calls)
         outcomes = self._outcomes
         tasks = self._tasks
         if values is not None:
@@ -937,7 +961,7 @@ class Farm:
         for part in item.parts:
             task = tasks.pop(part.task_id, None)
             if task is None:
-                continue  # failed meanwhile (the farm broke)
+                continue  # failed meanwhile (the farm broke), or came before (`_on_parts`)
             future = task.future
             if part.ok:
                 outcomes.succeeded(future, task.key, peer, item.attempt, part)

@@ -345,6 +345,43 @@ def _failure(exc: BaseException, head: str) -> tuple[bytes, tuple[Any, ...], str
     return payload, buffers, head + "".join(traceback.format_exception(exc))
 
 
+class BundleProgress:
+    """The calls of a running bundle that are done: `execute_parts` adds
+    each as it ends, and `take` hands out those not yet taken, once each.
+
+    A bundle's results used to go back together once its last call was
+    done: a call much longer than the others held back the results of the
+    calls before it (and their journal records), and a drain that cut the
+    bundle off lost them.  The worker's comm thread now takes and sends
+    what has waited `taskfarm._worker.RESULT_LINGER` (`Kind.PARTS`); the slot
+    takes the rest when the bundle ends."""
+
+    __slots__ = ("_lock", "_taken_results", "_taken_values", "results", "since", "values")
+
+    def __init__(self) -> None:
+        #: (task id, value, start, end) of the calls whose value rides as it is
+        self.values: list[tuple[int, Any, float, float]] = []
+        self.results: list[PartResult] = []
+        #: when the oldest call not yet taken ended (``time.time()``), 0.0 if none
+        self.since = 0.0
+        self._taken_values = 0
+        self._taken_results = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> tuple[list[PartResult], PartValues | None]:
+        """The calls done and not yet taken (any thread; each call once)."""
+        with self._lock:
+            values = self.values[self._taken_values :]
+            results = self.results[self._taken_results :]
+            self._taken_values += len(values)
+            self._taken_results += len(results)
+            self.since = 0.0
+        if not values:
+            return results, None
+        task_ids, plain, starts, ends = (list(column) for column in zip(*values))
+        return results, PartValues(task_ids, plain, starts, ends)
+
+
 def execute_parts(
     parts: Sequence[Part],
     function: Callable[[], Callable[..., Any]],
@@ -352,22 +389,21 @@ def execute_parts(
     *,
     init_error: BaseException | None = None,
     loop: EventLoop | None = None,
+    progress: BundleProgress | None = None,
 ) -> tuple[list[PartResult], PartValues | None]:
     """A bundle's calls, one after another, each with its own outcome, as
     `execute` would give it: calls that returned a value of a plain type go
     in the `PartValues` (None if there are none), the others each get a
-    `PartResult`.
+    `PartResult`.  With ``progress``, each call is added there as it ends,
+    and what is returned is what another thread has not taken meanwhile.
 
     Bundled calls have no time limit, inputs or out-of-band buffers, and a
     part is a few microseconds of the farm's own Python around a short call:
     this loop does only what they need (half of `execute`'s cost per call
     here), and one clock reading ends a call and starts the next.
     """
-    results = []
-    task_ids: list[int] = []
-    values: list[Any] = []
-    starts: list[float] = []
-    ends: list[float] = []
+    done = progress if progress is not None else BundleProgress()
+    results, values = done.results, done.values
     loads, dumps, now, plain = ser.loads, ser.dumps, time.time, ser.value_types()
     t_start = now()
     try:  # one function per bundle: loaded (or found wanting) once, not per call
@@ -376,7 +412,8 @@ def execute_parts(
     except BaseException as exc:  # noqa: BLE001 - every call fails with it, as each would alone
         payload, buffers, tb = _failure(exc, head)
         t_end = now()
-        return [PartResult(part.task_id, False, payload, buffers, tb, t_start, t_end) for part in parts], None
+        results.extend(PartResult(part.task_id, False, payload, buffers, tb, t_start, t_end) for part in parts)
+        return done.take()
     for part in parts:
         try:
             call = part.call
@@ -387,10 +424,9 @@ def execute_parts(
                 value = fn(*call)
             if type(value) in plain:  # the usual case: no pickle of its own, no record (`ser.value_types`)
                 t_end = now()
-                task_ids.append(part.task_id)
-                values.append(value)
-                starts.append(t_start)
-                ends.append(t_end)
+                values.append((part.task_id, value, t_start, t_end))
+                if not done.since:
+                    done.since = t_end
                 t_start = t_end
                 continue
             if type(value) not in _NOT_AWAITABLE and inspect.isawaitable(value):
@@ -402,8 +438,10 @@ def execute_parts(
             payload, buffers, tb = _failure(exc, head)
         t_end = now()
         results.append(PartResult(part.task_id, ok, payload, buffers, tb, t_start, t_end))
+        if not done.since:
+            done.since = t_end
         t_start = t_end
-    return results, (PartValues(task_ids, values, starts, ends) if task_ids else None)
+    return done.take()
 
 
 def lost(message: str, head: str, t_start: float, *, crashed: bool = True) -> Outcome:

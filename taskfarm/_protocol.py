@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 
 
 class Kind(enum.IntEnum):
@@ -31,6 +31,7 @@ class Kind(enum.IntEnum):
     STOP = 8  # master -> worker: Stop
     BYE = 9  # worker -> master: Bye (its statistics), the last message of a worker
     LOG = 10  # worker -> master: LogRecords
+    PARTS = 11  # worker -> master: ResultBatch of calls done in bundles still running
 
 
 class Hello(NamedTuple):

@@ -53,7 +53,18 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import BrokenFarmError
-from ._pools import Child, EventLoop, Library, Outcome, PoolSpec, execute, execute_parts, lost, traceback_head
+from ._pools import (
+    BundleProgress,
+    Child,
+    EventLoop,
+    Library,
+    Outcome,
+    PoolSpec,
+    execute,
+    execute_parts,
+    lost,
+    traceback_head,
+)
 from ._protocol import (
     PROTOCOL_VERSION,
     Bye,
@@ -181,6 +192,8 @@ class Worker:
         self._outbox: list[ResultItem] = []
         self._outbox_since = 0.0  # when the oldest unsent result was made, 0 if none waits
         self._running: set[int] = set()
+        #: bundles running in the slots: (attempt, calls done so far), by task id
+        self._bundles: dict[int, tuple[int, BundleProgress]] = {}
         self._stopping = False
         # the transport's calls: the comm thread's rounds, and a slot that sends
         # its own results while the comm thread sleeps (`_send_outbox`); taken
@@ -285,6 +298,8 @@ class Worker:
                 running = tuple(self._running)
             t.send(MASTER, Kind.HEARTBEAT, Heartbeat(running))
             self._last_sent = time.monotonic()
+        if self._bundles:  # a slot runs a bundle: calls done a while ago go now
+            active = self._send_parts() or active
         if self._logs is not None and self._logs.records:
             t.send(MASTER, Kind.LOG, self._logs.take())
         rung = t.take_rings() or bool(woken & RUNG)
@@ -550,6 +565,23 @@ class Worker:
         self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
         self._last_sent = time.monotonic()
 
+    def _send_parts(self) -> bool:
+        """Under ``_mpi_lock``, in the comm thread's round: the calls of running
+        bundles that ended `RESULT_LINGER` ago or more go now (`Kind.PARTS`),
+        not when their bundle ends: a long call after them would hold them
+        back, and a drain that cut it off would lose them.  True if sent."""
+        due = time.time() - RESULT_LINGER
+        items = []
+        for task_id, (attempt, progress) in list(self._bundles.items()):
+            if progress.since and progress.since <= due:
+                parts, values = progress.take()
+                if parts or values is not None:
+                    items.append(ResultItem(task_id, attempt, True, b"", (), "", 0.0, 0.0, False, tuple(parts), values))
+        if items:
+            self.transport.send(MASTER, Kind.PARTS, ResultBatch(tuple(items)))
+            self._last_sent = time.monotonic()
+        return bool(items)
+
     def _queue_drained(self) -> bool:
         """Under ``_cv``: nothing queued, or half of what the last refill (or
         send) left is done; held results need wait no longer."""
@@ -614,9 +646,14 @@ class Worker:
         t_start = time.time()
         cpu0 = time.thread_time()  # of all the calls together (a thread's CPU clock is a system call)
         digest = item.fn.digest
-        parts, values = execute_parts(
-            item.parts, lambda: library.function(digest), head, init_error=init_error, loop=loop
-        )
+        progress = BundleProgress()
+        self._bundles[item.task_id] = (item.attempt, progress)
+        try:
+            parts, values = execute_parts(
+                item.parts, lambda: library.function(digest), head, init_error=init_error, loop=loop, progress=progress
+            )
+        finally:
+            del self._bundles[item.task_id]
         cpu = time.thread_time() - cpu0
         t_end = time.time()
         slot.busy += t_end - t_start

@@ -64,6 +64,7 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
     farm._listeners = []
     farm._outcomes = Outcomes(None, farm._listeners, farm._emit)
     farm._fn_sent = collections.defaultdict(set)
+    farm._parts_failed = {}
     farm._executors = {}
     farm._init_sent = collections.defaultdict(set)
     farm.transport = RecordingTransport()  # type: ignore[assignment]
@@ -477,3 +478,43 @@ def test_submit_leaves_only_scalar_positional_arguments_unpickled() -> None:
     ex.submit(divmod, 7, 2)
     (sub,) = capture.subs
     assert sub.args is None and ser.loads(*sub.call) == ((7, 2), {}) and sub.key is not None
+
+
+def test_calls_a_running_bundle_sent_ahead_resolve_once_and_count_at_its_end() -> None:
+    """`Kind.PARTS`: calls of a bundle still running resolve when they come,
+    the bundle's own result brings the rest, its failed calls count in the
+    statistics when it ends; calls no longer of that bundle (dissolved, their
+    rank lost) are left alone."""
+    farm = _bare_farm(ranks=1, capacity=4)
+    before = farm.scheduler.statistics()
+    futures = _hold(farm, 8)[:4]
+    farm._feed(0.0)
+    ((bundle_id, _),) = farm._bundler.bundles.items()
+    (rank,) = farm.scheduler.poll(0.0).dispatch
+    farm._send_tasks(rank, [bundle_id])
+    ids = [f.task_id for f in futures]
+    error = ser.dumps(ValueError("two"), "result")
+    ahead = ResultItem(
+        bundle_id, 0, True, b"", (), "", 0.0, 0.0, False,
+        (PartResult(ids[1], False, error[0], error[1], "tb", 2.0, 3.0),),
+        PartValues([ids[0]], [10], [1.0], [2.0]),
+    )  # fmt: skip
+    farm._on_parts(rank, ResultBatch((ahead,)))
+    farm._commit()
+    assert futures[0].result(0) == 10 and isinstance(futures[1].exception(0), ValueError)
+    assert not futures[2].done() and bundle_id in farm._bundler.bundles  # the bundle still runs
+    farm._on_parts(rank, ResultBatch((ahead,)))  # the same again: resolved already, left alone
+    values = PartValues([ids[2], ids[3]], [12, 13], [3.0, 4.0], [4.0, 5.0])
+    rest = ResultItem(bundle_id, 0, True, b"", (), "", 1.0, 5.0, False, (), values)
+    farm._on_results(rank, ResultBatch((rest,)), 0.0)
+    farm._commit()
+    assert [f.result(0) for f in futures[2:]] == [12, 13] and not farm._bundler.bundles
+    stats = farm.scheduler.statistics()
+    assert (stats.done - before.done, stats.failed - before.failed, stats.running) == (3, 1, 0)
+    dissolved = _hold(farm, 1)[0]
+    dissolved._bundle = 0  # a task of its own now: a late part naming it is not its bundle's
+    values = PartValues([dissolved.task_id], [1], [0.0], [1.0])
+    late = ResultItem(bundle_id, 0, True, b"", (), "", 0.0, 0.0, False, (), values)
+    farm._on_parts(rank, ResultBatch((late,)))
+    farm._commit()
+    assert not dissolved.done()

@@ -1265,6 +1265,11 @@ SHORT_CUTS = section(
         # once another task is submitted: the farm's rings are the service
         # thread's again, and the listener waits as any other thread does
         alone = ex.submit(wait_for, GATE + ".alone", 120)
+        # taken in first: a thread that starts to wait while its task is still
+        # a submission in the queue waits the usual way (no short cut)
+        deadline = time.monotonic() + 30
+        while alone.task_id not in farm_._tasks and time.monotonic() < deadline:
+            time.sleep(0.001)
         listener = threading.Thread(target=alone.exception, args=(60,))
         listener.start()
         deadline = time.monotonic() + 30
@@ -1396,3 +1401,47 @@ def test_mpi_initialised_without_enough_thread_support_is_refused(
         assert got == {"error": "BrokenFarmError", "names_the_level": True}
     else:
         assert got == {"error": None}
+
+
+# --------------------------------------------------------------------------
+# bundles: what their calls send back before the bundle ends
+# --------------------------------------------------------------------------
+
+
+BUNDLE_PARTS = section(
+    "bundle_parts",
+    "calls_ahead_of_a_long_one",
+    """
+    def quick_or_gated(i, gated, path):
+        return wait_for(path, 120) if i == gated else i
+
+    with taskfarm.FarmExecutor() as ex:
+        for f in [ex.submit(quick_or_gated, i, -1, "") for i in range(50)]:
+            f.result(60)  # the function is timed as quick: its calls are bundled
+        futures = [ex.submit(quick_or_gated, i, 100, GATE) for i in range(200)]
+        gated = futures[100]
+        deadline = time.monotonic() + 60
+        while gated._bundle <= 0 and time.monotonic() < deadline:  # until it is bundled
+            time.sleep(0.001)
+        ahead = [f for f in futures[:100] if f._bundle == gated._bundle]
+        out["ahead"] = len(ahead)
+        out["bundled"] = gated._bundle > 0
+        deadline = time.monotonic() + 30
+        while not all(f.done() for f in ahead) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        out["ahead_done_while_gated"] = all(f.done() for f in ahead) and not gated.done()
+        open_gate()
+        out["values"] = [f.result(120) for f in futures] == [*range(100), "released", *range(101, 200)]
+    """,
+)
+
+
+def test_calls_ahead_of_a_long_one_in_a_bundle_come_back_before_it_ends(farm_results: Results) -> None:
+    """A bundle's calls used to come back together once its last call ended:
+    one long call held back the results of those ahead of it (and their
+    journal records), and a drain that cut the bundle off lost them.  Done
+    calls now go while the bundle runs (`Kind.PARTS`)."""
+    got = farm_results(BUNDLE_PARTS)
+    assert got["bundled"] is True and got["ahead"] >= 1, got
+    assert got["ahead_done_while_gated"] is True, got
+    assert got["values"] is True, got

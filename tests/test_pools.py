@@ -27,6 +27,7 @@ from taskfarm import _serialization as ser
 from taskfarm._errors import SerializationError, TimeLimitExceeded, WorkerLostError
 from taskfarm._pools import (
     CHILD_ENV,
+    BundleProgress,
     Child,
     EventLoop,
     Library,
@@ -36,7 +37,7 @@ from taskfarm._pools import (
     execute_parts,
     parse_size,
 )
-from taskfarm._protocol import FnRef, Initializer, Kind, Part, TaskItem
+from taskfarm._protocol import FnRef, Initializer, Kind, Part, PartResult, PartValues, TaskItem
 
 # --------------------------------------------------------------------------
 # Runners in this process (tasks are mostly stdlib functions, so that a
@@ -554,3 +555,29 @@ def test_unpicklable_result_in_a_child_fails_only_its_task(child_cleanup: list[C
     assert not outcome.ok and not outcome.crashed
     assert isinstance(_value(outcome), SerializationError)
     assert child.alive()
+
+
+PROGRESS: list[BundleProgress] = []
+TAKEN: list[tuple[list[PartResult], PartValues | None]] = []
+
+
+def take_at_three(x: Any) -> Any:
+    """The comm thread's part, played by the third call: it takes what is done."""
+    if x == 3:
+        TAKEN.append(PROGRESS[0].take())
+    return [x] if x == 2 else x
+
+
+def test_a_bundles_calls_done_are_taken_once_by_whoever_takes_first() -> None:
+    """`BundleProgress`: the calls done by the time another thread takes them
+    go with that take (the comm thread sends them, `Kind.PARTS`), and the
+    bundle's own result has only the rest; each call once, in order."""
+    PROGRESS[:] = [BundleProgress()]
+    TAKEN.clear()
+    parts, function = _parts(take_at_three, (1,), (2,), (3,), (4,))
+    results, values = execute_parts(parts, function, "", progress=PROGRESS[0])
+    ((early_results, early_values),) = TAKEN
+    assert early_values is not None and early_values.task_ids == [1] and early_values.values == [1]
+    assert [r.task_id for r in early_results] == [2] and ser.loads(early_results[0].payload, ()) == [2]
+    assert results == [] and values is not None and values.task_ids == [3, 4] and values.values == [3, 4]
+    assert PROGRESS[0].take() == ([], None) and PROGRESS[0].since == 0.0  # nothing twice

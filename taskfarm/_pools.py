@@ -356,30 +356,40 @@ class BundleProgress:
     what has waited `taskfarm._worker.RESULT_LINGER` (`Kind.PARTS`); the slot
     takes the rest when the bundle ends."""
 
-    __slots__ = ("_lock", "_taken_results", "_taken_values", "results", "since", "values")
+    __slots__ = ("_lock", "_taken_results", "_taken_values", "ends", "results", "starts", "task_ids", "values")
 
     def __init__(self) -> None:
-        #: (task id, value, start, end) of the calls whose value rides as it is
-        self.values: list[tuple[int, Any, float, float]] = []
+        # the columns of `PartValues`; a call's ``ends`` entry is added last,
+        # so ``len(ends)`` calls are whole in every column
+        self.task_ids: list[int] = []
+        self.values: list[Any] = []
+        self.starts: list[float] = []
+        self.ends: list[float] = []
         self.results: list[PartResult] = []
-        #: when the oldest call not yet taken ended (``time.time()``), 0.0 if none
-        self.since = 0.0
         self._taken_values = 0
         self._taken_results = 0
         self._lock = threading.Lock()
 
+    def waiting_since(self) -> float:
+        """When the oldest call not yet taken ended (``time.time()``), 0.0 if none."""
+        ends, results = self.ends, self.results
+        since = ends[self._taken_values] if len(ends) > self._taken_values else 0.0
+        if len(results) > self._taken_results:
+            ended = results[self._taken_results].t_end
+            since = min(since, ended) if since else ended
+        return since
+
     def take(self) -> tuple[list[PartResult], PartValues | None]:
         """The calls done and not yet taken (any thread; each call once)."""
         with self._lock:
-            values = self.values[self._taken_values :]
-            results = self.results[self._taken_results :]
-            self._taken_values += len(values)
-            self._taken_results += len(results)
-            self.since = 0.0
-        if not values:
+            n, m = len(self.ends), len(self.results)
+            first, self._taken_values = self._taken_values, n
+            results = self.results[self._taken_results : m]
+            self._taken_results = m
+        if first == n:
             return results, None
-        task_ids, plain, starts, ends = (list(column) for column in zip(*values))
-        return results, PartValues(task_ids, plain, starts, ends)
+        columns = (self.task_ids[first:n], self.values[first:n], self.starts[first:n], self.ends[first:n])
+        return results, PartValues(*columns)
 
 
 def execute_parts(
@@ -403,7 +413,7 @@ def execute_parts(
     here), and one clock reading ends a call and starts the next.
     """
     done = progress if progress is not None else BundleProgress()
-    results, values = done.results, done.values
+    results, task_ids, values, starts, ends = done.results, done.task_ids, done.values, done.starts, done.ends
     loads, dumps, now, plain = ser.loads, ser.dumps, time.time, ser.value_types()
     t_start = now()
     try:  # one function per bundle: loaded (or found wanting) once, not per call
@@ -424,9 +434,10 @@ def execute_parts(
                 value = fn(*call)
             if type(value) in plain:  # the usual case: no pickle of its own, no record (`ser.value_types`)
                 t_end = now()
-                values.append((part.task_id, value, t_start, t_end))
-                if not done.since:
-                    done.since = t_end
+                task_ids.append(part.task_id)
+                values.append(value)
+                starts.append(t_start)
+                ends.append(t_end)  # last: the call is whole in every column (`BundleProgress`)
                 t_start = t_end
                 continue
             if type(value) not in _NOT_AWAITABLE and inspect.isawaitable(value):
@@ -438,8 +449,6 @@ def execute_parts(
             payload, buffers, tb = _failure(exc, head)
         t_end = now()
         results.append(PartResult(part.task_id, ok, payload, buffers, tb, t_start, t_end))
-        if not done.since:
-            done.since = t_end
         t_start = t_end
     return done.take()
 

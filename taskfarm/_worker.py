@@ -573,7 +573,7 @@ class Worker:
         due = time.time() - RESULT_LINGER
         items = []
         for task_id, (attempt, progress) in list(self._bundles.items()):
-            if progress.since and progress.since <= due:
+            if 0.0 < progress.waiting_since() <= due:
                 parts, values = progress.take()
                 if parts or values is not None:
                     items.append(ResultItem(task_id, attempt, True, b"", (), "", 0.0, 0.0, False, tuple(parts), values))

@@ -559,11 +559,13 @@ def test_unpicklable_result_in_a_child_fails_only_its_task(child_cleanup: list[C
 
 PROGRESS: list[BundleProgress] = []
 TAKEN: list[tuple[list[PartResult], PartValues | None]] = []
+SINCE: list[float] = []
 
 
 def take_at_three(x: Any) -> Any:
     """The comm thread's part, played by the third call: it takes what is done."""
     if x == 3:
+        SINCE.append(PROGRESS[0].waiting_since())  # when call 1 ended
         TAKEN.append(PROGRESS[0].take())
     return [x] if x == 2 else x
 
@@ -574,10 +576,12 @@ def test_a_bundles_calls_done_are_taken_once_by_whoever_takes_first() -> None:
     bundle's own result has only the rest; each call once, in order."""
     PROGRESS[:] = [BundleProgress()]
     TAKEN.clear()
+    SINCE.clear()
     parts, function = _parts(take_at_three, (1,), (2,), (3,), (4,))
     results, values = execute_parts(parts, function, "", progress=PROGRESS[0])
     ((early_results, early_values),) = TAKEN
     assert early_values is not None and early_values.task_ids == [1] and early_values.values == [1]
+    assert [early_values.t_ends[0]] == SINCE
     assert [r.task_id for r in early_results] == [2] and ser.loads(early_results[0].payload, ()) == [2]
     assert results == [] and values is not None and values.task_ids == [3, 4] and values.values == [3, 4]
-    assert PROGRESS[0].take() == ([], None) and PROGRESS[0].since == 0.0  # nothing twice
+    assert PROGRESS[0].take() == ([], None) and PROGRESS[0].waiting_since() == 0.0  # nothing twice

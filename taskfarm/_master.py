@@ -264,8 +264,6 @@ class Farm:
         self._hosts: dict[int, str] = {}
         self._byes: dict[int, Bye] = {}
         self._fn_sent: dict[int, set[bytes]] = collections.defaultdict(set)
-        #: failed calls of running bundles already resolved, by bundle (`_on_parts`)
-        self._parts_failed: dict[int, int] = {}
         self._init_sent: dict[int, set[int]] = collections.defaultdict(set)
         self._closing = False
         self._stopped = False
@@ -909,7 +907,6 @@ class Farm:
     def _on_bundle(self, peer: int, item: ResultItem, now: float) -> None:
         """A bundle's outcome: each part resolves its own call (see "Bundles")."""
         failed = sum(1 for part in item.parts if not part.ok) if item.ok else 0
-        failed += self._parts_failed.pop(item.task_id, 0)  # sent before it ended (`_on_parts`)
         decision = self.scheduler.finished(
             item.task_id,
             peer,
@@ -945,7 +942,7 @@ class Farm:
             if all((task := tasks.get(task_id)) is not None and task.future._bundle == item.task_id for task_id in ids):
                 failed = sum(1 for part in item.parts if not part.ok)
                 if failed:  # the statistics count them when the bundle ends
-                    self._parts_failed[item.task_id] = self._parts_failed.get(item.task_id, 0) + failed
+                    self.scheduler.parts_failed(item.task_id, failed)
                 self._resolve_parts(peer, item)
 
     def _resolve_parts(self, peer: int, item: ResultItem) -> None:

@@ -446,6 +446,14 @@ class Scheduler:
             entry.weight -= cancelled
             self._cancelled += cancelled
 
+    def parts_failed(self, task_id: int, failed: int) -> None:
+        """``failed`` calls of a running bundle came back failed before it
+        ended (`Kind.PARTS`): counted as failed when it succeeds, with the
+        failed calls of its own result."""
+        entry = self._entries.get(task_id)
+        if entry is not None:
+            entry.failed_parts += failed
+
     def cancelled_outside(self) -> None:
         """Count a task cancelled before the master handed it over (before
         its admission, or while it waited to be bundled): submitted and cancelled."""
@@ -568,10 +576,10 @@ class Scheduler:
             return Decision.DISCARD
         if ok:
             self._observe(duration / max(1, entry.weight), entry.weight)  # per call: capacity counts calls
-            entry.failed_parts = failed_parts
+            entry.failed_parts += failed_parts  # and those that came before it ended (`parts_failed`)
             if info is not None:
-                info.done += entry.weight - failed_parts
-                info.failed += failed_parts
+                info.done += entry.weight - entry.failed_parts
+                info.failed += entry.failed_parts
             self._finish(entry, TaskState.SUCCESS, nbytes)
             return Decision.ACCEPT
         if entry.holders:

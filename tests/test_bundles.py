@@ -64,7 +64,6 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
     farm._listeners = []
     farm._outcomes = Outcomes(None, farm._listeners, farm._emit)
     farm._fn_sent = collections.defaultdict(set)
-    farm._parts_failed = {}
     farm._executors = {}
     farm._init_sent = collections.defaultdict(set)
     farm.transport = RecordingTransport()  # type: ignore[assignment]

@@ -246,10 +246,9 @@ class FarmExecutor(concurrent.futures.Executor):
         self._functions = ser.FunctionCache()
         self._shutdown = False
         self._shutdown_lock = threading.Lock()
-        #: every future's done-callback: it forgets the future once resolved
-        self._forget = PendingSet()
-        self._pending = self._forget.futures  # what shutdown waits for
-        self._pending_lock = self._forget.lock
+        #: the futures shutdown waits for; also every future's done-callback,
+        #: which forgets it once resolved
+        self._pending = PendingSet()
         size = _transport.world_size()
         if size > 1:
             if _transport.world_rank() != 0:
@@ -375,13 +374,12 @@ class FarmExecutor(concurrent.futures.Executor):
             future._task_state = TaskState.SCHEDULED  # waiting for its ETA or its inputs
         # not add_done_callback: no other thread has this future yet, and this
         # needs no list of callbacks (see FarmFuture._on_done)
-        future._on_done = self._forget
+        future._on_done = self._pending
         try:
             # in the try: a KeyboardInterrupt between the two would leave a
             # future in ``_pending`` that nothing will resolve, and shutdown,
             # which waits for them all, would wait for good
-            with self._pending_lock:
-                self._pending.add(future)
+            self._pending.add(future)
             farm_.submit(
                 Submission(
                     future,
@@ -402,7 +400,7 @@ class FarmExecutor(concurrent.futures.Executor):
         except BaseException:
             # refused (draining, broken, ended): no one will ever resolve this
             # future, so shutdown(wait=True) must not wait for it
-            self._forget(future)
+            self._pending(future)  # forgotten
             raise
         return future
 
@@ -608,8 +606,7 @@ class FarmExecutor(concurrent.futures.Executor):
             self._shutdown = True
         _periodic.stop_all(self, wait)
         if cancel_futures:
-            with self._pending_lock:
-                pending = list(self._pending)
+            pending = self._pending.snapshot()
             # newest first: the service thread dispatches oldest first, so what
             # it sends meanwhile is always older than every task cancelled so
             # far, and no later task starts while earlier ones are being cancelled
@@ -630,8 +627,7 @@ class FarmExecutor(concurrent.futures.Executor):
         (`_future.MAIN_THREAD_WAIT_SLICE`), and the farm's short cut may
         take a lone task's result in this thread."""
         while True:
-            with self._pending_lock:
-                pending = list(self._pending)
+            pending = self._pending.snapshot()
             if not pending:
                 return
             for future in pending:

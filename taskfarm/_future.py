@@ -341,6 +341,14 @@ class PendingSet:
         self.futures: set[FarmFuture] = set()
         self.lock = threading.Lock()
 
+    def add(self, future: FarmFuture) -> None:
+        with self.lock:
+            self.futures.add(future)
+
+    def snapshot(self) -> list[FarmFuture]:
+        with self.lock:
+            return list(self.futures)
+
     def __call__(self, future: FarmFuture) -> None:
         with self.lock:
             self.futures.discard(future)

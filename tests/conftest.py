@@ -308,9 +308,8 @@ def bare_executor(farm: Any, pending: set[Any] | None = None) -> Any:
     ex._functions = ser.FunctionCache()
     ex._policy = TaskPolicy()
     ex._shutdown, ex._shutdown_lock = False, threading.Lock()
-    ex._forget = PendingSet()
+    ex._pending = PendingSet()
     if pending is not None:
-        ex._forget.futures = pending
-    ex._pending, ex._pending_lock = ex._forget.futures, ex._forget.lock
+        ex._pending.futures = pending
     ex._executor_id = 1
     return ex

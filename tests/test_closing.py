@@ -71,4 +71,4 @@ def test_a_submit_cut_short_leaves_no_future_for_shutdown_to_wait_on() -> None:
     ex = bare_executor(farm, _InterruptedAdd())
     with pytest.raises(KeyboardInterrupt):
         ex.submit(divmod, 7, 2)
-    assert not ex._pending and not farm.subs
+    assert not ex._pending.futures and not farm.subs

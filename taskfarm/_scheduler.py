@@ -866,6 +866,11 @@ class Scheduler:
             entry.dispatched = now
             actions.dispatch.setdefault(info.rank, []).append(task_id)
 
+    def next_rank(self) -> int | None:
+        """The rank the next plain task would go to now (None: none has room)."""
+        info = self._pick_rank(None, {}, [])
+        return None if info is None else info.rank
+
     def _pick_idle(self, avoid: int | None, skip: list[int]) -> _Rank | None:
         """A rank with a free slot (a task sent there starts at once), not ``avoid`` if another."""
         fallback = None

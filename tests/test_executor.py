@@ -1096,6 +1096,10 @@ SHORT_CUTS = section(
     "shortcuts",
     "lone_tasks",
     f"""
+    def rank_of(i):
+        return int(os.environ["TASKFARM_RANK"])
+
+
     def flaky(path):
         if not os.path.exists(path):
             open(path, "w").close()
@@ -1107,9 +1111,23 @@ SHORT_CUTS = section(
         blockers = block_workers(ex)  # every worker runs a task, so every worker's rings have come
         open_gate()
         out["blockers"] = [b.result(60) for b in blockers]
+        from taskfarm._executor import last_farm
+
+        # the ranks each round trip rang (rank 0's transport, wrapped here)
+        transport = last_farm().transport
+        rung = []
+        real_ring = transport.ring
+        transport.ring = lambda peer: (rung.append(peer), real_ring(peer))[1]
         s0 = ex.statistics()
-        out["values"] = [ex.submit(add, i, 1).result(60) for i in range({LONE})]
+        trips = []
+        for i in range({LONE}):
+            before = len(rung)
+            rank = ex.submit(rank_of, i).result(60)
+            trips.append((rank, rung[before:]))
         s1 = ex.statistics()
+        transport.ring = real_ring
+        out["trips"] = trips
+        out["values"] = [ex.submit(add, i, 1).result(60) for i in range(3)]
         out["submit_rounds"] = s1.submit_rounds - s0.submit_rounds
         out["result_rounds"] = s1.result_rounds - s0.result_rounds
         out["exception"] = type(ex.submit(int, "x").exception(60)).__name__
@@ -1299,9 +1317,21 @@ def test_a_lone_task_is_sent_and_taken_by_the_calling_thread(farm_results: Resul
     one may not when the service thread is awake anyway, so a quarter must."""
     got = farm_results(SHORT_CUTS)
     assert got["blockers"] == ["released"] * (RANKS - 1)
-    assert got["values"] == [i + 1 for i in range(LONE)]
+    assert got["values"] == [1, 2, 3]
     assert got["submit_rounds"] >= LONE // 4, got
     assert got["result_rounds"] >= LONE // 4, got
+
+
+def test_a_lone_task_rings_its_rank_before_it_is_sent(farm_results: Results) -> None:
+    """On a quiet farm the submit rings the rank the task will go to before it
+    prepares the task (`Farm._ring_ahead`), so that the rank wakes meanwhile,
+    and again after the send.  Every ring must go to the rank the task runs
+    on (the scheduler's `next_rank`); a round trip whose round the service
+    thread took has no early ring, so most, not all, must ring twice."""
+    trips = farm_results(SHORT_CUTS)["trips"]
+    assert all(0 < rank < RANKS for rank, _ in trips), trips
+    assert all(set(rings) <= {rank} for rank, rings in trips), trips
+    assert sum(1 for rank, rings in trips if rings == [rank, rank]) >= LONE // 4, trips
 
 
 def test_the_short_cuts_keep_the_future_contract(farm_results: Results) -> None:

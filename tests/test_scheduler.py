@@ -205,6 +205,22 @@ class TestDispatch:
         submit(s, 5)
         assert s.poll(0.0).dispatch == {0: [5]}
 
+    def test_the_rank_named_next_is_the_one_the_next_task_goes_to(self) -> None:
+        """What `Farm._ring_ahead` rings: wrong, the task's rank would sleep through its send."""
+        s = farm(ranks=3)
+        running: dict[int, int] = {}
+        for task_id in range(1, 13):
+            ahead = s.next_rank()
+            submit(s, task_id)
+            assert s.poll(0.0).dispatch == {ahead: [task_id]}
+            running[task_id] = ahead
+            if task_id % 3 == 0:  # every rank busy: they finish in another order than they started
+                for done in sorted(running, key=lambda t: (t * 7) % 5):
+                    assert succeed(s, done, running.pop(done)) is Decision.ACCEPT
+        submit(s, *range(100, 200))
+        s.poll(0.0)
+        assert s.next_rank() is None  # no room: nothing to ring
+
     def test_no_ranks_no_dispatch(self) -> None:
         s = Scheduler()
         submit(s, 1)

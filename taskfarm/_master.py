@@ -253,6 +253,10 @@ class Farm:
             self._apply_configuration()
         #: a task's submission from its admission to its outcome
         self._tasks: dict[int, Submission] = {}
+        #: after a drain's grace (`_end_drain`), the journaled calls it cut off
+        #: while they ran: a success of theirs that comes before the Byes is
+        #: still journaled (`_on_late`), so that a resumed run does not redo it
+        self._cut: dict[int, Submission] = {}
         #: plain calls waiting to be bundled, and the bundles (see "Bundles");
         #: a cancelled held call is skipped when taken (no longer in ``_tasks``)
         self._bundler: Bundler[Submission] = Bundler()
@@ -739,9 +743,13 @@ class Farm:
             "the farm stopped early (signal or deadline); finished results are in the journal, "
             "rerun with --resume for the rest"
         )
+        state = self.scheduler.state
         for task_id in list(self._tasks):
             task = self._tasks.pop(task_id)
             self._outcomes.fail(task.future, error)
+            bundle = task.future._bundle
+            if task.key is not None and state(bundle if bundle > 0 else task_id) is TaskState.RUNNING:
+                self._cut[task_id] = task
         self._bundler.clear()
         while self._submissions:
             sub = self._submissions.popleft()
@@ -823,6 +831,8 @@ class Farm:
             peer, kind, record = message
             now = time.monotonic()
             self.scheduler.heard_from(peer, now)
+            if self._cut and (kind is Kind.RESULTS or kind is Kind.PARTS):
+                self._on_late(peer, record)  # journaled; the handler below finds no task, and only counts it
             if kind is Kind.RESULTS:
                 self._on_results(peer, record, now)
             elif kind is Kind.PARTS:
@@ -992,6 +1002,32 @@ class Farm:
                 "failed", future.label, task.key, peer, item.attempt, part, error, final=True, counts=True
             )
             outcomes.fail(future, error)
+
+    def _on_late(self, peer: int, batch: ResultBatch) -> None:
+        """Results that came after a drain's grace ran out (`_end_drain`):
+        the successes of calls it cut off are journaled, once each, so that
+        a resumed run does not do them again; their futures failed already,
+        and a failure is not counted, as the cut itself is not.  A worker
+        sends what it has done as soon as Stop comes
+        (`_worker.Worker._send_done`)."""
+        recorded = False
+        for item in batch.items:
+            if item.values is not None:
+                for task_id, value, t_start, t_end in zip(*item.values):
+                    task = self._cut.pop(task_id, None)
+                    if task is not None and task.key is not None:
+                        frame = ser.dumps(value, "result")
+                        self._outcomes.recorded(task.key, peer, item.attempt, frame, t_start, t_end)
+                        recorded = True
+            results = item.parts if item.parts or item.values is not None else (item,)
+            for result in results:
+                task = self._cut.pop(result.task_id, None) if result.ok else None
+                if task is not None and task.key is not None:
+                    frame = (result.payload, result.buffers)
+                    self._outcomes.recorded(task.key, peer, item.attempt, frame, result.t_start, result.t_end)
+                    recorded = True
+        if recorded:
+            self._outcomes.sync()
 
     def _on_released(self, peer: int, task_ids: Iterable[int], now: float) -> None:
         """Queued tasks ``peer`` gave back after a steal: ready again, and a

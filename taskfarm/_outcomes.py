@@ -55,6 +55,18 @@ class Outcomes:
         if self._listeners:
             self._event("succeeded", result.task_id, result.t_start, result.t_end, peer, key, future.label, attempt)
 
+    def recorded(self, key: str, peer: int, attempt: int, frame: ser.Frame, t_start: float, t_end: float) -> None:
+        """A success journaled with no future to resolve (a call a drain cut
+        off, whose result came anyway: `_master.Farm._on_late`); `sync` makes
+        it durable."""
+        if self.journal is not None:
+            self.journal.succeeded(key, rank=peer, attempt=attempt, t_start=t_start, t_end=t_end, result=frame)
+
+    def sync(self) -> None:
+        """Make the journal's records so far durable."""
+        if self.journal is not None:
+            self.journal.sync()
+
     def succeeded_with(
         self, future: FarmFuture, key: str | None, peer: int, attempt: int, value: Any, t_start: float, t_end: float
     ) -> None:

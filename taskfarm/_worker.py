@@ -238,6 +238,7 @@ class Worker:
                     active, rung, got, sending = self._comm_round(probe, ringing, woken)
                 probe = False
                 if self._stopping:
+                    self._send_done()
                     break
                 woken = 0
                 if got:
@@ -275,6 +276,22 @@ class Worker:
             with self._lock:
                 self._stopping = True
                 self._wake_slots()
+
+    def _send_done(self) -> None:
+        """Once Stop has come: the results held for company and the calls
+        done in running bundles go now, without their linger.  Stop comes
+        at the farm's end, when nothing runs, or when a drain's grace ran
+        out, and then they are the work its journal would lose (the round
+        that took Stop had looked at them before, and let them linger), and
+        a resumed run would do again."""
+        with self._mpi_lock:
+            with self._lock:
+                outbox, self._outbox = self._outbox, []
+                self._outbox_since = 0.0
+            if outbox:
+                self._send_results(outbox)
+            if self._bundles:
+                self._send_parts(linger=0.0)
 
     def _comm_round(self, probe: bool, ringing: bool, woken: int) -> tuple[bool, bool, bool, bool]:
         """The comm thread's MPI calls of one round, under ``_mpi_lock``: send
@@ -565,12 +582,12 @@ class Worker:
         self.transport.send(MASTER, Kind.RESULTS, ResultBatch(tuple(outbox)))
         self._last_sent = time.monotonic()
 
-    def _send_parts(self) -> bool:
+    def _send_parts(self, linger: float = RESULT_LINGER) -> bool:
         """Under ``_mpi_lock``, in the comm thread's round: the calls of running
-        bundles that ended `RESULT_LINGER` ago or more go now (`Kind.PARTS`),
+        bundles that ended ``linger`` seconds ago or more go now (`Kind.PARTS`),
         not when their bundle ends: a long call after them would hold them
         back, and a drain that cut it off would lose them.  True if sent."""
-        due = time.time() - RESULT_LINGER
+        due = time.time() - linger
         items = []
         for task_id, (attempt, progress) in list(self._bundles.items()):
             if 0.0 < progress.waiting_since() <= due:

@@ -14,6 +14,7 @@ depends on the launcher, so every test runs under both MPI wheels:
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -212,6 +213,79 @@ def test_task_cut_off_by_the_drain_runs_again_despite_max_retries_0(
     check_resume(mpi, journal, args, n, out)
     st = read_journal(journal, results=False)
     assert all(st.tasks[e.key].attempts == 1 for e in cut)  # the cut-off attempt never counted
+
+
+BUNDLE_CUT = """\
+import json
+import os
+import signal
+import sys
+import time
+
+from taskfarm import FarmExecutor
+
+
+def call(i, pidfile, gate, ledger):
+    if i == CUT_AT and not os.path.exists(gate):
+        with open(pidfile) as f:
+            os.kill(int(f.read()), signal.SIGUSR1)  # the drain begins as this call starts
+        time.sleep(60)
+    if ledger:  # what ran to its end, whatever the journal says
+        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.write(fd, f"{i}\\n".encode())
+        os.close(fd)
+    return i
+
+
+gate, out, pidfile, ledger = sys.argv[1:5]
+with open(pidfile, "w") as f:
+    f.write(str(os.getpid()))
+with FarmExecutor() as ex:
+    for f in [ex.submit(call, -1, "", "", "") for _ in range(50)]:
+        f.result()  # the function is timed as quick: its calls are bundled
+    futures = [ex.submit(call, i, pidfile, gate, ledger) for i in range(N_CALLS)]
+    results = [f.result() for f in futures]
+with open(out, "w") as fo:
+    json.dump(results, fo)
+"""
+#: calls in the job, and the one whose start begins the drain
+BUNDLE_CUT_N, BUNDLE_CUT_AT = 300, 150
+
+
+def test_calls_done_when_a_drain_cuts_their_bundle_off_are_journaled(
+    mpi: MPI, script: Any, start: Callable[..., Job], tmp_path: Path
+) -> None:
+    """A call that ended shortly before the drain's grace ran out used to be
+    lost: its result waited for company, or for its bundle (`RESULT_LINGER`),
+    when Stop came, and rank 0 dropped what came after the drain ended.  A
+    resumed run did it again (7-37 of the 150 calls before the cut, in four
+    runs here).  Now a worker sends what it has done when Stop comes, and
+    rank 0 journals the successes of the calls the drain cut off."""
+    text = BUNDLE_CUT.replace("CUT_AT", str(BUNDLE_CUT_AT)).replace("N_CALLS", str(BUNDLE_CUT_N))
+    gate, out, pidfile, ledger = (tmp_path / name for name in ("gate", "out.json", "pid", "ledger"))
+    journal = tmp_path / "j"
+    args = [script(text), gate, out, pidfile, ledger]
+    job = start(mpi, 3, ["run", "-q", "--grace", 0.1, "--journal", journal, *map(str, args)])
+    res = job.finish(TIMEOUT)
+    # the call that began it cannot be cut off (it runs inline): rank 0 ends the job with
+    # MPI_Abort(75), and MPICH's launcher then reports 75 or, racing with its SIGKILL, 9
+    assert res.returncode in ((75, 9) if mpi.name == "mpich" else (75,)), res.explain()
+    wait_until(lambda: lock_free(journal), "the stopped job's ranks to be gone", timeout=30)
+    ran = {int(line) for line in ledger.read_text().split()}
+    done = {value for value, _ in _successes(journal)}
+    assert ran and ran <= done, f"ran to the end but not journaled: {sorted(ran - done)}"
+    assert BUNDLE_CUT_AT not in done
+    gate.touch()
+    farm(mpi, ["run", "-q", "--resume", "--journal", journal, *args])
+    assert read_json(out) == list(range(BUNDLE_CUT_N))
+    calls = sorted(item for item in _successes(journal) if item[0] >= 0)  # not the warm-up's
+    assert calls == [(i, 1) for i in range(BUNDLE_CUT_N)], calls
+
+
+def _successes(journal: Path) -> list[tuple[Any, int]]:
+    """Each succeeded key's value and how many successes it has."""
+    st = read_journal(journal)
+    return [(pickle.loads(e.result[0]), e.successes) for e in st.tasks.values() if e.state == SUCCESS and e.result]
 
 
 THREAD_MASKS = """\

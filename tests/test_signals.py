@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MPI, read_json
+from conftest import MPI, assert_aborted, read_json
 from test_resume import TIMEOUT, Job, farm, job_starter, lock_free, status, successes, wait_until
 
 from taskfarm._journal import RUNNING, SUCCESS, read_journal
@@ -201,10 +201,8 @@ def test_task_cut_off_by_the_drain_runs_again_despite_max_retries_0(
     )
     if isolation == "process":  # the workers kill their task processes and stop cleanly
         assert res.returncode == 75, res.explain()
-    else:
-        # inline tasks cannot be cut off: rank 0 ends the job with MPI_Abort(75), and MPICH's
-        # launcher then reports 75 or, racing with its SIGKILL of the stuck ranks, 9
-        assert res.returncode in ((75, 9) if mpi.name == "mpich" else (75,)), res.explain()
+    else:  # inline tasks cannot be cut off: rank 0 ends the job with MPI_Abort(75)
+        assert_aborted(res, mpi, 75)
     wait_until(lambda: lock_free(journal), "the stopped job's ranks to be gone", timeout=30)
     st = read_journal(journal, results=False)
     cut = [e for e in st.tasks.values() if e.state != SUCCESS]
@@ -267,9 +265,8 @@ def test_calls_done_when_a_drain_cuts_their_bundle_off_are_journaled(
     args = [script(text), gate, out, pidfile, ledger]
     job = start(mpi, 3, ["run", "-q", "--grace", 0.1, "--journal", journal, *map(str, args)])
     res = job.finish(TIMEOUT)
-    # the call that began it cannot be cut off (it runs inline): rank 0 ends the job with
-    # MPI_Abort(75), and MPICH's launcher then reports 75 or, racing with its SIGKILL, 9
-    assert res.returncode in ((75, 9) if mpi.name == "mpich" else (75,)), res.explain()
+    # the call that began it cannot be cut off (it runs inline): rank 0 ends the job with MPI_Abort(75)
+    assert_aborted(res, mpi, 75)
     wait_until(lambda: lock_free(journal), "the stopped job's ranks to be gone", timeout=30)
     ran = {int(line) for line in ledger.read_text().split()}
     done = {value for value, _ in _successes(journal)}

@@ -36,8 +36,8 @@ round).  The submit's round also rings the task's rank before it takes the
 submission in (`Farm._ring_ahead`), so that the rank wakes while this thread
 prepares and sends the task, not after it (fourteenth round).  MPI is
 initialised for ``MPI_THREAD_MULTIPLE`` and the lock keeps its calls to one
-thread at a time, as on a worker (`_worker.Worker._mpi_lock`).  A busy farm takes neither short cut: its
-threads already run and are woken by nothing.
+thread at a time, as on a worker (`_worker.Worker._mpi_lock`).  A busy farm
+takes neither short cut: its threads already run and are woken by nothing.
 
 Bundles.  Plain calls submitted faster than they run ride together (why,
 and the size rule: `taskfarm._bundles`): a submission with nothing special
@@ -253,10 +253,11 @@ class Farm:
             self._apply_configuration()
         #: a task's submission from its admission to its outcome
         self._tasks: dict[int, Submission] = {}
-        #: after a drain's grace (`_end_drain`), the journaled calls it cut off
-        #: while they ran: a success of theirs that comes before the Byes is
-        #: still journaled (`_on_late`), so that a resumed run does not redo it
-        self._cut: dict[int, Submission] = {}
+        #: after a drain's grace (`_end_drain`), the journal keys of the calls
+        #: it cut off while they ran, by task id: a success of theirs that comes
+        #: before the Byes is still journaled (`_on_late`), so that a resumed
+        #: run does not redo it
+        self._cut: dict[int, str] = {}
         #: plain calls waiting to be bundled, and the bundles (see "Bundles");
         #: a cancelled held call is skipped when taken (no longer in ``_tasks``)
         self._bundler: Bundler[Submission] = Bundler()
@@ -749,7 +750,7 @@ class Farm:
             self._outcomes.fail(task.future, error)
             bundle = task.future._bundle
             if task.key is not None and state(bundle if bundle > 0 else task_id) is TaskState.RUNNING:
-                self._cut[task_id] = task
+                self._cut[task_id] = task.key
         self._bundler.clear()
         while self._submissions:
             sub = self._submissions.popleft()
@@ -1014,17 +1015,17 @@ class Farm:
         for item in batch.items:
             if item.values is not None:
                 for task_id, value, t_start, t_end in zip(*item.values):
-                    task = self._cut.pop(task_id, None)
-                    if task is not None and task.key is not None:
+                    key = self._cut.pop(task_id, None)
+                    if key is not None:
                         frame = ser.dumps(value, "result")
-                        self._outcomes.recorded(task.key, peer, item.attempt, frame, t_start, t_end)
+                        self._outcomes.recorded(key, peer, item.attempt, frame, t_start, t_end)
                         recorded = True
             results = item.parts if item.parts or item.values is not None else (item,)
             for result in results:
-                task = self._cut.pop(result.task_id, None) if result.ok else None
-                if task is not None and task.key is not None:
+                key = self._cut.pop(result.task_id, None) if result.ok else None
+                if key is not None:
                     frame = (result.payload, result.buffers)
-                    self._outcomes.recorded(task.key, peer, item.attempt, frame, result.t_start, result.t_end)
+                    self._outcomes.recorded(key, peer, item.attempt, frame, result.t_start, result.t_end)
                     recorded = True
         if recorded:
             self._outcomes.sync()

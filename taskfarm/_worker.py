@@ -285,11 +285,7 @@ class Worker:
         that took Stop had looked at them before, and let them linger), and
         a resumed run would do again."""
         with self._mpi_lock:
-            with self._lock:
-                outbox, self._outbox = self._outbox, []
-                self._outbox_since = 0.0
-            if outbox:
-                self._send_results(outbox)
+            self._send_held()
             if self._bundles:
                 self._send_parts(linger=0.0)
 
@@ -561,11 +557,7 @@ class Worker:
         if not self._mpi_lock.acquire(blocking=False):
             return False
         try:
-            with self._lock:
-                outbox, self._outbox = self._outbox, []
-                self._outbox_since = 0.0  # another slot's result held meanwhile goes too
-            if outbox:
-                self._send_results(outbox)
+            self._send_held()  # another slot's result held meanwhile goes too
             under_way = self.transport.progress(push=False)
         except BaseException:
             self._stop_after_error()
@@ -575,6 +567,14 @@ class Worker:
         if under_way:
             self.transport.poke()  # the comm thread progresses what MPI has not taken yet
         return True
+
+    def _send_held(self) -> None:
+        """Under ``_mpi_lock``: every result held for company goes now."""
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+            self._outbox_since = 0.0
+        if outbox:
+            self._send_results(outbox)
 
     def _send_results(self, outbox: list[ResultItem]) -> None:
         """Send ``outbox`` to the master, under ``_mpi_lock`` (or once no other

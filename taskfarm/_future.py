@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,8 +53,8 @@ _CANCELLED = "CANCELLED"
 _FINISHED = "FINISHED"
 #: the states in which a future is resolved
 _RESOLVED = (_CANCELLED, "CANCELLED_AND_NOTIFIED", _FINISHED)
-#: longest the main thread sleeps at a time in ``result()`` or ``exception()``
-#: without a timeout (seconds).  Python runs a signal's handler only when the
+#: longest the main thread sleeps at a time in ``result()``, ``exception()``,
+#: `concurrent.futures.wait` and ``as_completed`` (seconds).  Python runs a signal's handler only when the
 #: main thread runs: a drain signal (Slurm's SIGTERM) that the kernel handed
 #: to another thread, one MPI started before taskfarm could block it there
 #: (`taskfarm._signals`), would wait until the future resolved, and the drain
@@ -120,6 +121,41 @@ class _FutureCondition(threading.Condition):
             queue.clear()
 
 
+class _SlicedEvent(threading.Event):
+    """The event a `concurrent.futures.wait` or ``as_completed`` waiter
+    sleeps on, when the main thread installed it on a `FarmFuture`: it
+    waits in slices of `MAIN_THREAD_WAIT_SLICE`, as ``result()`` does, so
+    that a signal's handler (a drain's SIGTERM that the kernel handed to
+    another thread) runs while the main thread waits, not once a future
+    resolves."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            nap = MAIN_THREAD_WAIT_SLICE
+            if deadline is not None:
+                nap = min(nap, deadline - time.monotonic())
+                if nap <= 0.0:
+                    break
+            super().wait(nap)
+        return self.is_set()
+
+
+class _Waiters(list):  # type: ignore[type-arg]  # of concurrent.futures' private waiter objects
+    """A future's waiters (`concurrent.futures.wait`'s and ``as_completed``'s):
+    one the main thread installs gets a `_SlicedEvent` to sleep on.  It is
+    installed while the condition of every future it waits for is held, so
+    no future can have set its event yet."""
+
+    def append(self, waiter: Any) -> None:
+        if type(waiter.event) is threading.Event and threading.current_thread() is threading.main_thread():
+            sliced = _SlicedEvent()
+            if waiter.event.is_set():
+                sliced.set()
+            waiter.event = sliced
+        super().append(waiter)
+
+
 class FarmFuture(concurrent.futures.Future[Any]):
     """A `concurrent.futures.Future` with the task's id, state and rank."""
 
@@ -179,7 +215,7 @@ class FarmFuture(concurrent.futures.Future[Any]):
         # concurrent.futures reads and changes it only while holding the condition
         waiters = self._waiter_list
         if waiters is None:
-            waiters = self._waiter_list = []
+            waiters = self._waiter_list = _Waiters()
         return waiters
 
     @property
@@ -236,8 +272,8 @@ class FarmFuture(concurrent.futures.Future[Any]):
         """The part of ``result()``'s and ``exception()``'s wait that is the
         farm's; returns the rest of ``timeout`` for `concurrent.futures`' own.
         On an idle farm the farm's only task is taken in this thread
-        (`Farm.wait_here`); without a timeout the main thread then waits in
-        slices of `MAIN_THREAD_WAIT_SLICE`, so that a signal's handler runs.
+        (`Farm.wait_here`); the main thread then waits in slices of
+        `MAIN_THREAD_WAIT_SLICE`, so that a signal's handler runs.
         A wait in the thread that runs the farm's round (a done-callback's,
         a listener's) is refused: nothing else would resolve the future."""
         farm = self._farm
@@ -249,10 +285,22 @@ class FarmFuture(concurrent.futures.Future[Any]):
                     "chain with add_done_callback, or wait in a thread of your own"
                 )
             timeout = farm.wait_here(self, timeout)
-        if timeout is None and self._state not in _RESOLVED and threading.current_thread() is threading.main_thread():
+        if (
+            (timeout is None or timeout > 0.0)
+            and self._state not in _RESOLVED
+            and threading.current_thread() is threading.main_thread()
+        ):
+            deadline = None if timeout is None else time.monotonic() + timeout
             with self._condition:
                 while self._state not in _RESOLVED:
-                    self._condition.wait(MAIN_THREAD_WAIT_SLICE)
+                    nap = MAIN_THREAD_WAIT_SLICE
+                    if deadline is not None:
+                        nap = min(nap, deadline - time.monotonic())
+                        if nap <= 0.0:
+                            break
+                    self._condition.wait(nap)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         return timeout
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:

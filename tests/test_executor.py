@@ -1279,6 +1279,33 @@ SHORT_CUTS = section(
             elsewhere.join(60)
         finally:
             signal.signal(signal.SIGUSR1, previous)
+        # the same while the main thread waits in concurrent.futures.wait, in
+        # as_completed, and in result() with a timeout of its own
+        def waits_sliced(name, wait):
+            gate = GATE + "." + name
+
+            def open_gate(signum, frame):
+                open(gate, "w").close()
+
+            previous = signal.signal(signal.SIGUSR1, open_gate)
+            try:
+                gated = [
+                    ex.submit_task(taskfarm.Task(wait_for, (gate, 30.0), time_limit=120))
+                    for _ in range(ex.workers)
+                ]
+                elsewhere = threading.Thread(target=signal_elsewhere)
+                elsewhere.start()
+                t0 = time.monotonic()
+                wait(gated)
+                out[name + "_took"] = time.monotonic() - t0
+                out[name + "_values"] = [g.exception(60) is None for g in gated]
+                elsewhere.join(60)
+            finally:
+                signal.signal(signal.SIGUSR1, previous)
+
+        waits_sliced("cf_wait", lambda fs: cf.wait(fs))
+        waits_sliced("as_completed", lambda fs: list(cf.as_completed(fs)))
+        waits_sliced("result_timeout", lambda fs: [f.result(120) for f in fs])
         # a thread listening for the farm's only task gives the doorbell back
         # once another task is submitted: the farm's rings are the service
         # thread's again, and the listener waits as any other thread does
@@ -1370,6 +1397,19 @@ def test_a_signal_taken_by_another_thread_is_handled_while_the_main_thread_waits
     # and while it waits for an executor's futures in shutdown (leaving ``with``)
     assert got["shutdown_values"] == [True, True], got
     assert got["shutdown_took"] < 15.0, got
+
+
+@pytest.mark.parametrize("wait", ["cf_wait", "as_completed", "result_timeout"])
+def test_the_main_thread_runs_a_signal_handler_while_it_waits_in_concurrent_futures(
+    farm_results: Results, wait: str
+) -> None:
+    """As above, while the main thread waits in `concurrent.futures.wait`,
+    in ``as_completed`` (their waiters sleep on an event of their own, which
+    `FarmFuture` slices when the main thread installs it), and in
+    ``result()`` with a timeout (before, only a wait without one was sliced)."""
+    got = farm_results(SHORT_CUTS)
+    assert got[wait + "_values"] == [True, True], got
+    assert got[wait + "_took"] < 15.0, got
 
 
 def test_a_listening_thread_gives_the_doorbell_back_when_another_task_comes(farm_results: Results) -> None:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from taskfarm import _future
 from taskfarm import _serialization as ser
 from taskfarm._future import FarmFuture, _Encoded
 from taskfarm._task import TaskState
@@ -105,6 +106,41 @@ def test_wait_and_as_completed(resolver: str) -> None:
     assert done
     for thread in threads:
         thread.join()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("resolver", RESOLVERS)
+def test_the_main_threads_waits_are_sliced_and_other_threads_are_not(
+    resolver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``wait`` and ``as_completed`` sleep on their waiter's event: one the
+    main thread installs is a `_SlicedEvent` (so a signal handler runs while
+    it waits), and it still wakes, and times out, as the plain one does."""
+    monkeypatch.setattr(_future, "MAIN_THREAD_WAIT_SLICE", 0.01)
+    naps: list[tuple[bool, float | None]] = []  # (a sliced event's, timeout)
+    plain_wait = threading.Event.wait
+
+    def counted(self: threading.Event, timeout: float | None = None) -> bool:
+        naps.append((type(self) is _future._SlicedEvent, timeout))
+        return plain_wait(self, timeout)
+
+    monkeypatch.setattr(threading.Event, "wait", counted)
+    futures = [FarmFuture(i) for i in range(2)]
+    t0 = time.monotonic()
+    assert not cf.wait(futures, timeout=0.1).done
+    assert time.monotonic() - t0 >= 0.1
+    assert len(naps) >= 5 and all(sliced and nap is not None and nap <= 0.01 for sliced, nap in naps), naps
+    thread = _later(lambda: getattr(futures[0], resolver)(0))
+    naps.clear()
+    assert [f.result() for f in cf.as_completed(futures[:1], timeout=5)] == [0]
+    thread.join()
+    assert naps and all(sliced and nap is not None and nap <= 0.01 for sliced, nap in naps), naps
+    # another thread's waiter sleeps on the plain event, in one piece
+    other = threading.Thread(target=lambda: cf.wait(futures[1:], timeout=0.05))
+    naps.clear()
+    other.start()  # its own wait for the thread to start is a plain one too
+    other.join()
+    assert (False, 0.05) in naps and not any(sliced for sliced, _ in naps), naps
 
 
 @pytest.mark.timeout(10)

@@ -1321,6 +1321,16 @@ SHORT_CUTS = section(
         while farm_._listened is not alone and time.monotonic() < deadline:
             time.sleep(0.001)
         out["listened_alone"] = farm_._listened is alone
+        if not out["listened_alone"]:  # what wait_here saw, for a failure's report (a rare race, not understood)
+            out["not_listening"] = {{
+                "tasks": {{str(t): repr(sub.future) for t, sub in list(farm_._tasks.items())}},
+                "alone": repr(alone),
+                "submissions": [repr(s)[:80] for s in list(farm_._submissions)],
+                "ringing": repr(farm_._ringing),
+                "listening_held": farm_._listening.locked(),
+                "listener_alive": listener.is_alive(),
+                "service_only": farm_._service_only(),
+            }}
         # gated too: a company that ended before the poked listener looked
         # would leave it the farm's only task again, and it would listen on
         company = ex.submit(wait_for, GATE + ".company", 120)

@@ -115,6 +115,7 @@ from ._transport import (
     library,
     ulfm_enabled,
 )
+from ._trials import Trial
 from ._worker import serve_in_thread
 
 log = logging.getLogger("taskfarm.master")
@@ -158,6 +159,16 @@ LOST_BYE_TIMEOUT = 5.0
 #: unchanged; 200 us read alike (8 pairs).  Workers keep 1 ms
 #: (`_worker.WORKER_SWITCH_INTERVAL`): their slot runs the task, holding the GIL.
 MASTER_SWITCH_INTERVAL = 0.00005
+#: a lone task's submit may ring its rank early (`Farm._ring_ahead`) only
+#: once the farm has had no result for this long (seconds).  A rank that sent
+#: one more recently sleeps on a warm core, and the early ring only cost it an
+#: empty round: back to back, +0.02 ms (MPICH) and -0.02 (Open MPI) on an
+#: Intel VM, +0.046 +- 0.011 and +0.150 +- 0.014 ms on an AMD one (interleaved
+#: pairs).  The idle round trips it is for follow pauses of tens of ms.
+RING_AHEAD_QUIET = 0.005
+#: idle round trips timed each way, rung early and not, before the farm keeps
+#: the faster (`taskfarm._trials.Trial`)
+RING_AHEAD_SAMPLES = 8
 #: a bundle's policy to the scheduler: its calls have the default one (no retries)
 _BUNDLE_POLICY = TaskPolicy()
 
@@ -299,6 +310,12 @@ class Farm:
         #: rounds user threads ran in `submit` and in `wait_here` (see "Short cuts")
         self._submit_rounds = 0
         self._result_rounds = 0
+        #: whether a lone task's rank is rung early here (see `_ring_ahead`)
+        self._ring_trial = Trial(RING_AHEAD_SAMPLES)
+        #: (task id, monotonic time of its submit's round, rung early) of the
+        #: idle round trip being timed for the trial
+        self._timed_trip: tuple[int, float, bool] | None = None
+        self._last_result = 0.0  # monotonic time the last result message came
         self._thread = start_thread(threading.Thread(target=self._serve, name="taskfarm-master", daemon=True))
 
     # -- called from user threads -------------------------------------------
@@ -469,7 +486,7 @@ class Farm:
                 got = self._receive()
                 self._commit()
             elif not self._tasks:
-                self._ring_ahead()
+                self._ring_ahead(t0)
             self._dispatch_if_due(got | self._take_submissions() | self._notice_lost())
             sending = self.transport.progress(push=not self._all_ring())
             self._commit()  # what the submissions and the dispatch resolved (cancelled inputs, lost ranks)
@@ -489,25 +506,53 @@ class Farm:
                 self._submit_rounds += 1
         return got
 
-    def _ring_ahead(self) -> None:
+    def _ring_ahead(self, now: float) -> None:
         """On an idle farm, before a plain submission is taken in: ring the
         rank its task will go to, which wakes (finds nothing yet, and sleeps
         again) while this thread prepares and sends the task; the ring after
         the send then finds it awake, or just asleep on a warm core.
 
-        A worker rank's wake-up on an idle, cold core took ~0.3 ms of an idle
-        farm's ~1.1 ms round trip on a 2-core VM, all of it after the send.
-        Rung early, the round trip took 0.16 +- 0.02 ms less (10 interleaved
-        pairs); the cost is one empty round on that rank.  Also tried: the
-        rank probing without sleeping until its task came, which the send
-        then needed no ring for (0.18 ms less), but a rank spinning as a burst
-        of submits began lost its core to the master for up to 15 ms, and
-        skewed bursts took 0.4 +- 0.2 points longer."""
+        Whether that pays depends on the machine, so the farm times its
+        first idle round trips both ways and keeps the faster
+        (`taskfarm._trials.Trial`).  On a 2-core Intel VM, where a rank woke
+        ~0.3 ms after its ring on the other, idle vCPU, ringing early took
+        0.16 +- 0.02 ms off the round trip (10 interleaved pairs).  On an AMD
+        VM whose kernel packs woken tasks onto the busy vCPU, the rank woke
+        on the master's own vCPU about half the time and held it up:
+        +0.08 +- 0.02 ms on MPICH, +0.19 +- 0.03 on Open MPI (12 pairs).
+        Also tried: the rank probing without sleeping until its task came
+        (a rank spinning as a burst of submits began lost its core to the
+        master for up to 15 ms), and a later ring, just before the send (no
+        better on the AMD VM).  A farm that had a result within
+        `RING_AHEAD_QUIET` never rings early."""
         sub = self._submissions[0] if self._submissions else None
-        if type(sub) is Submission and not sub.inputs and sub.not_before is None and self._all_ring():
-            rank = self.scheduler.next_rank()
-            if rank is not None:
-                self.transport.ring(rank)
+        if (
+            type(sub) is not Submission
+            or sub.inputs
+            or sub.not_before is not None
+            or now - self._last_result < RING_AHEAD_QUIET
+            or not self._all_ring()
+        ):
+            return
+        rank = self.scheduler.next_rank()
+        if rank is None:
+            return
+        early = self._ring_trial.choose()
+        if self._ring_trial.decided is None:
+            self._timed_trip = (sub.future.task_id, now, early)
+        if early:
+            self.transport.ring(rank)
+
+    def _time_trip(self, batch: ResultBatch, now: float) -> None:
+        """The trial's round trip is back: its time, less the task's own, is
+        a timing of the way it took (see `_ring_ahead`)."""
+        assert self._timed_trip is not None
+        task_id, started, early = self._timed_trip
+        for item in batch.items:
+            if item.task_id == task_id:
+                self._timed_trip = None
+                self._ring_trial.record(early, now - started - (item.t_end - item.t_start))
+                return
 
     def _service_only(self) -> bool:
         """True once the farm ends or drains: the service thread's work alone."""
@@ -878,6 +923,9 @@ class Farm:
             self.transport.send(peer, Kind.CONFIG, config)
 
     def _on_results(self, peer: int, batch: ResultBatch, now: float) -> None:
+        self._last_result = now
+        if self._timed_trip is not None:
+            self._time_trip(batch, now)
         for item in batch.items:
             if item.parts or item.values is not None or item.task_id in self._bundler.bundles:
                 self._on_bundle(peer, item, now)

@@ -61,6 +61,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "_events",
             "_bundles",
             "_statistics",
+            "_trials",
         },
     ),
     ("io", {"_transport", "_loopback"}),

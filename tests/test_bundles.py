@@ -67,6 +67,8 @@ def _bare_farm(ranks: int, capacity: int, call_time: float | None = CALL) -> Far
     farm._executors = {}
     farm._init_sent = collections.defaultdict(set)
     farm.transport = RecordingTransport()  # type: ignore[assignment]
+    farm._last_result = 0.0
+    farm._timed_trip = None  # no idle round trip timed (`Farm._ring_ahead`)
     return farm
 
 

@@ -1118,6 +1118,13 @@ SHORT_CUTS = section(
         rung = []
         real_ring = transport.ring
         transport.ring = lambda peer: (rung.append(peer), real_ring(peer))[1]
+        import taskfarm._master as master_mod
+        from taskfarm._trials import Trial
+
+        quiet = master_mod.RING_AHEAD_QUIET
+        master_mod.RING_AHEAD_QUIET = 0.0  # these round trips come back to back
+        kept = last_farm()._ring_trial = Trial(1)
+        kept.decided = True  # as a farm that timed the early ring faster
         s0 = ex.statistics()
         trips = []
         for i in range({LONE}):
@@ -1125,8 +1132,33 @@ SHORT_CUTS = section(
             rank = ex.submit(rank_of, i).result(60)
             trips.append((rank, rung[before:]))
         s1 = ex.statistics()
-        transport.ring = real_ring
         out["trips"] = trips
+        # a farm's own trial: its idle round trips take turns, rung early and
+        # not, until each way is timed; then the faster is kept
+        trial = last_farm()._ring_trial = Trial(master_mod.RING_AHEAD_SAMPLES)
+        tried = []
+        while trial.decided is None and len(tried) < 100:
+            before = len(rung)
+            rank = ex.submit(rank_of, len(tried)).result(60)
+            tried.append((rank, rung[before:]))
+        after = []
+        for i in range(6):
+            before = len(rung)
+            rank = ex.submit(rank_of, i).result(60)
+            after.append((rank, rung[before:]))
+        out["trial"] = [trial.decided, tried, after]
+        # back to back (a result within RING_AHEAD_QUIET): never rung early
+        master_mod.RING_AHEAD_QUIET = 3600.0
+        kept.decided = True
+        last_farm()._ring_trial = kept
+        hot = []
+        for i in range(6):
+            before = len(rung)
+            rank = ex.submit(rank_of, i).result(60)
+            hot.append((rank, rung[before:]))
+        out["hot"] = hot
+        master_mod.RING_AHEAD_QUIET = quiet
+        transport.ring = real_ring
         out["values"] = [ex.submit(add, i, 1).result(60) for i in range(3)]
         out["submit_rounds"] = s1.submit_rounds - s0.submit_rounds
         out["result_rounds"] = s1.result_rounds - s0.result_rounds
@@ -1360,15 +1392,34 @@ def test_a_lone_task_is_sent_and_taken_by_the_calling_thread(farm_results: Resul
 
 
 def test_a_lone_task_rings_its_rank_before_it_is_sent(farm_results: Results) -> None:
-    """On a quiet farm the submit rings the rank the task will go to before it
-    prepares the task (`Farm._ring_ahead`), so that the rank wakes meanwhile,
-    and again after the send.  Every ring must go to the rank the task runs
+    """On a quiet farm whose trial kept the early ring (the script sets it so),
+    the submit rings the rank the task will go to before it prepares the
+    task (`Farm._ring_ahead`), so that the rank wakes meanwhile, and again
+    after the send.  Every ring must go to the rank the task runs
     on (the scheduler's `next_rank`); a round trip whose round the service
     thread took has no early ring, so most, not all, must ring twice."""
     trips = farm_results(SHORT_CUTS)["trips"]
     assert all(0 < rank < RANKS for rank, _ in trips), trips
     assert all(set(rings) <= {rank} for rank, rings in trips), trips
     assert sum(1 for rank, rings in trips if rings == [rank, rank]) >= LONE // 4, trips
+
+
+def test_a_farm_times_its_idle_round_trips_both_ways_and_keeps_the_faster(farm_results: Results) -> None:
+    """Ringing early pays on one machine and costs on another
+    (`taskfarm._trials`): a farm's idle round trips take turns, rung early
+    and not, until each way is timed, and then it keeps one.  Back to back
+    (a result within `RING_AHEAD_QUIET`) it never rings early."""
+    got = farm_results(SHORT_CUTS)
+    decided, tried, after = got["trial"]
+    assert decided in (True, False), got["trial"]
+    early = [rings == [rank, rank] for rank, rings in tried]
+    assert sum(early) >= 2 and early.count(False) >= 2, tried  # both ways were taken
+    assert all(set(rings) <= {rank} for rank, rings in tried + after), got["trial"]
+    if decided:
+        assert sum(rings == [rank, rank] for rank, rings in after) >= 2, after
+    else:
+        assert all(len(rings) <= 1 for _, rings in after), after
+    assert all(len(rings) <= 1 for _, rings in got["hot"]), got["hot"]
 
 
 def test_the_short_cuts_keep_the_future_contract(farm_results: Results) -> None:

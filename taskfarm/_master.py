@@ -167,8 +167,12 @@ MASTER_SWITCH_INTERVAL = 0.00005
 #: pairs).  The idle round trips it is for follow pauses of tens of ms.
 RING_AHEAD_QUIET = 0.005
 #: idle round trips timed each way, rung early and not, before the farm keeps
-#: the faster (`taskfarm._trials.Trial`)
-RING_AHEAD_SAMPLES = 8
+#: the faster (`taskfarm._trials.Trial`).  On the AMD VM, 5 ranks, the ways
+#: differ by 0.08 ms (MPICH) to 0.17 ms (Open MPI) against round trips that
+#: vary by ~0.1 ms: with 8 each, one MPICH farm in 3 kept the slower way
+#: (Open MPI: none in 3); with 12, none in 3, for 8 more round trips taken
+#: the slower way while the farm learns
+RING_AHEAD_SAMPLES = 12
 #: a bundle's policy to the scheduler: its calls have the default one (no retries)
 _BUNDLE_POLICY = TaskPolicy()
 

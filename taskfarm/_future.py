@@ -22,7 +22,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _serialization as ser
@@ -121,6 +121,19 @@ class _FutureCondition(threading.Condition):
             queue.clear()
 
 
+def _slices(deadline: float | None) -> Iterator[float]:
+    """A main thread's sleeps, each at most `MAIN_THREAD_WAIT_SLICE`, until
+    ``deadline`` (`time.monotonic`; None: without end).  Its caller checks
+    what it waits for before each."""
+    while True:
+        nap = MAIN_THREAD_WAIT_SLICE
+        if deadline is not None:
+            nap = min(nap, deadline - time.monotonic())
+            if nap <= 0.0:
+                return
+        yield nap
+
+
 class _SlicedEvent(threading.Event):
     """The event a `concurrent.futures.wait` or ``as_completed`` waiter
     sleeps on, when the main thread installed it on a `FarmFuture`: it
@@ -130,13 +143,9 @@ class _SlicedEvent(threading.Event):
     resolves."""
 
     def wait(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.is_set():
-            nap = MAIN_THREAD_WAIT_SLICE
-            if deadline is not None:
-                nap = min(nap, deadline - time.monotonic())
-                if nap <= 0.0:
-                    break
+        for nap in _slices(None if timeout is None else time.monotonic() + timeout):
+            if self.is_set():
+                break
             super().wait(nap)
         return self.is_set()
 
@@ -292,12 +301,9 @@ class FarmFuture(concurrent.futures.Future[Any]):
         ):
             deadline = None if timeout is None else time.monotonic() + timeout
             with self._condition:
-                while self._state not in _RESOLVED:
-                    nap = MAIN_THREAD_WAIT_SLICE
-                    if deadline is not None:
-                        nap = min(nap, deadline - time.monotonic())
-                        if nap <= 0.0:
-                            break
+                for nap in _slices(deadline):
+                    if self._state in _RESOLVED:
+                        break
                     self._condition.wait(nap)
             if deadline is not None:
                 timeout = max(0.0, deadline - time.monotonic())

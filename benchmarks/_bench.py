@@ -41,6 +41,8 @@ BIG_ARRAY_BYTES = 16 << 20
 LATENCY_PAUSE = (0.02, 0.04)
 #: the pauses are seeded: the farm and its pipe baseline wait alike
 LATENCY_SEED = 7
+#: the skewed workload's durations are seeded: every engine and the baseline spin the same
+SKEWED_SEED = 2026
 
 
 # -- engines -----------------------------------------------------------------
@@ -290,7 +292,7 @@ def skewed(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     the workers' CPU outside the tasks and the machine's idle CPU, each in
     points of the ratio (with a core per worker, they and the CPU of other
     processes add up to the ratio's excess over 1)."""
-    durations = skewed_durations(int(p["n"]), float(p["mean"]), int(p["long"]), float(p["long_seconds"]), 2026)
+    durations = skewed_durations(int(p["n"]), float(p["mean"]), int(p["long"]), float(p["long_seconds"]), SKEWED_SEED)
     cost = _timed_with_cpu(eng, lambda: _drain(eng, [eng.submit(_tasks.spin, d) for d in durations]), sum(durations))
     mapped = _timed(lambda: list(eng.map(_tasks.spin, durations, None)))
     elapsed = cost.elapsed
@@ -504,6 +506,54 @@ def mpi_ping_pong(count: int) -> float | None:
         round_trip()
     elapsed = time.perf_counter() - t0
     return 2 * source.nbytes * count / elapsed / 1e9 if comm.Get_rank() == 0 else None
+
+
+def spun_alone(n: int, mean: float, long: int, long_seconds: float, workers: int) -> float:
+    """Makespan / bound of the skewed workload's durations (`skewed`) spun by
+    ``workers`` forked processes that share nothing: each takes its part of a
+    split made before the start (longest first, each to the least loaded), so
+    the parts end within a few microseconds of each other on paper.  No farm,
+    no messages, no scheduling: what this machine itself adds to the bound
+    (clock ticks, the hypervisor, other guests), the floor under every
+    engine's ratio (``run.py`` runs it before each skewed measurement)."""
+    durations = skewed_durations(n, mean, long, long_seconds, SKEWED_SEED)
+    bound = max(sum(durations) / workers, max(durations))
+    parts: list[list[float]] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for seconds in sorted(durations, reverse=True):
+        least = loads.index(min(loads))
+        parts[least].append(seconds)
+        loads[least] += seconds
+    go_read, go_write = os.pipe()
+    done_read, done_write = os.pipe()
+    pids = []
+    for part in parts:
+        pid = os.fork()
+        if pid == 0:  # a child: say it is ready, wait for the start, spin its part, say so
+            try:
+                os.close(go_write)
+                os.write(done_write, b"r")
+                os.read(go_read, 1)
+                for seconds in part:
+                    _tasks.spin(seconds)
+                os.write(done_write, b"!")
+            finally:
+                os._exit(0)  # never back into the caller's code (nor its stdout)
+        pids.append(pid)
+    os.close(go_read)
+    os.close(done_write)
+    for _ in parts:
+        os.read(done_read, 1)  # every child forked and at its start line
+    t0 = time.perf_counter()
+    os.write(go_write, b"!" * workers)  # one byte each: they all start at once
+    for _ in parts:
+        os.read(done_read, 1)
+    elapsed = time.perf_counter() - t0
+    os.close(go_write)
+    os.close(done_read)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return elapsed / bound
 
 
 def pipe_round_trip(samples: int) -> float:

@@ -61,7 +61,13 @@ SCALED = ("n", "n_1mb", "n_16mb", "samples")
 #: memory alike (docs/performance.md, "Fresh memory on this VM")
 WARM_FACTOR = 2
 #: rows that measure the machine just before each engine's run, not the engine
-BASELINES = {"fresh_memory_GB_per_s", "mpi_ping_pong_GB_per_s", "pipe_round_trip_idle_ms", "cold_python_us"}
+BASELINES = {
+    "skewed_floor",
+    "fresh_memory_GB_per_s",
+    "mpi_ping_pong_GB_per_s",
+    "pipe_round_trip_idle_ms",
+    "cold_python_us",
+}
 #: (workload, metric, label, higher is better)
 ROWS: list[tuple[str, str, str, bool]] = [
     ("noop", "submit_tasks_per_s", "no-op submit, tasks/s", True),
@@ -77,6 +83,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("skewed", "skewed_master_cpu_points", "  submit: master CPU, % of workers x bound", False),
     ("skewed", "skewed_worker_overhead_points", "  submit: worker CPU outside tasks, %", False),
     ("skewed", "skewed_idle_cpu_points", "  submit: idle CPU of the machine, % (10 ms ticks)", False),
+    ("skewed", "skewed_floor", "  baseline: plain processes spin a split made beforehand, makespan / bound", False),
     ("echo", "echo_1MB_GB_per_s", "echo 1 MB arrays, GB/s", True),
     ("echo", "echo_16MB_GB_per_s", "echo 16 MB arrays, GB/s", True),
     ("echo", "fresh_memory_GB_per_s", "  baseline: new process fills 2x as much fresh memory, GB/s", True),
@@ -193,6 +200,16 @@ def _python_baseline(call: str, mpi: str) -> float | None:
     """`_baseline` of one plain process (no mpiexec) printing ``_bench.<call>``."""
     python = str(venv_of(mpi) / "bin" / "python")
     return _baseline([python, "-c", f"import _bench; print(_bench.{call})"], mpi)
+
+
+def skewed_floor(params: dict[str, Any], workers: int, mpi: str) -> float | None:
+    """The skewed workload's baseline, taken just before each skewed
+    measurement: its durations spun by ``workers`` plain processes, split
+    among them beforehand, with no farm at all.  The ratio no engine can
+    beat at that moment; what an engine reads above it is its own cost."""
+    p = params
+    call = f"spun_alone({int(p['n'])}, {float(p['mean'])!r}, {int(p['long'])}, {float(p['long_seconds'])!r}, {workers})"
+    return _python_baseline(call, mpi)
 
 
 def fresh_memory_rate(arrays: int, mpi: str) -> float | None:
@@ -408,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             # (the echo's fresh memory is faster after a run that freed a lot)
             for engine in engines[rep % len(engines) :] + engines[: rep % len(engines)]:
                 baselines: dict[str, float | None] = {}
+                if workload == "skewed":
+                    baselines["skewed_floor"] = skewed_floor(params, ranks - 1, args.mpi)
                 if workload == "echo":
                     # first the memory (the rate measures it; the process warms it), then the MPI
                     baselines["fresh_memory_GB_per_s"] = fresh_memory_rate(WARM_FACTOR * params["n_16mb"], args.mpi)

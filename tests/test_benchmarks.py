@@ -99,8 +99,9 @@ def test_the_scheduler_benchmark_runs_the_farms_heartbeat_rule() -> None:
 
 def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path: Path) -> None:
     """Skewed durations by map as well as by submit, with where the submit
-    run's time over the bound went; the idle latency beside what the machine
-    itself charges for a round trip and a cold start."""
+    run's time over the bound went and the floor plain processes reach; the
+    idle latency beside what the machine itself charges for a round trip and
+    a cold start."""
     out = tmp_path / "bench.json"
     cmd = [mpich.python, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "skewed,latency"]
     cmd += ["--engines", "taskfarm", "--reps", "1", "--scale", "0.1", "--json", str(out)]
@@ -112,6 +113,9 @@ def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path:
     assert skewed["makespan_over_bound"] > 0 and skewed["makespan_over_bound_map"] > 0, skewed
     assert skewed["skewed_master_cpu_points"] > 0 and skewed["skewed_idle_cpu_points"] >= 0, skewed
     assert "skewed_worker_overhead_points" in skewed, skewed
+    assert "plain processes spin a split" in res.stdout, res.stdout
+    # the floor: no farm, the split made beforehand, so at or above the bound itself
+    assert 1.0 <= skewed["skewed_floor"] < skewed["makespan_over_bound"] + 1.0, skewed
     latency = data["samples"]["latency"]["taskfarm"][0]
     assert "_error" not in latency, latency
     assert latency["pipe_round_trip_idle_ms"] > 0 and latency["cold_python_us"] > 0, latency

@@ -5,7 +5,7 @@ its item in a message each way, a slot's round on the worker); on 1 ms tasks
 that is 6% of the machine.  So plain calls submitted faster than they run
 wait here, and the master takes from them only what the ranks have room for,
 as bundles: one task to the scheduler and the wire, one outcome per call
-(`taskfarm._master`, "Bundles").  This module keeps the record and the size
+(`taskfarm._dispatch`, "Bundles").  This module keeps the record and the size
 rule; it does no I/O and reads no clock.
 """
 

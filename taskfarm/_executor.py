@@ -27,10 +27,11 @@ from . import _periodic, _transport
 from . import _serialization as ser
 from ._bundles import guided_size
 from ._errors import BrokenFarmError, ExitCode, JournalError, RemoteTraceback
+from ._farm_state import DEFAULT_HEARTBEAT_TIMEOUT, NOT_PICKLED, Submission
 from ._future import FarmFuture, PendingSet, _Encoded
 from ._journal import JournalNotFoundError, read_journal
 from ._journal_writer import JournalWriter
-from ._master import DEFAULT_HEARTBEAT_TIMEOUT, NOT_PICKLED, Farm, Submission
+from ._master import Farm
 from ._pools import PoolSpec
 from ._protocol import FnRef, Initializer
 from ._resume import Recorded, ResumeIndex, content_key, function_digest, label_for

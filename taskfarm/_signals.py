@@ -49,7 +49,7 @@ def hold_main_thread_signals() -> object:
     must not be cut by a handler's exception runs between the two, and a
     signal that arrives meanwhile is handled at its end.  Two calls, not a
     context manager: the master's short cuts run this per round trip, where
-    each Python call counts (`_master`, "Short cuts")."""
+    each Python call counts (`taskfarm._shortcuts`)."""
     if _sigmask is None:
         return None
     return _sigmask(signal.SIG_BLOCK, _HELD)

@@ -65,7 +65,10 @@ LAYERS: list[tuple[str, set[str]]] = [
         },
     ),
     ("io", {"_transport", "_loopback"}),
-    ("runtime", {"_worker", "_master", "_outcomes", "_pools"}),
+    (
+        "runtime",
+        {"_worker", "_master", "_farm_state", "_dispatch", "_intake", "_shortcuts", "_outcomes", "_pools"},
+    ),
     ("api", {"_executor", "_canvas", "_periodic"}),
     ("front", {"_cli", "__main__", "_commands", "_report", "_progress", "_status", "slurm", "_spawned"}),
 ]
@@ -179,6 +182,37 @@ def test_no_module_imports_a_higher_layer() -> None:
                     f"taskfarm/{path.name}:{line}: {name} ({LAYER_NAME[name]}) imports "
                     f"{target} ({LAYER_NAME[target]})"
                 )
+    assert not violations, "\n".join(violations)
+
+
+def test_the_farms_layers_call_only_themselves_and_the_layers_below() -> None:
+    """`taskfarm._master.Farm` is built in layers, a class over the one below
+    (its module docstring): no layer's method calls a method that only a
+    layer above it has."""
+    from taskfarm._master import Farm
+
+    farm_methods = {name for name, value in inspect.getmembers(Farm) if callable(value) or isinstance(value, property)}
+    violations = []
+    for layer in Farm.__mro__[:-1]:
+        source = inspect.getsource(inspect.getmodule(layer))  # type: ignore[arg-type]
+        tree = ast.parse(source)
+        node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == layer.__name__)
+        for attr in ast.walk(node):
+            if (
+                isinstance(attr, ast.Attribute)
+                and isinstance(attr.value, ast.Name)
+                and attr.value.id == "self"
+                and attr.attr in farm_methods
+                and not hasattr(layer, attr.attr)
+            ):
+                violations.append(f"{layer.__name__} (line {attr.lineno}) uses self.{attr.attr}, from a layer above")
+    assert [cls.__name__ for cls in Farm.__mro__[:-1]] == [
+        "Farm",
+        "ShortCuts",
+        "ResultIntake",
+        "Dispatching",
+        "FarmState",
+    ]
     assert not violations, "\n".join(violations)
 
 

@@ -92,7 +92,7 @@ def test_the_scheduler_benchmark_measures_each_farm_size(tmp_path: Path) -> None
 
 def test_the_scheduler_benchmark_runs_the_farms_heartbeat_rule() -> None:
     """Rule 2 reads the ranks' clocks: the benchmark's scheduler has the farm's timeout."""
-    from taskfarm._master import DEFAULT_HEARTBEAT_TIMEOUT
+    from taskfarm._farm_state import DEFAULT_HEARTBEAT_TIMEOUT
 
     assert _bench_module("scheduler")._farm(2).heartbeat_timeout == DEFAULT_HEARTBEAT_TIMEOUT
 

@@ -27,8 +27,9 @@ from taskfarm._bundles import (
     Bundler,
 )
 from taskfarm._executor import FarmExecutor
+from taskfarm._farm_state import Submission
 from taskfarm._future import FarmFuture
-from taskfarm._master import Farm, Submission
+from taskfarm._master import Farm
 from taskfarm._outcomes import Outcomes
 from taskfarm._pools import PoolSpec, execute
 from taskfarm._protocol import Kind, PartResult, PartValues, ResultBatch, ResultItem, TaskBatch

@@ -1118,11 +1118,12 @@ SHORT_CUTS = section(
         rung = []
         real_ring = transport.ring
         transport.ring = lambda peer: (rung.append(peer), real_ring(peer))[1]
-        import taskfarm._master as master_mod
+        import taskfarm._farm_state as state_mod
+        import taskfarm._shortcuts as shortcuts_mod
         from taskfarm._trials import Trial
 
-        quiet = master_mod.RING_AHEAD_QUIET
-        master_mod.RING_AHEAD_QUIET = 0.0  # these round trips come back to back
+        quiet = shortcuts_mod.RING_AHEAD_QUIET
+        shortcuts_mod.RING_AHEAD_QUIET = 0.0  # these round trips come back to back
         kept = last_farm()._ring_trial = Trial(1)
         kept.decided = True  # as a farm that timed the early ring faster
         s0 = ex.statistics()
@@ -1135,7 +1136,7 @@ SHORT_CUTS = section(
         out["trips"] = trips
         # a farm's own trial: its idle round trips take turns, rung early and
         # not, until each way is timed; then the faster is kept
-        trial = last_farm()._ring_trial = Trial(master_mod.RING_AHEAD_SAMPLES)
+        trial = last_farm()._ring_trial = Trial(state_mod.RING_AHEAD_SAMPLES)
         tried = []
         while trial.decided is None and len(tried) < 100:
             before = len(rung)
@@ -1148,7 +1149,7 @@ SHORT_CUTS = section(
             after.append((rank, rung[before:]))
         out["trial"] = [trial.decided, tried, after]
         # back to back (a result within RING_AHEAD_QUIET): never rung early
-        master_mod.RING_AHEAD_QUIET = 3600.0
+        shortcuts_mod.RING_AHEAD_QUIET = 3600.0
         kept.decided = True
         last_farm()._ring_trial = kept
         hot = []
@@ -1157,7 +1158,7 @@ SHORT_CUTS = section(
             rank = ex.submit(rank_of, i).result(60)
             hot.append((rank, rung[before:]))
         out["hot"] = hot
-        master_mod.RING_AHEAD_QUIET = quiet
+        shortcuts_mod.RING_AHEAD_QUIET = quiet
         transport.ring = real_ring
         out["values"] = [ex.submit(add, i, 1).result(60) for i in range(3)]
         out["submit_rounds"] = s1.submit_rounds - s0.submit_rounds
@@ -1239,6 +1240,7 @@ SHORT_CUTS = section(
         # ring came while that thread was not asleep on the doorbell): it must
         # poke the listener, which has no safety-net look to wake it here
         import taskfarm._master
+        import taskfarm._shortcuts
         from taskfarm._transport import Wakeup
 
         real_listen, real_cap = Wakeup.listen, taskfarm._master.DOORBELL_POLL_CAP
@@ -1253,7 +1255,7 @@ SHORT_CUTS = section(
             return real_listen(self, timeout)
 
         Wakeup.listen = listen_late
-        taskfarm._master.DOORBELL_POLL_CAP = 3600.0
+        taskfarm._master.DOORBELL_POLL_CAP = taskfarm._shortcuts.DOORBELL_POLL_CAP = 3600.0
         try:
             lone = ex.submit(wait_for, GATE + ".poke")
             late.set()
@@ -1263,6 +1265,7 @@ SHORT_CUTS = section(
             out["listened_late"] = not late.is_set()
         finally:
             Wakeup.listen, taskfarm._master.DOORBELL_POLL_CAP = real_listen, real_cap
+            taskfarm._shortcuts.DOORBELL_POLL_CAP = real_cap
         # a signal the kernel handed to another thread: the main thread, waiting
         # on a future (two unfinished: no listening), runs its handler within a
         # slice of its wait, not once the future resolves

@@ -349,6 +349,44 @@ def _named_worker() -> Iterator[tuple[Loopback, threading.Event, _NamingEnd, wor
     assert not thread.is_alive()
 
 
+def test_a_polling_worker_polls_less_while_its_slots_all_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the master's rings do not arrive the comm thread polls on a
+    backoff: up to `BUSY_POLL_CAP` while every slot runs a task (nothing a
+    slot needs comes any sooner), and under `IDLE_POLL_CAP` once the slot
+    runs out of tasks, which pokes it out of its longer sleep at once."""
+    RELEASE.clear()
+    STARTED.clear()
+    #: the comm thread's sleeps: [timeout, what woke it (0: the timeout)]
+    sleeps: list[list[Any]] = []
+    monkeypatch.setattr(LocalEnd, "rings_from", lambda self, peer: False)  # as when UDP is blocked
+    with _rank0_worker() as (link, answered):
+        end = link.local
+        real_wait = end.wait
+
+        def wait(timeout: float) -> int:
+            sleep = [timeout, None]
+            sleeps.append(sleep)
+            sleep[1] = real_wait(timeout)
+            return sleep[1]
+
+        monkeypatch.setattr(end, "wait", wait)
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (_task(1, _held_started),)))
+        assert STARTED.wait(ANSWER_WITHIN)
+        wait_until(lambda: any(t >= worker_module.BUSY_POLL_CAP for t, _ in sleeps), "the busy cap")
+        # the first sleep over the idle cap: the task runs, the master's poke that sent it is past
+        first_busy = next(i for i, (t, _) in enumerate(sleeps) if t > worker_module.IDLE_POLL_CAP)
+        RELEASE.set()
+        assert _results(link, answered, "the held task") == [(1, "released")]
+        after = len(sleeps)
+        wait_until(lambda: len(sleeps) >= after + 10 and sleeps[after + 9][1] is not None, "ten sleeps after")
+        assert max(t for t, _ in sleeps[:after]) == worker_module.BUSY_POLL_CAP
+        assert max(t for t, _ in sleeps[after + 1 :]) <= worker_module.IDLE_POLL_CAP, sleeps[after:]
+        # nothing came from the master meanwhile: only the slot that ran dry can have poked
+        assert any(woke for _, woke in sleeps[first_busy : after + 10]), sleeps[first_busy:]
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (_task(2, operator.add, 2, 10),)))
+        assert _results(link, answered, "a task after the sleeps") == [(2, 12)]
+
+
 def test_a_slot_sends_its_own_results_while_the_comm_thread_sleeps() -> None:
     """A result that goes at once is sent by the slot that made it: handing
     it to the comm thread cost an idle farm's round trip two thread

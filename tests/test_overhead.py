@@ -7,7 +7,8 @@ closed), ``master_cpu_fraction`` the CPU of rank 0's service thread per
 second of wall time.  With doorbells (the default) both sides sleep between
 messages: the bound is 2 % (measured: ~0.2 %), and every rank must report
 that the rings arrived.  Without them (``TASKFARM_DOORBELL=0``, what a
-cluster that blocks UDP between nodes gets) ranks poll on a 2 ms backoff:
+cluster that blocks UDP between nodes gets) ranks poll on a backoff (a
+worker with a slot free at 2 ms, one whose slots all run tasks at 10 ms):
 the farm must still work, at a looser bound.
 """
 
@@ -25,6 +26,9 @@ TASK_SECONDS = 1.5
 #: CPU bound per rank with doorbells, and when polling instead (fraction of a core)
 BOUND = 0.02
 POLLING_BOUND = 0.05
+#: a polling worker whose every slot runs a task polls on a longer cap
+#: (`_worker.BUSY_POLL_CAP`): 1.2-1.9% here, 3.9-5.1% at the idle cap
+POLLING_BUSY_WORKER_BOUND = 0.03
 
 
 @pytest.mark.mpi
@@ -60,6 +64,7 @@ with taskfarm.FarmExecutor() as ex:
     assert len(overhead) == RANKS - 1
     assert {rank: r["doorbell"] for rank, r in stats["ranks"].items()} == dict.fromkeys(overhead, doorbell)
     bound = BOUND if doorbell else POLLING_BOUND
+    worker_bound = BOUND if doorbell else POLLING_BUSY_WORKER_BOUND
     for rank, value in overhead.items():
-        assert value is not None and value < bound, f"rank {rank} used {value:.1%} of a core while idle"
+        assert value is not None and value < worker_bound, f"rank {rank} used {value:.1%} of a core while idle"
     assert stats["master_cpu_fraction"] < bound

@@ -84,6 +84,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("skewed", "skewed_worker_overhead_points", "  submit: worker CPU outside tasks, %", False),
     ("skewed", "skewed_idle_cpu_points", "  submit: idle CPU of the machine, % (10 ms ticks)", False),
     ("skewed", "skewed_floor", "  baseline: plain processes spin a split made beforehand, makespan / bound", False),
+    ("skewed", "skewed_over_floor_points", "  submit: makespan over that baseline, points of the bound", False),
     ("echo", "echo_1MB_GB_per_s", "echo 1 MB arrays, GB/s", True),
     ("echo", "echo_16MB_GB_per_s", "echo 16 MB arrays, GB/s", True),
     ("echo", "fresh_memory_GB_per_s", "  baseline: new process fills 2x as much fresh memory, GB/s", True),
@@ -282,7 +283,8 @@ def mpi_library(mpi: str) -> str:
 
 
 def derive(sample: dict[str, Any]) -> dict[str, Any]:
-    """Metrics computed from others in the same sample (best chunk size)."""
+    """Metrics computed from others in the same sample (best chunk size; the
+    skewed makespan over the floor taken just before it)."""
     rates = {k: v for k, v in sample.items() if k.startswith("map_") and k.endswith("_tasks_per_s") and v}
     if rates:
         best = max(rates, key=lambda k: rates[k])
@@ -290,6 +292,9 @@ def derive(sample: dict[str, Any]) -> dict[str, Any]:
         sample["map_best_chunksize"] = (
             best[len("map_c") : -len("_tasks_per_s")] if best.startswith("map_c") else "default"
         )
+    ratio, floor = sample.get("makespan_over_bound"), sample.get("skewed_floor")
+    if isinstance(ratio, float) and isinstance(floor, float):
+        sample["skewed_over_floor_points"] = 100 * (ratio - floor)
     return sample
 
 
@@ -435,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                     baselines["pipe_round_trip_idle_ms"] = pipe_round_trip_ms(params["samples"], args.mpi)
                     baselines["cold_python_us"] = cold_python_us(params["samples"], args.mpi)
                 t0 = time.monotonic()
-                sample = derive(measure(command(engine, workload, ranks, params, args.mpi, args.bind), env))
+                sample = measure(command(engine, workload, ranks, params, args.mpi, args.bind), env)
                 sample.update({k: v for k, v in baselines.items() if v is not None})
+                derive(sample)
                 sample["_seconds"] = round(time.monotonic() - t0, 2)
                 samples[workload][engine].append(sample)
                 status = sample.get("_error", "ok")

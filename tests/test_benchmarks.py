@@ -116,6 +116,8 @@ def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path:
     assert "plain processes spin a split" in res.stdout, res.stdout
     # the floor: no farm, the split made beforehand, so at or above the bound itself
     assert 1.0 <= skewed["skewed_floor"] < skewed["makespan_over_bound"] + 1.0, skewed
+    over = 100 * (skewed["makespan_over_bound"] - skewed["skewed_floor"])
+    assert skewed["skewed_over_floor_points"] == pytest.approx(over), skewed
     latency = data["samples"]["latency"]["taskfarm"][0]
     assert "_error" not in latency, latency
     assert latency["pipe_round_trip_idle_ms"] > 0 and latency["cold_python_us"] > 0, latency

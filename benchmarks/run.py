@@ -313,8 +313,8 @@ def fmt(value: float | None) -> str:
         return f"{value:.0f}"
     if a >= 10:
         return f"{value:.1f}"
-    if a >= 1:
-        return f"{value:.2f}"
+    # ratios near 1 (makespan / bound, whose target is 1.03) and times near a
+    # millisecond: three decimals, as below 1
     return f"{value:.3f}"
 
 
@@ -331,11 +331,7 @@ def spread(runs: list[dict[str, Any]], metric: str) -> str:
     nums = [v for run in runs if isinstance(v := run.get(metric), (int, float))]
     if len(nums) < 2:
         return ""
-
-    def one(value: float) -> str:  # ratios near 1 get a digit more than the median's
-        return f"{value:.3f}" if 1 <= abs(value) < 10 else fmt(value)
-
-    return f"{one(min(nums))}-{one(max(nums))}"
+    return f"{fmt(min(nums))}-{fmt(max(nums))}"
 
 
 def table(results: dict[str, Any], engines: list[str]) -> str:

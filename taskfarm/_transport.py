@@ -451,6 +451,8 @@ class Transport:
                 # misses what arrived meanwhile, which made every wake-up of a
                 # sleeping rank late by one whole poll period (3.5 ms instead of
                 # 0.6 ms at a 2 ms cap).  A second probe costs a microsecond.
+                # Open MPI needs it too: without it, 1 ms tasks' efficiency
+                # fell 0.963 -> 0.845 (interleaved pairs, sixteenth round).
                 msg = self.comm.Improbe(mpi.ANY_SOURCE, mpi.ANY_TAG, status)
         except mpi.Exception as exc:
             self._failed(exc, None)

@@ -80,16 +80,7 @@ class ResultIntake(Dispatching):
                 error = decode_error(item, peer)
                 always = (TimeLimitExceeded, WorkerLostError)  # the farm's own, always retryable
                 retryable = isinstance(error, (*always, *task.policy.retry_on))
-            decision = self.scheduler.finished(
-                item.task_id,
-                peer,
-                now,
-                ok=item.ok,
-                duration=item.t_end - item.t_start,
-                retryable=retryable,
-                crashed=item.crashed,
-                nbytes=_result_nbytes(self.scheduler, item, (item,)),
-            )
+            decision = self._finished(peer, item, now, (item,), retryable=retryable, crashed=item.crashed)
             if task is None or decision is Decision.DISCARD:
                 continue
             future = task.future
@@ -142,15 +133,7 @@ class ResultIntake(Dispatching):
     def _on_bundle(self, peer: int, item: ResultItem, now: float) -> None:
         """A bundle's outcome: each part resolves its own call (`taskfarm._dispatch`, "Bundles")."""
         failed = sum(1 for part in item.parts if not part.ok) if item.ok else 0
-        decision = self.scheduler.finished(
-            item.task_id,
-            peer,
-            now,
-            ok=item.ok,
-            duration=item.t_end - item.t_start,
-            failed_parts=failed,
-            nbytes=_result_nbytes(self.scheduler, item, item.parts),
-        )
+        decision = self._finished(peer, item, now, item.parts, failed_parts=failed)
         subs = self._bundler.bundles.get(item.task_id)
         if subs is None or decision is Decision.DISCARD or decision is Decision.RETRY:
             return  # a late copy; or put back in the queue, whole
@@ -163,6 +146,32 @@ class ResultIntake(Dispatching):
         # all its calls: some may have come before it ended (`_on_parts`)
         self._bundler.observe(subs[0].fn[0], (item.t_end - item.t_start) / len(subs))
         self._resolve_parts(peer, item)
+
+    def _finished(
+        self,
+        peer: int,
+        item: ResultItem,
+        now: float,
+        results: Iterable[ResultItem | PartResult],
+        *,
+        retryable: bool = False,
+        crashed: bool = False,
+        failed_parts: int = 0,
+    ) -> Decision:
+        """The scheduler's decision on ``item`` (a task's or a whole bundle's)
+        from ``peer``: its time on the rank, and the bytes of ``results``
+        when tasks wait to take them as inputs."""
+        return self.scheduler.finished(
+            item.task_id,
+            peer,
+            now,
+            ok=item.ok,
+            duration=item.t_end - item.t_start,
+            retryable=retryable,
+            crashed=crashed,
+            failed_parts=failed_parts,
+            nbytes=_result_nbytes(self.scheduler, item, results),
+        )
 
     def _on_parts(self, peer: int, batch: ResultBatch) -> None:
         """Calls of bundles still running on ``peer`` that ended a while ago

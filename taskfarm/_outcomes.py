@@ -57,7 +57,7 @@ class Outcomes:
 
     def recorded(self, key: str, peer: int, attempt: int, frame: ser.Frame, t_start: float, t_end: float) -> None:
         """A success journaled with no future to resolve (a call a drain cut
-        off, whose result came anyway: `_master.Farm._on_late`); `sync` makes
+        off, whose result came anyway: `_intake.ResultIntake._on_late`); `sync` makes
         it durable."""
         if self.journal is not None:
             self.journal.succeeded(key, rank=peer, attempt=attempt, t_start=t_start, t_end=t_end, result=frame)

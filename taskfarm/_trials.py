@@ -3,7 +3,7 @@
 Some choices on an idle farm's round trip pay on one machine and cost on
 another, and the difference is larger than the noise of a few dozen round
 trips: ringing a lone task's rank before the task is made
-(`taskfarm._master.Farm._ring_ahead`) took 0.16 ms off the round trip on
+(`taskfarm._shortcuts.ShortCuts._ring_ahead`) took 0.16 ms off the round trip on
 one 2-core VM and added 0.08 (MPICH) to 0.19 ms (Open MPI) on another,
 whose kernel packs woken tasks onto the busy vCPU.  A `Trial` lets the
 two ways take turns until each has been timed `samples` times, then keeps

@@ -284,6 +284,11 @@ def skewed_durations(n: int, mean: float, long: int, long_seconds: float, seed: 
     return durations
 
 
+def makespan_bound(durations: list[float], workers: int) -> float:
+    """No schedule of ``durations`` on ``workers`` ends sooner: max(sum / workers, longest)."""
+    return max(sum(durations) / workers, max(durations))
+
+
 def skewed(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     """Makespan of skewed durations against max(sum / workers, longest): one
     submit per task, then the same list through map at the engine's default
@@ -296,7 +301,7 @@ def skewed(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     cost = _timed_with_cpu(eng, lambda: _drain(eng, [eng.submit(_tasks.spin, d) for d in durations]), sum(durations))
     mapped = _timed(lambda: list(eng.map(_tasks.spin, durations, None)))
     elapsed = cost.elapsed
-    bound = max(sum(durations) / eng.workers, max(durations))
+    bound = makespan_bound(durations, eng.workers)
     out = {
         "makespan_over_bound": elapsed / bound,
         "makespan_over_bound_map": mapped / bound,
@@ -517,7 +522,7 @@ def spun_alone(n: int, mean: float, long: int, long_seconds: float, workers: int
     (clock ticks, the hypervisor, other guests), the floor under every
     engine's ratio (``run.py`` runs it before each skewed measurement)."""
     durations = skewed_durations(n, mean, long, long_seconds, SKEWED_SEED)
-    bound = max(sum(durations) / workers, max(durations))
+    bound = makespan_bound(durations, workers)
     parts: list[list[float]] = [[] for _ in range(workers)]
     loads = [0.0] * workers
     for seconds in sorted(durations, reverse=True):

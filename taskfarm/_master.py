@@ -141,12 +141,18 @@ class Farm(ShortCuts):
             if self._stopped:
                 raise RuntimeError("cannot schedule new futures after the farm has ended")
             self._submissions.append(sub)
-        # the farm's only unfinished task, and the service thread asleep: send
-        # it from here (`taskfarm._shortcuts`)
-        if self._tasks or self._inline_round(receive=False, wait=False) is None:
+        # the farm's only unfinished task, or a rank sits idle with nothing
+        # else waiting for one, and the service thread asleep: send it from
+        # here (`taskfarm._shortcuts`)
+        if not self._tasks or (
+            self.scheduler.has_idle_rank() and len(self._submissions) == 1 and not self._backlog()
+        ):
+            if self._inline_round(receive=False, wait=False) is None:
+                self._wake()
+        else:
             self._wake()
-            if self._listened is not None:
-                self.transport.wakeup.poke_listener()  # its task is the farm's only one no more
+        if self._listened is not None:
+            self.transport.wakeup.poke_listener()  # its task is the farm's only one no more
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(event, fields)`` at every state change, in the

@@ -866,6 +866,10 @@ class Scheduler:
             entry.dispatched = now
             actions.dispatch.setdefault(info.rank, []).append(task_id)
 
+    def has_idle_rank(self) -> bool:
+        """True while a live rank holds no task: one sent now starts at once there."""
+        return bool(self._idle)
+
     def next_rank(self) -> int | None:
         """The rank the next plain task would go to now (None: none has room)."""
         info = self._pick_rank(None, {}, [])

@@ -197,6 +197,18 @@ class TestDispatch:
         submit(s, 8)
         assert s.poll(0.0).dispatch == {1: [8]}
 
+    def test_a_rank_is_idle_until_it_holds_a_task_and_again_once_it_holds_none(self) -> None:
+        """What a submit asks (`Farm.submit`) before it sends a task from its own thread."""
+        s = farm(ranks=2)
+        assert s.has_idle_rank()
+        submit(s, 1, 2)
+        s.poll(0.0)
+        assert not s.has_idle_rank()  # one task each
+        s.finished(1, 0, 0.0, ok=True, duration=LONG)
+        assert s.has_idle_rank()
+        s.rank_lost(0, 0.0)
+        assert not s.has_idle_rank()  # a lost rank is not idle
+
     def test_single_ready_task_goes_to_a_partly_busy_rank_below_low_water(self) -> None:
         # a rank whose free part is at least half its pipeline takes one task
         s = farm(slots=4)

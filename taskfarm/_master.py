@@ -89,6 +89,13 @@ LOST_BYE_TIMEOUT = 5.0
 #: (`_worker.WORKER_SWITCH_INTERVAL`): their slot runs the task, holding the GIL.
 MASTER_SWITCH_INTERVAL = 0.00005
 
+#: a submit sends a task for an idle rank itself, while other tasks run (see
+#: `Farm.submit`), only if the submit before it came this long before
+#: (seconds).  A stream of submits is the service thread's: it takes them in
+#: batches on its own core, where the submitting thread would pay a round
+#: (tens of us) for each task, and its calls would go one by one, unbundled.
+SUBMIT_APART = 0.001
+
 
 class Farm(ShortCuts):
     """Rank 0's side of a farm: owns the transport and the service thread."""
@@ -99,6 +106,7 @@ class Farm(ShortCuts):
         if self._configured:
             self._apply_configuration()
         self._switch_interval = _fast_switching()
+        self._last_submit = 0.0  # monotonic time of the last submit (`SUBMIT_APART`)
         self._thread = start_thread(threading.Thread(target=self._serve, name="taskfarm-master", daemon=True))
 
     # -- called from user threads -------------------------------------------
@@ -142,10 +150,12 @@ class Farm(ShortCuts):
                 raise RuntimeError("cannot schedule new futures after the farm has ended")
             self._submissions.append(sub)
         # the farm's only unfinished task, or a rank sits idle with nothing
-        # else waiting for one, and the service thread asleep: send it from
-        # here (`taskfarm._shortcuts`)
+        # else waiting for one and no stream of submits under way, and the
+        # service thread asleep: send it from here (`taskfarm._shortcuts`)
+        now = time.monotonic()
+        apart, self._last_submit = now - self._last_submit > SUBMIT_APART, now
         if not self._tasks or (
-            self.scheduler.has_idle_rank() and len(self._submissions) == 1 and not self._backlog()
+            apart and self.scheduler.has_idle_rank() and len(self._submissions) == 1 and not self._backlog()
         ):
             if self._inline_round(receive=False, wait=False) is None:
                 self._wake()

@@ -1384,9 +1384,18 @@ SHORT_CUTS = section(
         deadline = time.monotonic() + 30
         while busy.running() is False and time.monotonic() < deadline:
             time.sleep(0.001)
+        import taskfarm._master
+
+        apart = taskfarm._master.SUBMIT_APART
+        taskfarm._master.SUBMIT_APART = 0.0  # back to back here, as if apart
         s0 = ex.statistics()
         beside = [ex.submit(rank_of, i).result(60) for i in range({LONE})]
         out["beside_rounds"] = ex.statistics().submit_rounds - s0.submit_rounds
+        taskfarm._master.SUBMIT_APART = 3600.0  # every submit in one stream: the service thread's
+        s0 = ex.statistics()
+        beside += [ex.submit(rank_of, i).result(60) for i in range({LONE})]
+        out["stream_rounds"] = ex.statistics().submit_rounds - s0.submit_rounds
+        taskfarm._master.SUBMIT_APART = apart
         open(GATE + ".busy", "w").close()
         out["beside"] = [busy.result(60), sorted(set(beside)), busy.rank]
     """,
@@ -1408,8 +1417,11 @@ def test_a_lone_task_is_sent_and_taken_by_the_calling_thread(farm_results: Resul
 def test_a_task_for_an_idle_rank_is_sent_by_the_calling_thread(farm_results: Results) -> None:
     """While one rank runs a long task and another idles, a submit with nothing
     else waiting is sent by the submitting thread, not the service thread it
-    would wake (0.13 ms off its round trip here); a quarter must, as above."""
+    would wake (0.13 ms off its round trip here); a quarter must, as above.
+    Not within a stream of submits (`SUBMIT_APART`): the service thread takes
+    those in batches."""
     got = farm_results(SHORT_CUTS)
+    assert got["stream_rounds"] == 0, got
     busy, ranks, busy_rank = got["beside"]
     assert busy == "released", got["beside"]
     assert ranks == sorted(set(range(1, RANKS)) - {busy_rank}), got["beside"]  # every one went to the idle rank

@@ -56,6 +56,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from . import _protocol
 from ._errors import BrokenFarmError
+from ._pages import huge_pages_wanted, withhold_huge_pages
 from ._protocol import Kind
 from ._signals import blocked_while_starting_threads, start_thread
 
@@ -267,14 +268,18 @@ def _receive_buffer(size: int) -> Any:
     """Memory for an incoming out-of-band buffer, not zero-filled first (it is
     overwritten at once): ``bytearray(16 MB)`` spends 3 ms on a memset that a
     numpy ``empty`` array skips, reusing freed memory.  The buffer becomes the
-    received object's memory (a numpy array is rebuilt over it, no copy)."""
+    received object's memory (a numpy array is rebuilt over it, no copy).
+    Huge pages only where their first touch is not a lottery (`taskfarm._pages`)."""
     if size < OOB_EMPTY_MIN:
         return bytearray(size)
     try:
         import numpy
     except ImportError:  # pragma: no cover - numpy is a dependency
         return bytearray(size)
-    return numpy.empty(size, dtype=numpy.uint8)
+    buffer = numpy.empty(size, dtype=numpy.uint8)
+    if not huge_pages_wanted():
+        withhold_huge_pages(buffer)
+    return buffer
 
 
 class Transport:
@@ -286,6 +291,7 @@ class Transport:
     """
 
     def __init__(self, comm: Any, *, intercomm: bool, parent_side: bool = True) -> None:
+        huge_pages_wanted()  # a bad TASKFARM_HUGE_PAGES fails every rank here, before any collective call
         mpi = require_mpi()
         self._mpi = mpi
         self.comm = comm

@@ -47,7 +47,7 @@ PUBLIC = [
 
 #: low to high: a module may import its own layer and the layers below, never above
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"_errors", "_task", "_signals"}),
+    ("base", {"_errors", "_task", "_signals", "_pages"}),
     (
         "core",
         {

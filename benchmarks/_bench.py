@@ -23,6 +23,7 @@ import pickle
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +44,10 @@ LATENCY_PAUSE = (0.02, 0.04)
 LATENCY_SEED = 7
 #: the skewed workload's durations are seeded: every engine and the baseline spin the same
 SKEWED_SEED = 2026
+#: seconds the latency workload waits for its long task to start (every engine runs it at once)
+HOLD_START_TIMEOUT = 60.0
+#: how often rank 0 looks whether that task has started (seconds; not timed)
+HOLD_LOOK = 0.001
 
 
 # -- engines -----------------------------------------------------------------
@@ -440,19 +445,43 @@ def memory(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def latency(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
-    """One task's round trip: on an idle farm (after a random pause), and back to back."""
-    idle_samples = _timed_after_pauses(int(p["samples"]), lambda: eng.result(eng.submit(_tasks.noop, 0)))
+    """One task's round trip: on an idle farm (after a random pause), back to
+    back, and after a pause while another worker runs a long task (the farm
+    is not idle then: its other ranks are)."""
+    samples = int(p["samples"])
+    idle_samples = _timed_after_pauses(samples, lambda: eng.result(eng.submit(_tasks.noop, 0)))
     hot = []
-    for _ in range(int(p["samples"]) * 5):
+    for _ in range(samples * 5):
         t0 = time.perf_counter()
         eng.result(eng.submit(_tasks.noop, 0))
         hot.append(time.perf_counter() - t0)
+    beside = _beside_a_long_task(eng, samples)
     idle_samples.sort()
     return {
         "latency_idle_ms": 1e3 * statistics.median(idle_samples),
         "latency_idle_p90_ms": 1e3 * idle_samples[int(0.9 * (len(idle_samples) - 1))],
         "latency_hot_ms": 1e3 * statistics.median(hot),
+        "latency_beside_busy_ms": 1e3 * statistics.median(beside),
     }
+
+
+def _beside_a_long_task(eng: Engine, samples: int) -> list[float]:
+    """Round trips after pauses (as the idle ones) while one worker runs a
+    task that waits for a file: it has started before the first, and ends
+    after the last."""
+    with tempfile.TemporaryDirectory() as scratch:
+        started, gate = os.path.join(scratch, "started"), os.path.join(scratch, "gate")
+        long = eng.submit(_tasks.hold, started, gate)
+        deadline = time.monotonic() + HOLD_START_TIMEOUT
+        while not os.path.exists(started):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the long task did not start")
+            time.sleep(HOLD_LOOK)
+        try:
+            return _timed_after_pauses(samples, lambda: eng.result(eng.submit(_tasks.noop, 0)))
+        finally:
+            open(gate, "w").close()
+            eng.result(long)
 
 
 WORKLOADS: dict[str, Callable[[Engine, dict[str, Any]], dict[str, Any]]] = {

@@ -41,3 +41,14 @@ def sleep_cpu(seconds: float) -> tuple[int, float]:
 
 def getpid(_: Any = None) -> int:
     return os.getpid()
+
+
+#: how often `hold` looks for its gate (seconds): ~0.1% of a core, not a spin
+HOLD_POLL = 0.005
+
+
+def hold(started: str, gate: str) -> None:
+    """A long task: say it has started, then wait until ``gate`` exists."""
+    open(started, "w").close()
+    while not os.path.exists(gate):
+        time.sleep(HOLD_POLL)

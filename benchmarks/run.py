@@ -95,6 +95,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("idle", "worker_cpu_pct_idle_farm", "worker CPU, idle farm (max), % core", False),
     ("latency", "latency_idle_ms", "one task on an idle farm, ms", False),
     ("latency", "latency_hot_ms", "one task back to back, ms", False),
+    ("latency", "latency_beside_busy_ms", "one task after a pause, another worker busy, ms", False),
     (
         "latency",
         "pipe_round_trip_idle_ms",

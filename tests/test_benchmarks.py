@@ -101,7 +101,7 @@ def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path:
     """Skewed durations by map as well as by submit, with where the submit
     run's time over the bound went and the floor plain processes reach; the
     idle latency beside what the machine itself charges for a round trip and
-    a cold start."""
+    a cold start, and the latency while another worker runs a long task."""
     out = tmp_path / "bench.json"
     cmd = [mpich.python, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "skewed,latency"]
     cmd += ["--engines", "taskfarm", "--reps", "1", "--scale", "0.1", "--json", str(out)]
@@ -121,6 +121,7 @@ def test_skewed_runs_map_too_and_latency_has_its_baselines(mpich: MPI, tmp_path:
     latency = data["samples"]["latency"]["taskfarm"][0]
     assert "_error" not in latency, latency
     assert latency["pipe_round_trip_idle_ms"] > 0 and latency["cold_python_us"] > 0, latency
+    assert latency["latency_beside_busy_ms"] > 0 and "another worker busy" in res.stdout, latency
     assert data["meta"]["bind"] == "none" and latency["_cpus"] == len(os.sched_getaffinity(0)), latency
 
 

@@ -77,4 +77,5 @@ def withhold_huge_pages(buffer: Any) -> None:
     start = buffer.ctypes.data
     first = -(-start // page) * page
     end = (start + buffer.nbytes) // page * page
+    # advice only: a kernel without transparent huge pages refuses it, and nothing changes
     _madvise()(ctypes.c_void_p(first), ctypes.c_size_t(end - first), mmap.MADV_NOHUGEPAGE)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from ._errors import BrokenFarmError, ExitCode, FarmStopped, JournalError, TaskfarmError
+from ._pages import huge_pages_wanted
 
 #: environment variables that give a process its rank before MPI starts
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -266,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # while slower ranks may still be parsing (see _setup_farms / open_journal)
     if ns.events and not os.path.isdir(os.path.dirname(os.path.abspath(ns.events))):
         parser.error(f"--events: no such directory: {os.path.dirname(os.path.abspath(ns.events))}")
+    try:
+        huge_pages_wanted()  # a setting read where buffers arrive, mid-run: checked here first
+    except ValueError as exc:
+        parser.error(str(exc))
     return _run(ns)
 
 

@@ -242,6 +242,18 @@ def test_bad_usage_exits_2_with_one_line(case: str, mpich: MPI, script: Any, tmp
 
 
 @pytest.mark.mpi
+def test_a_bad_environment_setting_is_bad_usage_on_every_rank(mpi: MPI, script: Any) -> None:
+    """A setting the ranks read only when arrays arrive, mid-run, is checked
+    before anything runs: exit 2, one line from rank 0, naming the variable."""
+    path = script("print('never run')\n")
+    env = {"TASKFARM_HUGE_PAGES": "yes"}
+    res = farm_run(mpi, 3, ["run", str(path)], timeout=TIMEOUT, check=2, env=env)
+    ours = [line for line in res.stderr.splitlines() if line.startswith("taskfarm")]
+    assert len(ours) == 1 and "TASKFARM_HUGE_PAGES" in ours[0], res.explain()
+    assert "never run" not in res.stdout, res.explain()
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("case", ["unknown option", "nonexistent script"])
 def test_bad_usage_under_mpiexec_ends_every_rank(case: str, mpi: MPI, script: Any, tmp_path: Path) -> None:
     res = farm_run(mpi, 3, _usage_args(case, script, tmp_path), timeout=TIMEOUT, check=2)

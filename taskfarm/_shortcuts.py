@@ -5,8 +5,8 @@ which the service thread holds except while it sleeps (step 7, and its
 ``sleep(0)`` naps: `Farm._nap`).  When a user thread submits the one
 unfinished task of the farm and that lock is free, the user thread runs
 the round itself and sends the task (so it does too for a task an idle
-rank can start at once, with nothing else waiting: 0.13 ms off its round
-trip while another rank runs a long task, 2-core VM); when it
+rank can start at once, with nothing else waiting: 0.06-0.13 ms off its
+round trip while another rank runs a long task, 2-core VM); when it
 then waits in ``result()`` for the farm's only task, it sleeps on the
 doorbell in the service thread's stead (`Wakeup.listen`: the result's ring
 wakes it first) and runs the round that takes the result; a submit while it

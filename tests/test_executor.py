@@ -1417,7 +1417,7 @@ def test_a_lone_task_is_sent_and_taken_by_the_calling_thread(farm_results: Resul
 def test_a_task_for_an_idle_rank_is_sent_by_the_calling_thread(farm_results: Results) -> None:
     """While one rank runs a long task and another idles, a submit with nothing
     else waiting is sent by the submitting thread, not the service thread it
-    would wake (0.13 ms off its round trip here); a quarter must, as above.
+    would wake (0.06-0.13 ms off its round trip here); a quarter must, as above.
     Not within a stream of submits (`SUBMIT_APART`): the service thread takes
     those in batches."""
     got = farm_results(SHORT_CUTS)

@@ -1384,8 +1384,6 @@ SHORT_CUTS = section(
         deadline = time.monotonic() + 30
         while busy.running() is False and time.monotonic() < deadline:
             time.sleep(0.001)
-        import taskfarm._master
-
         apart = taskfarm._master.SUBMIT_APART
         taskfarm._master.SUBMIT_APART = 0.0  # back to back here, as if apart
         s0 = ex.statistics()

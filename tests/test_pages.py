@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,36 +38,34 @@ def test_no_virtio_bus_or_unreadable_devices_report_nothing(tmp_path: Path) -> N
     assert not _pages.free_pages_reported(str(tmp_path))
 
 
+@pytest.fixture
+def choice() -> Iterator[Callable[[], bool]]:
+    """`huge_pages_wanted`, made afresh for the test (it is cached per process) and after it."""
+    _pages.huge_pages_wanted.cache_clear()
+    yield _pages.huge_pages_wanted
+    _pages.huge_pages_wanted.cache_clear()
+
+
 @pytest.mark.parametrize(("value", "wanted"), [("1", True), ("0", False), (" 0 ", False)])
-def test_the_environment_decides_when_set(monkeypatch: pytest.MonkeyPatch, value: str, wanted: bool) -> None:
+def test_the_environment_decides_when_set(
+    monkeypatch: pytest.MonkeyPatch, choice: Callable[[], bool], value: str, wanted: bool
+) -> None:
     monkeypatch.setenv(_pages.HUGE_PAGES_ENV, value)
     monkeypatch.setattr(_pages, "free_pages_reported", lambda: pytest.fail("not asked when the variable is set"))
-    _pages.huge_pages_wanted.cache_clear()
-    try:
-        assert _pages.huge_pages_wanted() is wanted
-    finally:
-        _pages.huge_pages_wanted.cache_clear()
+    assert choice() is wanted
 
 
 @pytest.mark.parametrize("reported", [True, False])
-def test_unset_the_vm_decides(monkeypatch: pytest.MonkeyPatch, reported: bool) -> None:
+def test_unset_the_vm_decides(monkeypatch: pytest.MonkeyPatch, choice: Callable[[], bool], reported: bool) -> None:
     monkeypatch.delenv(_pages.HUGE_PAGES_ENV, raising=False)
     monkeypatch.setattr(_pages, "free_pages_reported", lambda: reported)
-    _pages.huge_pages_wanted.cache_clear()
-    try:
-        assert _pages.huge_pages_wanted() is not reported
-    finally:
-        _pages.huge_pages_wanted.cache_clear()
+    assert choice() is not reported
 
 
-def test_a_bad_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bad_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, choice: Callable[[], bool]) -> None:
     monkeypatch.setenv(_pages.HUGE_PAGES_ENV, "yes")
-    _pages.huge_pages_wanted.cache_clear()
-    try:
-        with pytest.raises(ValueError, match=_pages.HUGE_PAGES_ENV):
-            _pages.huge_pages_wanted()
-    finally:
-        _pages.huge_pages_wanted.cache_clear()
+    with pytest.raises(ValueError, match=_pages.HUGE_PAGES_ENV):
+        choice()
 
 
 def vm_flags(address: int) -> list[str]:

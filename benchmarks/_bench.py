@@ -449,13 +449,17 @@ def latency(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     back, and after a pause while another worker runs a long task (the farm
     is not idle then: its other ranks are)."""
     samples = int(p["samples"])
-    idle_samples = _timed_after_pauses(samples, lambda: eng.result(eng.submit(_tasks.noop, 0)))
+
+    def round_trip() -> None:
+        eng.result(eng.submit(_tasks.noop, 0))
+
+    idle_samples = _timed_after_pauses(samples, round_trip)
     hot = []
     for _ in range(samples * 5):
         t0 = time.perf_counter()
-        eng.result(eng.submit(_tasks.noop, 0))
+        round_trip()
         hot.append(time.perf_counter() - t0)
-    beside = _beside_a_long_task(eng, samples)
+    beside = _beside_a_long_task(eng, samples, round_trip)
     idle_samples.sort()
     return {
         "latency_idle_ms": 1e3 * statistics.median(idle_samples),
@@ -465,10 +469,10 @@ def latency(eng: Engine, p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _beside_a_long_task(eng: Engine, samples: int) -> list[float]:
-    """Round trips after pauses (as the idle ones) while one worker runs a
-    task that waits for a file: it has started before the first, and ends
-    after the last."""
+def _beside_a_long_task(eng: Engine, samples: int, round_trip: Callable[[], None]) -> list[float]:
+    """``round_trip`` timed after pauses (as on the idle farm) while one worker
+    runs a task that waits for a file: it has started before the first, and
+    ends after the last."""
     with tempfile.TemporaryDirectory() as scratch:
         started, gate = os.path.join(scratch, "started"), os.path.join(scratch, "gate")
         long = eng.submit(_tasks.hold, started, gate)
@@ -478,7 +482,7 @@ def _beside_a_long_task(eng: Engine, samples: int) -> list[float]:
                 raise TimeoutError("the long task did not start")
             time.sleep(HOLD_LOOK)
         try:
-            return _timed_after_pauses(samples, lambda: eng.result(eng.submit(_tasks.noop, 0)))
+            return _timed_after_pauses(samples, round_trip)
         finally:
             open(gate, "w").close()
             eng.result(long)

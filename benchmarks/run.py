@@ -209,8 +209,8 @@ def skewed_floor(params: dict[str, Any], workers: int, mpi: str) -> float | None
     measurement: its durations spun by ``workers`` plain processes, split
     among them beforehand, with no farm at all.  The ratio no engine can
     beat at that moment; what an engine reads above it is its own cost."""
-    p = params
-    call = f"spun_alone({int(p['n'])}, {float(p['mean'])!r}, {int(p['long'])}, {float(p['long_seconds'])!r}, {workers})"
+    n, mean, long, seconds = int(params["n"]), float(params["mean"]), int(params["long"]), float(params["long_seconds"])
+    call = f"spun_alone({n}, {mean!r}, {long}, {seconds!r}, {workers})"
     return _python_baseline(call, mpi)
 
 

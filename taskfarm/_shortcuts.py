@@ -5,8 +5,9 @@ which the service thread holds except while it sleeps (step 7, and its
 ``sleep(0)`` naps: `Farm._nap`).  When a user thread submits the one
 unfinished task of the farm and that lock is free, the user thread runs
 the round itself and sends the task (so it does too for a task an idle
-rank can start at once, with nothing else waiting: 0.06-0.13 ms off its
-round trip while another rank runs a long task, 2-core VM); when it
+rank can start at once, with nothing else waiting and no stream of submits
+under way, `_master.SUBMIT_APART`: 0.06-0.13 ms off its round trip while
+another rank runs a long task, 2-core VM); when it
 then waits in ``result()`` for the farm's only task, it sleeps on the
 doorbell in the service thread's stead (`Wakeup.listen`: the result's ring
 wakes it first) and runs the round that takes the result; a submit while it
@@ -49,7 +50,7 @@ RING_AHEAD_QUIET = 0.005
 
 
 class ShortCuts(ResultIntake):
-    """The rounds user threads run on an idle farm (see the module docstring)."""
+    """The rounds user threads run on an idle farm, or for an idle rank (see the module docstring)."""
 
     def resolves_here(self) -> bool:
         """True in the thread that runs a round now: the service thread, or a
@@ -65,8 +66,8 @@ class ShortCuts(ResultIntake):
 
     def wait_here(self, future: FarmFuture, timeout: float | None) -> float | None:
         """Called by a thread about to wait for ``future``: if it is the farm's
-        only task and rings come, take its result in this thread (see "Short
-        cuts").  Returns the rest of ``timeout`` for the usual wait, which
+        only task and rings come, take its result in this thread (see the
+        module docstring).  Returns the rest of ``timeout`` for the usual wait, which
         finds the future resolved unless this thread could not take it."""
         wakeup = self.transport.wakeup
         if (

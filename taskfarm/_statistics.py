@@ -80,9 +80,9 @@ class FarmStatistics:
     #: than they run; see docs/performance.md, "Bundles"); counted in the above too
     bundled: int = 0
     #: rounds a user thread ran itself on an idle farm while the service
-    #: thread slept: in ``submit``, sending the farm's one task; in
-    #: ``result``, taking what the rings it waited on announced (see
-    #: docs/performance.md, "Short cuts on an idle farm")
+    #: thread slept: in ``submit``, sending the farm's one task (or one for
+    #: an idle rank); in ``result``, taking what the rings it waited on
+    #: announced (see `taskfarm._shortcuts`)
     submit_rounds: int = 0
     result_rounds: int = 0
 

@@ -26,6 +26,14 @@ def spin(seconds: float) -> float:
     return seconds
 
 
+def spin_stamped(seconds: float) -> tuple[int, float, float]:
+    """`spin`, and where and when it ran: this process's pid, its start and
+    its end on the node's monotonic clock (``benchmarks/timeline.py``)."""
+    start = time.perf_counter()
+    spin(seconds)
+    return os.getpid(), start, time.perf_counter()
+
+
 def echo(x: Any) -> Any:
     return x
 

@@ -183,3 +183,19 @@ def test_the_table_gives_taskfarms_spread_beside_its_median() -> None:
     assert rows["no-op submit, tasks/s"] == ["1,043", "1,038-1,045", "500", "2.09x"]
     results["meta"]["reps"] = 1
     assert "min-max" not in bench.table(results, ["taskfarm", "pool"])
+
+
+def test_the_timeline_splits_each_workers_time_over_the_bound(mpich: MPI, tmp_path: Path) -> None:
+    """benchmarks/timeline.py: every call lands on a worker's time-line, and
+    the parts of the workers' time-lines, averaged, are the ratio's excess."""
+    out = tmp_path / "timeline.json"
+    cmd = [*mpich.launch(3), mpich.python, str(ROOT / "benchmarks" / "timeline.py")]
+    res = run([*cmd, "--bursts", "1", "--n", "100", "--json", str(out)], timeout=120, env=mpich.env(), check=0)
+    assert "median ratio" in res.stdout, res.stdout
+    (burst,) = read_json(out)["bursts"]
+    workers = burst["workers"]
+    assert len(workers) == 2 and sum(w["calls"] for w in workers) == 100, workers
+    parts = ("first_call", "gaps_start", "gaps_middle", "gaps_end", "after_last", "short_gaps", "inside_calls")
+    assert all(w[p] >= 0 for w in workers for p in parts), workers
+    mean = sum(sum(w[p] for p in parts) for w in workers) / len(workers)
+    assert mean == pytest.approx(100 * (burst["ratio"] - 1), abs=1e-6), (mean, burst["ratio"])

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _bench
 import _tasks
+import run
 
 #: a gap between two calls on a worker longer than this (seconds) is the
 #: worker waiting (for tasks, for its core); shorter ones are its own round
@@ -90,10 +91,12 @@ def main() -> None:
     parser.add_argument("--engine", default="taskfarm", choices=["taskfarm", "mpi4py", "pool"])
     parser.add_argument("--workers", type=int, default=2, help="Pool size (MPI engines: ranks - 1)")
     parser.add_argument("--bursts", type=int, default=3)
-    parser.add_argument("--n", type=int, default=2000, help="calls per burst")
+    _, skewed, _ = run.WORKLOADS["skewed"]  # the benchmark's own workload
+    parser.add_argument("--n", type=int, default=int(skewed["n"]), help="calls per burst")
     parser.add_argument("--json", help="write every burst's figures here")
     args = parser.parse_args()
-    durations = _bench.skewed_durations(args.n, 0.001, 3, 0.1, _bench.SKEWED_SEED)
+    mean, long, long_seconds = float(skewed["mean"]), int(skewed["long"]), float(skewed["long_seconds"])
+    durations = _bench.skewed_durations(args.n, mean, long, long_seconds, _bench.SKEWED_SEED)
     with _bench.engine(args.engine, args.workers) as eng:
         if eng is None:
             return  # a worker rank: it served inside the context

@@ -152,6 +152,8 @@ class FarmState:
         self._id_lock = threading.Lock()
         self._hosts: dict[int, str] = {}
         self._byes: dict[int, Bye] = {}
+        #: Stop went to the workers (the farm's end): a Bye before it means a rank failed
+        self._stop_sent = False
         self._fn_sent: dict[int, set[bytes]] = collections.defaultdict(set)
         self._init_sent: dict[int, set[int]] = collections.defaultdict(set)
         self._closing = False

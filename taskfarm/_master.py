@@ -432,7 +432,10 @@ class Farm(ShortCuts):
         failed = self.transport.failed
         targets = [p for p in self._peers if not failed(p)]
         silent = {p for p in targets if self.scheduler.is_lost(p)}
+        self._stop_sent = True
         for peer in targets:
+            if peer in self._byes:
+                continue  # it left already (an error of its own)
             if peer in silent:
                 self.transport.unforget(peer)
             self.transport.send(peer, Kind.STOP, Stop("farm closed"))

@@ -202,6 +202,7 @@ class Worker:
         #: bundles running in the slots: (attempt, calls done so far), by task id
         self._bundles: dict[int, tuple[int, BundleProgress]] = {}
         self._stopping = False
+        self._link_failed = False  # a slot's MPI call failed (`_stop_after_error`)
         # the transport's calls: the comm thread's rounds, and a slot that sends
         # its own results while the comm thread sleeps (`_send_outbox`); taken
         # before ``_cv`` when both are held
@@ -406,10 +407,12 @@ class Worker:
             if spec is not None and not self._stopping:
                 self._slots = [_Slot(i) for i in range(spec.concurrency)]
                 if spec.kind == "solo":
-                    self._serve_slot(self._slots[0])
+                    self._serve_slot_or_leave(self._slots[0])
                 else:
                     threads = [
-                        threading.Thread(target=self._serve_slot, args=(slot,), name=f"taskfarm-slot-{slot.index}")
+                        threading.Thread(
+                            target=self._serve_slot_or_leave, args=(slot,), name=f"taskfarm-slot-{slot.index}"
+                        )
                         for slot in self._slots
                     ]
                     for thread in threads:
@@ -443,6 +446,29 @@ class Worker:
         )
         self.transport.send(MASTER, Kind.BYE, bye)
         self.transport.flush(timeout=10.0)
+
+    def _serve_slot_or_leave(self, slot: _Slot) -> None:
+        """`_serve_slot`; if the farm's own code fails there (a task's failure
+        is its result, and never reaches here), the whole rank stops and says
+        Bye, which tells the master to resubmit its tasks elsewhere
+        (`taskfarm._intake`).  Before, the comm thread went on sending
+        heartbeats for the task the slot had held: the master waited on it
+        for good, and the job hung silently."""
+        try:
+            self._serve_slot(slot)
+        except Exception:
+            if self._link_failed:
+                raise  # its MPI call failed (`_stop_after_error`): no Bye would arrive
+            log.critical(
+                "rank %d (%s): the farm's worker loop failed; this rank leaves the farm",
+                self.rank,
+                self.host,
+                exc_info=True,
+            )
+            self._stop_rank()
+        except BaseException:  # KeyboardInterrupt, SystemExit: as before, once the comm thread is told
+            self._stop_rank()
+            raise
 
     def _serve_slot(self, slot: _Slot) -> None:
         spec = self._spec
@@ -503,7 +529,13 @@ class Worker:
 
     def _stop_after_error(self) -> None:
         """A slot's MPI call failed, as it would have in the comm thread: the
-        rank stops, its comm thread too (else `run` would wait for it forever)."""
+        rank stops, its comm thread too (else `run` would wait for it forever),
+        and the error ends `run` (no Bye can reach the master)."""
+        self._link_failed = True
+        self._stop_rank()
+
+    def _stop_rank(self) -> None:
+        """The slots and the comm thread leave (`run` then says Bye)."""
         with self._lock:
             self._stopping = True
             self._wake_slots()

@@ -528,3 +528,67 @@ def test_worker_rank_that_stays_stopped_cannot_hang_the_end(mpi: MPI, tmp_path: 
     stats = read_json(stats_path)
     assert stats["lost_ranks"] == [victim] and stats["done"] == 100 and stats["duplicates"] == 0
     assert ended_after < 20  # heartbeat timeout + the short wait for a lost rank's Bye
+
+
+# --------------------------------------------------------------------------
+# The farm's own code failing on a worker rank
+# --------------------------------------------------------------------------
+
+SABOTAGE = r"""
+import concurrent.futures, json, os, sys
+import taskfarm
+
+D, N = sys.argv[1], int(sys.argv[2])
+
+def sabotage():
+    # stands in for a bug in the farm itself: the worker loop fails right
+    # after this task, outside any task
+    from taskfarm import _worker
+
+    def broken(self, slot):
+        raise RuntimeError("a bug in the farm's worker loop")
+
+    _worker.Worker._maintain = broken
+    return int(os.environ["TASKFARM_RANK"])
+
+def work(i):
+    open(os.path.join(D, f"{i}.{os.environ['TASKFARM_RANK']}"), "w").close()
+    return i * i
+
+with taskfarm.FarmExecutor() as ex:
+    victim = ex.submit(sabotage).result()
+    fs = [ex.submit(work, i) for i in range(N)]
+    concurrent.futures.wait(fs)
+wrong = sum(f.exception() is not None or f.result() != i * i for i, f in enumerate(fs))
+print("RESULT " + json.dumps({"victim": victim, "wrong": wrong}))
+"""
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_a_worker_rank_whose_own_loop_fails_leaves_and_its_tasks_run_elsewhere(
+    mpi: MPI, pool: str, tmp_path: Path, script: Any
+) -> None:
+    """An error in the worker's own code (not a task's) used to leave the
+    rank sending heartbeats for the task its slot had held: the job hung.
+    Now the rank says Bye unasked and the master resubmits what it held."""
+    if pool == "threads" and mpi.name == "openmpi":
+        pytest.skip("the pools are MPI-agnostic; once under MPICH keeps the suite short")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    stats_path = tmp_path / "stats.json"
+    tasks = 200
+    res = farm_run(
+        mpi,
+        4,
+        ["run", "--pool", pool, "--stats-json", str(stats_path), "-q", str(script(SABOTAGE)), str(marks), str(tasks)],
+        timeout=90,
+        check=0,
+    )
+    out = _result_line(res)
+    assert out["wrong"] == 0
+    victim = out["victim"]
+    assert not [name for name in os.listdir(marks) if name.endswith(f".{victim}")], "a task ran on the failed rank"
+    stats = read_json(stats_path)
+    assert stats["lost_ranks"] == [victim]
+    assert stats["done"] == tasks + 1 and stats["failed"] == 0 and stats["duplicates"] == 0
+    assert stats["ranks"][str(victim)]["alive"] is False

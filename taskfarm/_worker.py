@@ -276,8 +276,13 @@ class Worker:
                 with self._lock:
                     lingering = self._outbox_since  # a result waiting for company, 0 if none
                     ready = bool(self._outbox) and not lingering
+                    holds_work = bool(self._queue or self._running)
                 if lingering:  # it goes when its linger is over, whatever comes
                     delay = max(0.0, min(delay, lingering + RESULT_LINGER - time.monotonic()))
+                elif holds_work:
+                    # a result that starts to linger while this sleeps goes in
+                    # time without a poke (see `_serve_slot`)
+                    delay = min(delay, RESULT_LINGER)
                 if not ready:
                     woken = t.wait(delay)  # a slot's poke after the check wakes it at once
                     probe = not woken  # a sleep that ran out (a recheck, the cap): look anyway
@@ -491,8 +496,7 @@ class Worker:
             with self._lock:
                 self._running.discard(item.task_id)
                 self._outbox.append(result)
-                first = not self._outbox_since
-                if first:
+                if not self._outbox_since:
                     self._outbox_since = time.monotonic()
                 # send now when nothing else is queued, half of what the last
                 # refill left is done, or the batch is old or big; otherwise
@@ -511,13 +515,16 @@ class Worker:
                 else:
                     wake = False
             if wake and not big and self._send_outbox():
-                wake = first = False
-            if wake or first or (dry and not self.transport.rings_from(MASTER)):
-                # the comm thread wakes (to send, or to sleep only until this
-                # result's linger is over; polling, to poll for this slot's
-                # next task at the idle cap) and takes the GIL within the switch
-                # interval; no sleep(0) here, which on an oversubscribed node
-                # would hand this core to another rank
+                wake = False
+            if wake or (dry and not self.transport.rings_from(MASTER)):
+                # the comm thread wakes (to send; polling, to poll for this
+                # slot's next task at the idle cap) and takes the GIL within the
+                # switch interval; no sleep(0) here, which on an oversubscribed
+                # node would hand this core to another rank.  A result left to
+                # linger needs no poke: while the rank holds work the comm
+                # thread sleeps at most RESULT_LINGER, so it wakes in time to
+                # send it.  That poke was half the comm thread's wake-ups in a
+                # burst of short calls, each taking the GIL from a running task
                 self.transport.poke()
             self._maintain(slot)
 

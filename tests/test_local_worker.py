@@ -137,6 +137,33 @@ def test_results_go_once_half_the_queue_is_done(monkeypatch: pytest.MonkeyPatch)
         assert rest == [(3, "released"), (4, 14)]
 
 
+def test_a_lingering_result_goes_when_its_linger_is_over_while_a_long_task_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A result that waits for company goes when its linger is over, even
+    while the next task runs on and no more results come to take it along:
+    nothing pokes the comm thread for it, whose sleep is capped at the
+    linger while the rank holds work (the doorbell's safety cap is raised
+    far beyond the test, so only that cap can wake it)."""
+    linger = 0.3
+    monkeypatch.setattr(worker_module, "RESULT_LINGER", linger)
+    monkeypatch.setattr(worker_module, "DOORBELL_POLL_CAP", 3600.0)
+    monkeypatch.setattr(worker_module, "RING_RECHECKS", (3600.0,))
+    RELEASE.clear()
+    STARTED.clear()
+    with _rank0_worker() as (link, answered):
+        first = (_task(1, operator.add, 1, 10), _task(2, _held_started))
+        queued = tuple(_task(task_id, operator.add, task_id, 10) for task_id in (3, 4, 5))
+        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (*first, *queued)))
+        assert STARTED.wait(ANSWER_WITHIN)  # task 1 done, its result held: 3 of 5 calls still queued
+        started = time.monotonic()
+        assert _results(link, answered, "the lingering result") == [(1, 11)]
+        waited = time.monotonic() - started
+        assert not RELEASE.is_set()  # it came while task 2 still ran
+        assert waited < linger + 2.0, f"the result waited {waited:.2f} s, its linger is {linger} s"
+        RELEASE.set()
+
+
 def test_results_held_for_company_go_once_a_steal_empties_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
     """A result waits for company while tasks are queued behind it; once a
     steal takes those tasks away it goes at once.  Held, it let the master

@@ -137,6 +137,18 @@ def test_results_go_once_half_the_queue_is_done(monkeypatch: pytest.MonkeyPatch)
         assert rest == [(3, "released"), (4, 14)]
 
 
+def _one_done_one_held_three_queued(link: Loopback) -> None:
+    """Five tasks to rank 0's worker; returns once the second (held until
+    `RELEASE`) has started: the first is done and its result held for
+    company, 3 calls queued behind the second, more than half of 5."""
+    RELEASE.clear()
+    STARTED.clear()
+    first = (_task(1, operator.add, 1, 10), _task(2, _held_started))
+    queued = tuple(_task(task_id, operator.add, task_id, 10) for task_id in (3, 4, 5))
+    link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (*first, *queued)))
+    assert STARTED.wait(ANSWER_WITHIN)
+
+
 def test_a_lingering_result_goes_when_its_linger_is_over_while_a_long_task_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -149,13 +161,8 @@ def test_a_lingering_result_goes_when_its_linger_is_over_while_a_long_task_runs(
     monkeypatch.setattr(worker_module, "RESULT_LINGER", linger)
     monkeypatch.setattr(worker_module, "DOORBELL_POLL_CAP", 3600.0)
     monkeypatch.setattr(worker_module, "RING_RECHECKS", (3600.0,))
-    RELEASE.clear()
-    STARTED.clear()
     with _rank0_worker() as (link, answered):
-        first = (_task(1, operator.add, 1, 10), _task(2, _held_started))
-        queued = tuple(_task(task_id, operator.add, task_id, 10) for task_id in (3, 4, 5))
-        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (*first, *queued)))
-        assert STARTED.wait(ANSWER_WITHIN)  # task 1 done, its result held: 3 of 5 calls still queued
+        _one_done_one_held_three_queued(link)
         started = time.monotonic()
         assert _results(link, answered, "the lingering result") == [(1, 11)]
         waited = time.monotonic() - started
@@ -170,14 +177,8 @@ def test_results_held_for_company_go_once_a_steal_empties_the_queue(monkeypatch:
     think the rank busy with that task for the whole linger: no refill, the
     rank idle (a 160 ms stall in ~1 burst of 40)."""
     monkeypatch.setattr(worker_module, "RESULT_LINGER", 3600.0)  # a held result would never come
-    RELEASE.clear()
-    STARTED.clear()
     with _rank0_worker() as (link, answered):
-        first = (_task(1, operator.add, 1, 10), _task(2, _held_started))
-        queued = tuple(_task(task_id, operator.add, task_id, 10) for task_id in (3, 4, 5))
-        link.send(LOCAL_PEER, Kind.TASKS, TaskBatch(None, (*first, *queued)))
-        # task 1 is done, its result held (3 calls queued behind task 2, more than half of 5)
-        assert STARTED.wait(ANSWER_WITHIN)
+        _one_done_one_held_three_queued(link)
         link.send(LOCAL_PEER, Kind.STEAL, Steal((3, 4, 5)))
         assert _results(link, answered, "the held result") == [(1, 11)]
         RELEASE.set()

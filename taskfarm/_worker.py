@@ -202,7 +202,6 @@ class Worker:
         #: bundles running in the slots: (attempt, calls done so far), by task id
         self._bundles: dict[int, tuple[int, BundleProgress]] = {}
         self._stopping = False
-        self._link_failed = False  # a slot's MPI call failed (`_stop_after_error`)
         # the transport's calls: the comm thread's rounds, and a slot that sends
         # its own results while the comm thread sleeps (`_send_outbox`); taken
         # before ``_cv`` when both are held
@@ -286,6 +285,12 @@ class Worker:
                 if not ready:
                     woken = t.wait(delay)  # a slot's poke after the check wakes it at once
                     probe = not woken  # a sleep that ran out (a recheck, the cap): look anyway
+        except Exception:
+            # as a slot's error (`_serve_slot_or_leave`): the rank leaves and
+            # `run` says Bye, which fails in turn if the link itself broke
+            log.critical(
+                "rank %d (%s): the comm thread failed; this rank leaves the farm", self.rank, self.host, exc_info=True
+            )
         finally:
             with self._lock:
                 self._stopping = True
@@ -453,17 +458,19 @@ class Worker:
         self.transport.flush(timeout=10.0)
 
     def _serve_slot_or_leave(self, slot: _Slot) -> None:
-        """`_serve_slot`; if the farm's own code fails there (a task's failure
-        is its result, and never reaches here), the whole rank stops and says
-        Bye, which tells the master to resubmit its tasks elsewhere
-        (`taskfarm._intake`).  Before, the comm thread went on sending
-        heartbeats for the task the slot had held: the master waited on it
-        for good, and the job hung silently."""
+        """`_serve_slot`; if it fails (the farm's own code, or an MPI call the
+        slot made itself: a task's failure is its result and never gets here),
+        the whole rank stops, comm thread and all, and says Bye, which tells
+        the master to resubmit its tasks elsewhere (`taskfarm._intake`); a
+        link that is really broken fails that send, and `run` raises.  Before,
+        a slot's MPI error ended the rank without a Bye, and any other error
+        left the comm thread sending heartbeats for the task the slot had
+        held: the master waited on it for good, and the job hung silently."""
         try:
             self._serve_slot(slot)
         except Exception:
-            if self._link_failed:
-                raise  # its MPI call failed (`_stop_after_error`): no Bye would arrive
+            # an MPI call of the slot's own may have failed too: `run` still
+            # tries the Bye, and a link that is really broken fails that send
             log.critical(
                 "rank %d (%s): the farm's worker loop failed; this rank leaves the farm",
                 self.rank,
@@ -534,15 +541,10 @@ class Worker:
         if self._in_listen:
             self.transport.wakeup.poke_listener()
 
-    def _stop_after_error(self) -> None:
-        """A slot's MPI call failed, as it would have in the comm thread: the
-        rank stops, its comm thread too (else `run` would wait for it forever),
-        and the error ends `run` (no Bye can reach the master)."""
-        self._link_failed = True
-        self._stop_rank()
-
     def _stop_rank(self) -> None:
-        """The slots and the comm thread leave (`run` then says Bye)."""
+        """The slots and the comm thread leave (`run` then says Bye): after
+        an error in a slot, in the farm's code or in one of its MPI calls, as
+        one in the comm thread does (else `run` would wait for it forever)."""
         with self._lock:
             self._stopping = True
             self._wake_slots()
@@ -591,9 +593,6 @@ class Worker:
                 try:
                     with self._mpi_lock:
                         _, rung, got, sending = self._comm_round(True, True, woken)
-                except BaseException:
-                    self._stop_after_error()
-                    raise
                 finally:
                     self._cv.acquire()
                 if sending or self._stopping:
@@ -614,9 +613,6 @@ class Worker:
         try:
             self._send_held()  # another slot's result held meanwhile goes too
             under_way = self.transport.progress(push=False)
-        except BaseException:
-            self._stop_after_error()
-            raise
         finally:
             self._mpi_lock.release()
         if under_way:

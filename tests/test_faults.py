@@ -538,17 +538,18 @@ SABOTAGE = r"""
 import concurrent.futures, json, os, sys
 import taskfarm
 
-D, N = sys.argv[1], int(sys.argv[2])
+D, N, WHERE = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
-def sabotage():
-    # stands in for a bug in the farm itself: the worker loop fails right
-    # after this task, outside any task
+def sabotage(where):
+    # stands in for a bug in the farm itself, outside any task: the slot's
+    # loop fails right after this task, or the next message taken in fails
+    # whichever thread takes it (the comm thread, or a listening slot)
     from taskfarm import _worker
 
-    def broken(self, slot):
-        raise RuntimeError("a bug in the farm's worker loop")
+    def broken(self, *args):
+        raise RuntimeError(f"a bug in the farm's worker: {where}")
 
-    _worker.Worker._maintain = broken
+    setattr(_worker.Worker, where, broken)
     return int(os.environ["TASKFARM_RANK"])
 
 def work(i):
@@ -556,7 +557,7 @@ def work(i):
     return i * i
 
 with taskfarm.FarmExecutor() as ex:
-    victim = ex.submit(sabotage).result()
+    victim = ex.submit(sabotage, WHERE).result()
     fs = [ex.submit(work, i) for i in range(N)]
     concurrent.futures.wait(fs)
 wrong = sum(f.exception() is not None or f.result() != i * i for i, f in enumerate(fs))
@@ -564,23 +565,26 @@ print("RESULT " + json.dumps({"victim": victim, "wrong": wrong}))
 """
 
 
-@pytest.mark.parametrize("pool", ["solo", "threads"])
+@pytest.mark.parametrize(("pool", "where"), [("solo", "_maintain"), ("threads", "_maintain"), ("solo", "_handle")])
 def test_a_worker_rank_whose_own_loop_fails_leaves_and_its_tasks_run_elsewhere(
-    mpi: MPI, pool: str, tmp_path: Path, script: Any
+    mpi: MPI, pool: str, where: str, tmp_path: Path, script: Any
 ) -> None:
     """An error in the worker's own code (not a task's) used to leave the
-    rank sending heartbeats for the task its slot had held: the job hung.
-    Now the rank says Bye unasked and the master resubmits what it held."""
-    if pool == "threads" and mpi.name == "openmpi":
-        pytest.skip("the pools are MPI-agnostic; once under MPICH keeps the suite short")
+    rank sending heartbeats for the task its slot had held, or, in a message
+    taken in by a listening slot, end the rank without a word to the master:
+    the job hung.  Now the rank says Bye unasked and the master resubmits
+    what it held."""
+    if (pool, where) != ("solo", "_maintain") and mpi.name == "openmpi":
+        pytest.skip("the pools and threads are MPI-agnostic; once under MPICH keeps the suite short")
     marks = tmp_path / "marks"
     marks.mkdir()
     stats_path = tmp_path / "stats.json"
     tasks = 200
+    job = [str(script(SABOTAGE)), str(marks), str(tasks), where]
     res = farm_run(
         mpi,
         4,
-        ["run", "--pool", pool, "--stats-json", str(stats_path), "-q", str(script(SABOTAGE)), str(marks), str(tasks)],
+        ["run", "--pool", pool, "--stats-json", str(stats_path), "-q", *job],
         timeout=90,
         check=0,
     )

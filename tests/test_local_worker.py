@@ -458,20 +458,29 @@ def test_a_slot_leaves_its_results_to_the_comm_thread_while_that_uses_the_transp
 
 
 class _BrokenEnd(LocalEnd):
-    """The local link, whose result sends fail as MPI errors do."""
+    """The local link, whose result sends fail as MPI errors do; with
+    ``for_good``, every send after the first failure fails too."""
+
+    def __init__(self, link: Loopback, *, for_good: bool) -> None:
+        super().__init__(link)
+        self.for_good = for_good
+        self.broke = False
 
     def send(self, peer: int, kind: Kind, record: object) -> None:
-        if kind is Kind.RESULTS:
+        if kind is Kind.RESULTS or (self.for_good and self.broke):
+            self.broke = True
             raise RuntimeError("MPI_ERR_OTHER: the link broke")
         super().send(peer, kind, record)
 
 
-def test_a_slot_whose_send_fails_stops_the_rank() -> None:
+@pytest.mark.parametrize("for_good", [False, True], ids=["bye-gets-through", "link-broken"])
+def test_a_slot_whose_send_fails_stops_the_rank(for_good: bool) -> None:
     """An error in a slot's own send ends the rank, comm thread and all, as
-    it did in the comm thread: a worker that waited for a Stop that cannot
-    come would hang the job."""
+    one in the comm thread does: a worker that waited for a Stop that cannot
+    come would hang the job.  It says Bye if it still can (the master then
+    resubmits what it held); where even that send fails, `run` raises."""
     link = Loopback(cast(Transport, None))
-    link.local = _BrokenEnd(link)
+    link.local = _BrokenEnd(link, for_good=for_good)
     worker = worker_module.Worker(link.local, slots=1, forward_logs=False)
     errors: list[BaseException] = []
 
@@ -490,7 +499,11 @@ def test_a_slot_whose_send_fails_stops_the_rank() -> None:
         link.send(LOCAL_PEER, Kind.STOP, Stop("test over"))
         thread.join(ANSWER_WITHIN)
         pytest.fail("the rank kept running after its result could not be sent")
-    assert [str(e) for e in errors] == ["MPI_ERR_OTHER: the link broke"]
+    byes = [record for _, kind, record in link.to_master if kind is Kind.BYE]
+    if for_good:
+        assert [str(e) for e in errors] == ["MPI_ERR_OTHER: the link broke"] and not byes
+    else:
+        assert not errors and len(byes) == 1
 
 
 class _RungEnd(LocalEnd):

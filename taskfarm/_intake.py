@@ -60,9 +60,10 @@ class ResultIntake(Dispatching):
             elif kind is Kind.BYE:
                 self._byes[peer] = record
                 if not self._stop_sent:
-                    # a rank leaves unasked only when the farm's own code failed
-                    # on it (`Worker._serve_slot_or_leave`, an MPI error): what
-                    # it held is resubmitted now, not after a heartbeat timeout
+                    # a rank leaves unasked only when the farm's own code or one
+                    # of its MPI calls failed there (a slot's, `Worker._serve_slot_or_leave`,
+                    # or the comm thread's): what it held is resubmitted now,
+                    # not after a heartbeat timeout
                     self._lose(peer, now, "it left the farm after an error of its own (see its log)")
             else:
                 log.warning("unexpected %s from rank %d", kind.name, peer)

@@ -20,6 +20,8 @@ One comm thread and the rank's task slots share the work::
       log records: forward to rank 0
       Stop: cut off child processes still busy (a drain gave up on them);
             the slots leave, then Bye (own figures)
+      an error in the farm's own code (either side): logged, the rank
+            stops as at Stop and says Bye unasked (the master resubmits)
 
 How a slot runs a task (inline, in a thread, in a child process; time limits;
 ``async def``) is `taskfarm._pools`' business.  The pool comes from the
@@ -33,7 +35,9 @@ insist on the main thread work.  The comm thread sleeps on the transport's
 it when results are ready to go and it cannot send them itself (the comm
 thread holds the transport, or a large send needs seeing through), so an
 idle or busy worker's comm thread costs next to nothing and a message or
-result moves without waiting for a poll.  While a slot is idle, the
+result moves without waiting for a poll; while the rank holds work it
+sleeps at most `RESULT_LINGER`, so a result left to linger for company goes
+in time without a poke.  While a slot is idle, the
 master's rings wake that slot instead of the comm thread (`Worker._listen`),
 so a task reaches an idle rank with one thread wake-up, not two.  Where the
 master's rings do not arrive it polls on a backoff: up to 2 ms while a

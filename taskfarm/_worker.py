@@ -279,7 +279,7 @@ class Worker:
                 with self._lock:
                     lingering = self._outbox_since  # a result waiting for company, 0 if none
                     ready = bool(self._outbox) and not lingering
-                    holds_work = bool(self._queue or self._running)
+                    holds_work = self._holds_work()
                 if lingering:  # it goes when its linger is over, whatever comes
                     delay = max(0.0, min(delay, lingering + RESULT_LINGER - time.monotonic()))
                 elif holds_work:
@@ -299,6 +299,11 @@ class Worker:
             with self._lock:
                 self._stopping = True
                 self._wake_slots()
+
+    def _holds_work(self) -> bool:
+        """Under ``_cv``: a task runs or waits in the queue (heartbeats are
+        due, and a result may start to linger)."""
+        return bool(self._running or self._queue)
 
     def _slots_all_busy(self) -> bool:
         """True while every slot runs a task (read without ``_cv``: a stale
@@ -331,7 +336,7 @@ class Worker:
             else:
                 outbox, self._outbox = self._outbox, []
                 self._outbox_since = 0.0
-            busy = bool(self._running or self._queue)
+            busy = self._holds_work()
         if outbox:
             self._send_results(outbox)
             active = True

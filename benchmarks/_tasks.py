@@ -26,12 +26,29 @@ def spin(seconds: float) -> float:
     return seconds
 
 
-def spin_stamped(seconds: float) -> tuple[int, float, float]:
-    """`spin`, and where and when it ran: this process's pid, its start and
-    its end on the node's monotonic clock (``benchmarks/timeline.py``)."""
+#: this process's calls of `spin_logged` since `take_stamps`: (start, end, seconds)
+STAMPS: list[tuple[float, float, float]] = []
+
+
+def spin_logged(seconds: float) -> float:
+    """`spin`, noting its start and end on the node's monotonic clock in this
+    process (``benchmarks/timeline.py`` takes them afterwards with
+    `take_stamps`).  It returns what `spin` returns, a float, which a bundled
+    call sends as it is; a tuple of stamps would be pickled call by call, a
+    cost the benchmark's calls do not have."""
     start = time.perf_counter()
     spin(seconds)
-    return os.getpid(), start, time.perf_counter()
+    STAMPS.append((start, time.perf_counter(), seconds))
+    return seconds
+
+
+def take_stamps(pause: float) -> tuple[int, list[tuple[float, float, float]]]:
+    """After a short sleep (so that a batch of these lands one on each
+    worker), this process's pid and its `STAMPS`, which it forgets."""
+    time.sleep(pause)
+    stamps = STAMPS[:]
+    del STAMPS[: len(stamps)]
+    return os.getpid(), stamps
 
 
 def echo(x: Any) -> Any:

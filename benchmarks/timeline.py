@@ -5,9 +5,10 @@
     python benchmarks/timeline.py --engine pool --workers 2
 
 The skewed workload of ``run.py`` (the same seeded durations, one submit per
-call), with each call stamping its worker's pid and its start and end on the
-node's monotonic clock: a worker's time-line, from the burst's first submit
-to its last result, splits into its calls and the gaps between them.  The
+call, each returning a float as the benchmark's do), with each call noting
+its start and end on the node's monotonic clock in its worker process,
+collected after the burst: a worker's time-line, from the burst's first
+submit to its last result, splits into its calls and the gaps between them.  The
 workload's own figures (the cores' idle time from ``/proc/stat``, in 10 ms
 ticks) say how much; this says where: before a worker's first call, in gaps
 over `GAP_MIN` in the burst's first and last `EDGE` seconds and between
@@ -44,6 +45,9 @@ import run
 GAP_MIN = 0.0002
 #: a burst's edges (seconds): its start (the first dispatches) and its end (the tail)
 EDGE = 0.03
+#: how long each stamp-taking task sleeps (seconds), so that a batch of them,
+#: one per worker, lands one on each (as `_bench._worker_pids`' tasks do)
+STAMP_PAUSE = 0.02
 #: the parts of a worker's time-line, in the order the table shows them
 PARTS = ("first_call", "gaps_start", "gaps_middle", "gaps_end", "after_last", "short_gaps", "inside_calls")
 
@@ -68,19 +72,44 @@ def worker_parts(calls: list[tuple[float, float, float]], t0: float, t1: float) 
     return parts
 
 
+def take_stamps(eng: _bench.Engine, calls: int) -> dict[int, list[tuple[float, float, float]]]:
+    """Every worker's `_tasks.STAMPS`, by pid, until ``calls`` stamps are in:
+    rounds of short sleeping tasks, one per worker at once (as
+    `_bench._worker_pids` finds the workers), so that each lands on its own."""
+    stamps: dict[int, list[tuple[float, float, float]]] = {}
+    for _ in range(_bench.WORKER_PID_ROUNDS):
+        if sum(len(v) for v in stamps.values()) >= calls:
+            break
+        futures = [eng.submit(_tasks.take_stamps, STAMP_PAUSE) for _ in range(eng.workers)]
+        for pid, got in (eng.result(f) for f in futures):
+            stamps.setdefault(pid, []).extend(got)
+    return stamps
+
+
+def warm(eng: _bench.Engine) -> None:
+    """As the benchmark's warm-up leaves its engine before the skewed burst
+    (`_bench.warm_up`, then `_bench._worker_pids`): the stamped spin has run
+    once (a farm has timed it, and sizes the first burst's bundles from
+    that, as it does `spin`'s), and no stamp is left over."""
+    _bench.warm_up(eng)
+    eng.result(eng.submit(_tasks.spin_logged, 0.0))
+    take_stamps(eng, 1)
+
+
 def burst(eng: _bench.Engine, durations: list[float]) -> dict[str, Any]:
     """One burst's ratio and each worker's `PARTS`, in points of the ratio."""
     bound = _bench.makespan_bound(durations, eng.workers)
     t0 = time.perf_counter()
-    futures = [eng.submit(_tasks.spin_stamped, d) for d in durations]
-    stamps = [eng.result(f) for f in futures]
+    _bench._drain(eng, [eng.submit(_tasks.spin_logged, d) for d in durations])
     t1 = time.perf_counter()
-    per_worker: dict[int, list[tuple[float, float, float]]] = {}
-    for (pid, start, end), own in zip(stamps, durations):
-        per_worker.setdefault(pid, []).append((start, end, own))
+    per_worker = take_stamps(eng, len(durations))
+    if sum(len(v) for v in per_worker.values()) != len(durations):
+        raise SystemExit(f"stamps of {sum(len(v) for v in per_worker.values())} calls came back, not {len(durations)}")
     workers = []
     for pid in sorted(per_worker):
         calls = sorted(per_worker[pid])
+        if not calls:
+            continue  # a worker that ran none of the burst's calls
         parts = worker_parts(calls, t0, t1)
         workers.append({"pid": pid, "calls": len(calls), **{k: 100 * v / bound for k, v in parts.items()}})
     return {"ratio": (t1 - t0) / bound, "workers": workers}
@@ -100,7 +129,7 @@ def main() -> None:
     with _bench.engine(args.engine, args.workers) as eng:
         if eng is None:
             return  # a worker rank: it served inside the context
-        _bench.warm_up(eng)
+        warm(eng)
         bursts = [burst(eng, durations) for _ in range(args.bursts)]
     print(f"{args.engine}, {eng.workers} workers, {args.n} skewed calls per burst; points of the ratio per worker")
     print("| burst | ratio | worker | " + " | ".join(PARTS) + " |")

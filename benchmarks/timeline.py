@@ -16,8 +16,11 @@ them, in the short gaps between calls, after its last call, and inside calls
 beyond their own CPU time (another thread held the core).  Each figure is in
 points of the ratio (a worker's seconds / the bound x 100), so that the
 workers' sums, averaged, are the ratio's excess over 1 (while the bound is
-the calls' sum over the workers, as here).  A diagnostic, not a race: it
-asserts nothing about speed.
+the calls' sum over the workers, as here).  Beside it, every thread's CPU
+and context switches (this node's processes, from ``/proc``) while the
+user's thread submits and after: rank 0's main thread and its others (the
+engine's), each worker's main thread beyond its calls' own CPU and its
+others.  A diagnostic, not a race: it asserts nothing about speed.
 
 The first burst of a process is the benchmark's (``run.py`` times one per
 process); later ones start with the farm's timings warm.
@@ -45,6 +48,10 @@ import run
 GAP_MIN = 0.0002
 #: a burst's edges (seconds): its start (the first dispatches) and its end (the tail)
 EDGE = 0.03
+#: the threads' rows (`thread_split`): rank 0's main thread (the user's, which
+#: submits) and its others (the engine's), each worker's main thread (beyond
+#: its calls) and its others
+THREAD_ROWS = ("master_main", "master_others", "worker_main", "worker_others")
 #: how long each stamp-taking task sleeps (seconds), so that a batch of them,
 #: one per worker, lands one on each (as `_bench._worker_pids`' tasks do)
 STAMP_PAUSE = 0.02
@@ -72,6 +79,57 @@ def worker_parts(calls: list[tuple[float, float, float]], t0: float, t1: float) 
     return parts
 
 
+def thread_counters(pids: list[int]) -> dict[tuple[int, int], tuple[float, int, int]]:
+    """Each thread of ``pids`` (this node's processes): its CPU (ms, from
+    ``schedstat``) and its voluntary and involuntary context switches."""
+    out = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # not on this node, or gone
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    cpu = int(f.read().split()[0]) / 1e6
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if "ctxt_switches" in line)
+            except (OSError, ValueError, IndexError):
+                continue  # the thread ended meanwhile
+            switches = int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
+            out[(pid, int(tid))] = (cpu, *switches)
+    return out
+
+
+def thread_split(
+    before: dict[tuple[int, int], tuple[float, int, int]],
+    after: dict[tuple[int, int], tuple[float, int, int]],
+    master: int,
+    calls_cpu: dict[int, float],
+) -> dict[str, list[float]]:
+    """`THREAD_ROWS` between two `thread_counters`: [ms of CPU, voluntary,
+    involuntary switches], workers' figures per worker (their mean), a
+    worker's main thread without the CPU its calls spin by design."""
+    rows = {name: [0.0, 0.0, 0.0] for name in THREAD_ROWS}
+    for (pid, tid), (cpu, vol, inv) in after.items():
+        if (pid, tid) not in before:
+            continue
+        cpu0, vol0, inv0 = before[(pid, tid)]
+        name = ("master" if pid == master else "worker") + ("_main" if tid == pid else "_others")
+        share = 1.0 if pid == master else 1.0 / max(1, len(calls_cpu))
+        cpu = cpu - cpu0 - (1000 * calls_cpu.get(pid, 0.0) if name == "worker_main" else 0.0)
+        for i, v in enumerate((cpu, vol - vol0, inv - inv0)):
+            rows[name][i] += share * v
+    return rows
+
+
+def _overlap(start: float, end: float, lo: float, hi: float) -> float:
+    """The share of [start, end] that lies in [lo, hi]."""
+    if end <= start:
+        return 1.0 if lo <= start < hi else 0.0
+    return max(0.0, min(end, hi) - max(start, lo)) / (end - start)
+
+
 def take_stamps(eng: _bench.Engine, calls: int) -> dict[int, list[tuple[float, float, float]]]:
     """Every worker's `_tasks.STAMPS`, by pid, until ``calls`` stamps are in:
     rounds of short sleeping tasks, one per worker at once (as
@@ -86,33 +144,53 @@ def take_stamps(eng: _bench.Engine, calls: int) -> dict[int, list[tuple[float, f
     return stamps
 
 
-def warm(eng: _bench.Engine) -> None:
+def warm(eng: _bench.Engine) -> list[int]:
     """As the benchmark's warm-up leaves its engine before the skewed burst
     (`_bench.warm_up`, then `_bench._worker_pids`): the stamped spin has run
     once (a farm has timed it, and sizes the first burst's bundles from
-    that, as it does `spin`'s), and no stamp is left over."""
+    that, as it does `spin`'s), and no stamp is left over.  Returns the
+    workers' pids that the stamp-taking tasks met."""
     _bench.warm_up(eng)
     eng.result(eng.submit(_tasks.spin_logged, 0.0))
-    take_stamps(eng, 1)
+    return sorted(take_stamps(eng, 1))
 
 
-def burst(eng: _bench.Engine, durations: list[float]) -> dict[str, Any]:
-    """One burst's ratio and each worker's `PARTS`, in points of the ratio."""
+def burst(eng: _bench.Engine, durations: list[float], workers: list[int]) -> dict[str, Any]:
+    """One burst's ratio and each worker's `PARTS`, in points of the ratio;
+    and the threads' CPU while the user's thread submits and after
+    (``workers``: their pids, as far as known)."""
     bound = _bench.makespan_bound(durations, eng.workers)
+    pids = [os.getpid(), *workers]
+    start = thread_counters(pids)
     t0 = time.perf_counter()
-    _bench._drain(eng, [eng.submit(_tasks.spin_logged, d) for d in durations])
+    futures = [eng.submit(_tasks.spin_logged, d) for d in durations]
+    t_sub = time.perf_counter()
+    submitted = thread_counters(pids)
+    _bench._drain(eng, futures)
     t1 = time.perf_counter()
+    end = thread_counters(pids)
     per_worker = take_stamps(eng, len(durations))
     if sum(len(v) for v in per_worker.values()) != len(durations):
         raise SystemExit(f"stamps of {sum(len(v) for v in per_worker.values())} calls came back, not {len(durations)}")
-    workers = []
+    out: list[dict[str, Any]] = []
     for pid in sorted(per_worker):
         calls = sorted(per_worker[pid])
         if not calls:
             continue  # a worker that ran none of the burst's calls
         parts = worker_parts(calls, t0, t1)
-        workers.append({"pid": pid, "calls": len(calls), **{k: 100 * v / bound for k, v in parts.items()}})
-    return {"ratio": (t1 - t0) / bound, "workers": workers}
+        out.append({"pid": pid, "calls": len(calls), **{k: 100 * v / bound for k, v in parts.items()}})
+    # the calls' own CPU in each phase, split by the share of each call's
+    # time-line that fell in it
+    spun_while, spun_after = {}, {}
+    for pid, calls in per_worker.items():
+        if calls:
+            during = sum(own * _overlap(start_, end_, t0, t_sub) for start_, end_, own in calls)
+            spun_while[pid], spun_after[pid] = during, sum(c[2] for c in calls) - during
+    threads = {
+        "while_submitting": thread_split(start, submitted, os.getpid(), spun_while),
+        "after": thread_split(submitted, end, os.getpid(), spun_after),
+    }
+    return {"ratio": (t1 - t0) / bound, "workers": out, "threads": threads}
 
 
 def main() -> None:
@@ -129,8 +207,8 @@ def main() -> None:
     with _bench.engine(args.engine, args.workers) as eng:
         if eng is None:
             return  # a worker rank: it served inside the context
-        warm(eng)
-        bursts = [burst(eng, durations) for _ in range(args.bursts)]
+        workers = warm(eng)
+        bursts = [burst(eng, durations, workers) for _ in range(args.bursts)]
     print(f"{args.engine}, {eng.workers} workers, {args.n} skewed calls per burst; points of the ratio per worker")
     print("| burst | ratio | worker | " + " | ".join(PARTS) + " |")
     print("|---" * (3 + len(PARTS)) + "|")
@@ -138,6 +216,16 @@ def main() -> None:
         for j, w in enumerate(b["workers"]):
             head = f"| {i} | {b['ratio']:.4f} |" if j == 0 else "| | |"
             print(f"{head} {j} | " + " | ".join(f"{w[k]:.2f}" for k in PARTS) + " |")
+    print("\nCPU per burst, ms [voluntary / involuntary switches]; a worker's figures are the workers' mean,")
+    print("its main thread's without its calls' own CPU; while the user's thread submits | after")
+    print("| burst | " + " | ".join(THREAD_ROWS) + " |")
+    print("|---" * (1 + len(THREAD_ROWS)) + "|")
+    for i, b in enumerate(bursts):
+        cells = []
+        for name in THREAD_ROWS:
+            a, z = b["threads"]["while_submitting"][name], b["threads"]["after"][name]
+            cells.append(f"{a[0]:.1f} [{a[1]:.0f}/{a[2]:.0f}] \\| {z[0]:.1f} [{z[1]:.0f}/{z[2]:.0f}]")
+        print(f"| {i} | " + " | ".join(cells) + " |")
     ratios = [b["ratio"] for b in bursts]
     print(f"median ratio {statistics.median(ratios):.4f}")
     if args.json:

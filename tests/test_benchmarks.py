@@ -199,3 +199,11 @@ def test_the_timeline_splits_each_workers_time_over_the_bound(mpich: MPI, tmp_pa
     assert all(w[p] >= 0 for w in workers for p in parts), workers
     mean = sum(sum(w[p] for p in parts) for w in workers) / len(workers)
     assert mean == pytest.approx(100 * (burst["ratio"] - 1), abs=1e-6), (mean, burst["ratio"])
+    # every thread's CPU while the user's thread submits and after: rank 0's
+    # engine threads ran the burst (the farm's service thread), each row is
+    # [ms, voluntary, involuntary switches]
+    threads = burst["threads"]
+    rows = ("master_main", "master_others", "worker_main", "worker_others")
+    assert sorted(threads) == ["after", "while_submitting"] and all(sorted(t) == sorted(rows) for t in threads.values())
+    assert all(len(threads[phase][row]) == 3 for phase in threads for row in rows), threads
+    assert threads["while_submitting"]["master_main"][0] > 0 and threads["after"]["master_others"][0] > 0, threads

@@ -149,10 +149,11 @@ def warm(eng: _bench.Engine) -> list[int]:
     (`_bench.warm_up`, then `_bench._worker_pids`): the stamped spin has run
     once (a farm has timed it, and sizes the first burst's bundles from
     that, as it does `spin`'s), and no stamp is left over.  Returns the
-    workers' pids that the stamp-taking tasks met."""
+    workers' pids, found as the benchmark finds them."""
     _bench.warm_up(eng)
     eng.result(eng.submit(_tasks.spin_logged, 0.0))
-    return sorted(take_stamps(eng, 1))
+    take_stamps(eng, 1)
+    return _bench._worker_pids(eng)
 
 
 def burst(eng: _bench.Engine, durations: list[float], workers: list[int]) -> dict[str, Any]:
@@ -169,23 +170,21 @@ def burst(eng: _bench.Engine, durations: list[float], workers: list[int]) -> dic
     _bench._drain(eng, futures)
     t1 = time.perf_counter()
     end = thread_counters(pids)
-    per_worker = take_stamps(eng, len(durations))
-    if sum(len(v) for v in per_worker.values()) != len(durations):
-        raise SystemExit(f"stamps of {sum(len(v) for v in per_worker.values())} calls came back, not {len(durations)}")
+    # a worker that ran none of the burst's calls has no time-line
+    per_worker = {pid: sorted(calls) for pid, calls in take_stamps(eng, len(durations)).items() if calls}
+    stamped = sum(len(calls) for calls in per_worker.values())
+    if stamped != len(durations):
+        raise SystemExit(f"stamps of {stamped} calls came back, not {len(durations)}")
     out: list[dict[str, Any]] = []
+    spun_while, spun_after = {}, {}
     for pid in sorted(per_worker):
-        calls = sorted(per_worker[pid])
-        if not calls:
-            continue  # a worker that ran none of the burst's calls
+        calls = per_worker[pid]
         parts = worker_parts(calls, t0, t1)
         out.append({"pid": pid, "calls": len(calls), **{k: 100 * v / bound for k, v in parts.items()}})
-    # the calls' own CPU in each phase, split by the share of each call's
-    # time-line that fell in it
-    spun_while, spun_after = {}, {}
-    for pid, calls in per_worker.items():
-        if calls:
-            during = sum(own * _overlap(start_, end_, t0, t_sub) for start_, end_, own in calls)
-            spun_while[pid], spun_after[pid] = during, sum(c[2] for c in calls) - during
+        # the calls' own CPU in each phase, split by the share of each call's
+        # time-line that fell in it
+        during = sum(own * _overlap(start_, end_, t0, t_sub) for start_, end_, own in calls)
+        spun_while[pid], spun_after[pid] = during, sum(own for _, _, own in calls) - during
     threads = {
         "while_submitting": thread_split(start, submitted, os.getpid(), spun_while),
         "after": thread_split(submitted, end, os.getpid(), spun_after),

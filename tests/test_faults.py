@@ -250,6 +250,30 @@ if broken:
 """
 
 
+#: LONG_RUN, with the farm held open around a stopped rank: the script says
+#: (in the file argv[4]) when the master has declared a rank lost, and keeps
+#: the farm open after its tasks are done until a late result came in, so the
+#: test needs no sleep to line the signals up with the farm
+LOST_AND_BACK = LONG_RUN.replace(
+    """    concurrent.futures.wait(fs)
+""",
+    """    def until(what, seconds=60.0):
+        deadline = time.monotonic() + seconds
+        while not what() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return what()
+
+    until(lambda: ex.statistics().lost_ranks)
+    with open(sys.argv[4] + ".tmp", "w") as fo:
+        json.dump(list(ex.statistics().lost_ranks), fo)
+    os.rename(sys.argv[4] + ".tmp", sys.argv[4])
+    concurrent.futures.wait(fs)
+    until(lambda: ex.statistics().zombies >= 1)
+""",
+)
+assert LOST_AND_BACK != LONG_RUN
+
+
 class Launched:
     """An mpiexec run in the background, with a hard timeout that kills its process group."""
 
@@ -293,12 +317,14 @@ def _started(directory: Path) -> dict[int, int]:
     return ranks
 
 
-def _wait_for(what: Callable[[], bool], launched: Launched, timeout: float) -> None:
+def _wait_for(
+    what: Callable[[], bool], launched: Launched, timeout: float, waiting_for: str = "the fault to be injected"
+) -> None:
     deadline = time.monotonic() + timeout
     while not what():
         if launched.proc.poll() is not None or time.monotonic() > deadline:
             res = launched.finish(10)
-            pytest.fail(f"the run ended or stalled before the fault was injected\n{res.explain()}")
+            pytest.fail(f"the run ended or stalled while waiting for {waiting_for}\n{res.explain()}")
         time.sleep(0.01)
 
 
@@ -475,18 +501,22 @@ def test_stopped_worker_rank_is_lost_then_its_late_results_count_once(
     marks = tmp_path / "marks"
     marks.mkdir()
     stats_path = tmp_path / "stats.json"
+    lost = tmp_path / "lost.json"
     cli = ["--heartbeat-timeout", "1", "--stats-json", str(stats_path), "-q"]
-    launched = _launch(mpi, 4, [*cli, str(script(LONG_RUN)), str(marks), str(tasks), str(seconds)])
+    launched = _launch(mpi, 4, [*cli, str(script(LOST_AND_BACK)), str(marks), str(tasks), str(seconds), str(lost)])
     try:
         _wait_for(lambda: len(_started(marks)) == 3 and len(os.listdir(marks)) >= 20, launched, 90)
         victim, pid = sorted(_started(marks).items())[0]
         os.kill(pid, signal.SIGSTOP)
-        time.sleep(2.5)  # > heartbeat_timeout + its poll: the master has given up on it
-        os.kill(pid, signal.SIGCONT)
+        try:
+            _wait_for(lost.exists, launched, 60, "the stopped rank to be declared lost")
+        finally:
+            os.kill(pid, signal.SIGCONT)
         res = launched.finish(120)
     finally:
         launched.kill()
     assert res.returncode == 0, res.explain()
+    assert read_json(lost) == [victim]
     assert _result_line(res) == {"counts": {"ok": tasks}, "wrong": 0}
     stats = read_json(stats_path)
     assert stats["lost_ranks"] == [victim]

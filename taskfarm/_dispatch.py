@@ -34,7 +34,7 @@ from ._farm_state import FarmState, Submission, _new_part
 from ._future import _CANCELLED, _PENDING, _RUNNING, FarmFuture, start_unwatched
 from ._loopback import Loopback
 from ._outcomes import fail_future
-from ._protocol import PROTOCOL_VERSION, FnRef, Hello, Kind, Part, Steal, Stop, TaskBatch, TaskItem
+from ._protocol import PROTOCOL_VERSION, FnRef, Hello, Kind, Part, Revoke, Steal, Stop, TaskBatch, TaskItem
 from ._task import TaskPolicy, TaskState
 from ._worker import serve_in_thread
 
@@ -312,6 +312,14 @@ class Dispatching(FarmState):
             task = self._tasks.get(task_id)
             if task is not None:
                 task.future._task_state = TaskState.RETRY
+
+    def _send_revokes(self) -> None:
+        """Tell the ranks running the losing copies of speculative tasks to
+        drop or cut them off (`taskfarm._worker`); their answers are dropped.
+        Sent at once, not at the next dispatch: the winner may be the farm's
+        last result, after which no dispatch runs."""
+        for rank, task_ids in self.scheduler.take_revokes().items():
+            self.transport.send(rank, Kind.REVOKE, Revoke(tuple(task_ids)))
 
     # step 5
     def _dispatch_if_due(self, progressed: bool) -> bool:

@@ -124,6 +124,8 @@ class ResultIntake(Dispatching):
                     outer.__cause__ = error
                     error = outer
                 self._fail(item.task_id, error)
+        if self.scheduler.revoking:  # a speculative task won: its other copy is cut off
+            self._send_revokes()
 
     def _time_trip(self, batch: ResultBatch, now: float) -> None:
         """The trial's round trip is back: its time, less the task's own, is

@@ -8,6 +8,7 @@ touch futures and the submission queue, except in the short cuts of
     ------------                     --------------                    ------------
     submit() -> _Submission --+
                               |      1. receive    <-- Results/Heartbeat/Hello/Bye <--
+                              |         (a speculative task won: --> Revoke its other copy -->)
     Future.cancel() ----------+      2. commit     (journal sync, then resolve futures)
                        (queue)+----> 3. take submissions and cancellations
                                      4. notice lost ranks (ULFM)

@@ -210,6 +210,84 @@ class _ThreadAlarm:
                 _set_async_exc(self._thread_id, None)
 
 
+#: the signal that cuts off a revoked task on the main thread (`Revocation`):
+#: not one of the drain's signals, which worker ranks ignore (`taskfarm._cli`)
+REVOKE_SIGNAL = signal.SIGUSR2
+
+
+class _Revoked(BaseException):
+    """Raised in a task whose other copy won (a speculative task): a
+    BaseException, so that the task's own ``except Exception`` lets it pass.
+    The master drops the outcome; nobody sees it."""
+
+
+class Revocation:
+    """Lets another thread cut off the task a slot runs: its other copy won.
+
+    A task on the main thread (the solo pool) is interrupted by
+    `REVOKE_SIGNAL`, even inside a blocking call such as ``time.sleep``, once
+    `installed`; one in a slot thread by an asynchronous exception, at its
+    next Python bytecode; one in a child process by killing the child (the
+    ``cut`` given to `begin`).  C code that never returns to Python runs on
+    to its end in a thread.  A revocation names its task, so one that comes
+    late never touches the slot's next task.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._task = 0  # the task running between `begin` and `end`, 0 between tasks
+        self._thread = 0
+        self._cut: Callable[[], None] | None = None
+        self._signalled = False  # REVOKE_SIGNAL's handler is ours (`installed`)
+        self.fired = False
+
+    def begin(self, task_id: int, cut: Callable[[], None] | None = None) -> None:
+        """In the slot's thread, as ``task_id`` starts; ``cut`` ends it from outside."""
+        with self._lock:
+            self._task, self._thread, self._cut, self.fired = task_id, threading.get_ident(), cut, False
+
+    def end(self) -> None:
+        """In the slot's thread, as the task ends: a revocation now comes too late."""
+        with self._lock:
+            self._task = 0
+            self._cut = None
+            if self.fired and not self._on_main_thread():
+                _set_async_exc(self._thread, None)  # not raised yet: withdrawn
+
+    def revoke(self, task_id: int) -> bool:
+        """From another thread: cut ``task_id`` off if the slot still runs it."""
+        with self._lock:
+            if self._task != task_id or self.fired:
+                return False
+            self.fired = True
+            if self._cut is not None:
+                self._cut()
+            elif self._on_main_thread() and self._signalled:
+                signal.pthread_kill(self._thread, REVOKE_SIGNAL)
+            else:
+                _set_async_exc(self._thread, _Revoked)
+        return True
+
+    def _on_main_thread(self) -> bool:
+        return self._thread == threading.main_thread().ident
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # no lock here: the main thread may hold it in `begin` or `end`
+        if self.fired and self._task:
+            raise _Revoked(f"task {self._task} revoked: its other copy finished first")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """On the main thread, for as long as it serves as a slot: the signal's handler."""
+        previous = signal.signal(REVOKE_SIGNAL, self._on_signal)
+        self._signalled = True
+        try:
+            yield
+        finally:
+            self._signalled = False
+            signal.signal(REVOKE_SIGNAL, previous)
+
+
 #: result types that are never awaitable: `call_limited` skips the (ABC) check for them
 _NOT_AWAITABLE = frozenset({type(None), bool, int, float, str, bytes, tuple, list, dict})
 
@@ -313,19 +391,33 @@ def execute(
     *,
     init_error: BaseException | None = None,
     loop: EventLoop | None = None,
+    revocation: Revocation | None = None,
+    task_id: int = 0,
 ) -> Outcome:
-    """Load and run one task; its failure (an exception) is its outcome, never raised."""
+    """Load and run one task; its failure (an exception) is its outcome, never raised.
+
+    With ``revocation``, another thread can cut the call off (`Revocation`).
+    """
     t_start = time.time()
     cpu0 = time.thread_time()
     try:
         _check_initialized(init_error)
         function = fn()
-        values = {task_id: ser.loads(data, bufs) for task_id, data, bufs in deps} if deps else None
+        values = {dep: ser.loads(data, bufs) for dep, data, bufs in deps} if deps else None
         if isinstance(call, tuple):  # scalar arguments, as they are (`TaskItem.call`)
             args, kwargs = call, {}
         else:
             args, kwargs = ser.loads(call, buffers, values)
-        value = call_limited(function, args, kwargs, time_limit, loop)
+        if revocation is None:
+            value = call_limited(function, args, kwargs, time_limit, loop)
+        else:
+            # inside the ``try``: a revocation that lands as the call returns
+            # is still this task's failure, never the slot's
+            revocation.begin(task_id)
+            try:
+                value = call_limited(function, args, kwargs, time_limit, loop)
+            finally:
+                revocation.end()
         payload, out = ser.dumps(value, "result")
         ok, tb = True, ""
     except BaseException as exc:  # noqa: BLE001 - a task's failure is its result

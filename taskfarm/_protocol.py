@@ -15,7 +15,7 @@ import enum
 from typing import Any, NamedTuple
 
 #: bumped whenever a record below changes shape
-PROTOCOL_VERSION = 10
+PROTOCOL_VERSION = 11
 
 
 class Kind(enum.IntEnum):
@@ -32,6 +32,7 @@ class Kind(enum.IntEnum):
     BYE = 9  # worker -> master: Bye (its statistics), the last message of a worker
     LOG = 10  # worker -> master: LogRecords
     PARTS = 11  # worker -> master: ResultBatch of calls done in bundles still running
+    REVOKE = 12  # master -> worker: Revoke (tasks decided elsewhere: drop or cut off)
 
 
 class Hello(NamedTuple):
@@ -173,6 +174,14 @@ class Steal(NamedTuple):
 
 
 class Released(NamedTuple):
+    task_ids: tuple[int, ...]
+
+
+class Revoke(NamedTuple):
+    """Tasks whose outcome is decided elsewhere (a speculative copy that lost
+    the race): queued ones go back as `Released`, running ones are cut off and
+    answer with a result the master drops."""
+
     task_ids: tuple[int, ...]
 
 

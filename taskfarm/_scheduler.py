@@ -29,7 +29,9 @@ Rules, in the order `poll` applies them:
 
 A result is accepted once: the first success of a task wins; later copies
 (a rank declared lost that wakes up, a speculative duplicate) are discarded
-and counted.
+and counted.  When a speculative task's first success comes, its other copy
+is revoked (`take_revokes`): cut off where it runs, so that its rank takes
+other work and the farm's end does not wait for it.
 
 An entry may stand for several of the user's tasks (a bundle of calls, see
 `taskfarm._master`): it has a ``weight``, and every count is in user tasks.
@@ -260,6 +262,11 @@ class Scheduler:
         self._retried = self._resubmitted = self._stolen = 0
         self._zombies = self._duplicates = self._speculated = 0
         self._speculative = False  # a speculative task was ever submitted (rule 5 applies)
+        #: copies to revoke, by rank: the other copy of a speculative task that won
+        self._revokes: dict[int, list[int]] = {}
+        #: (rank, task id) of the copies revoked and not yet answered: their
+        #: answer is dropped uncounted (the copy counted as a duplicate when revoked)
+        self._revoked: set[tuple[int, int]] = set()
         self._lost: list[int] = []
         #: ranks alive: asked several times per service round, counted here
         #: rather than over every rank each time
@@ -556,6 +563,9 @@ class Scheduler:
         entry = self._entries.get(task_id)
         if entry is not None:
             entry.holders = _without(entry.holders, rank)
+        if self._revoked and (rank, task_id) in self._revoked:
+            self._revoked.discard((rank, task_id))
+            return Decision.DISCARD  # the answer of a revoked copy: counted when revoked
         zombie = info is not None and not info.alive
         if zombie:
             self._zombies += 1
@@ -580,6 +590,10 @@ class Scheduler:
             if info is not None:
                 info.done += entry.weight - entry.failed_parts
                 info.failed += entry.failed_parts
+            for other in entry.holders:  # a speculative copy still runs there: it lost
+                self._revokes.setdefault(other, []).append(task_id)
+                self._revoked.add((other, task_id))
+                self._duplicates += entry.weight
             self._finish(entry, TaskState.SUCCESS, nbytes)
             return Decision.ACCEPT
         if entry.holders:
@@ -612,10 +626,22 @@ class Scheduler:
         self._push_timed(entry)
         return Decision.RETRY
 
+    def take_revokes(self) -> dict[int, list[int]]:
+        """The copies to revoke now, by rank (and forget them): each is the
+        other copy of a speculative task whose first success came."""
+        revokes, self._revokes = self._revokes, {}
+        return revokes
+
+    @property
+    def revoking(self) -> bool:
+        """True when `take_revokes` has copies to hand out."""
+        return bool(self._revokes)
+
     def released(self, rank: int, task_ids: Iterable[int], now: float) -> None:
-        """A worker gave back queued tasks it had not started (after a steal)."""
+        """A worker gave back queued tasks it had not started (after a steal or a revoke)."""
         info = self._ranks.get(rank)
         for task_id in task_ids:
+            self._revoked.discard((rank, task_id))  # a revoked copy that had not started
             if info is not None:
                 info.stealing.discard(task_id)
                 if not info.stealing:

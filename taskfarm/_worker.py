@@ -5,9 +5,11 @@ One comm thread and the rank's task slots share the work::
     comm thread (MPI, under _mpi_lock)         slots (run the tasks; see _pools)
       Hello ->                                    |
       <- Config (pool, concurrency)  --------->  solo: the main thread is the one slot
-      <- TaskBatch / Steal / Stop                 threads/processes: K slot threads
+      <- TaskBatch / Steal / Revoke / Stop        threads/processes: K slot threads
       TaskBatch: queue the items  ------------>  queue --> run --> outbox
       Steal: hand back queued, unstarted items    |                  |
+      Revoke: hand back those queued, cut off     |                  |
+        those running (a speculative copy lost)   |                  |
       results in the outbox: send at once  <------+-- poke ----------+
                                                   (or the slot sends them itself,
                                                    when the comm thread is not
@@ -65,6 +67,7 @@ from ._pools import (
     Library,
     Outcome,
     PoolSpec,
+    Revocation,
     execute,
     execute_parts,
     lost,
@@ -179,6 +182,8 @@ class _Slot:
         self.children_started = 0
         #: the child while it runs a task (the comm thread kills it at a cut-off Stop)
         self.busy_child: Child | None = None
+        #: how the comm thread cuts off the task running here (a Revoke)
+        self.revocation = Revocation()
 
 
 class Worker:
@@ -388,6 +393,8 @@ class Worker:
                     # 160 ms stall, 1 burst in ~40)
                     self._release_outbox()
             self.transport.send(MASTER, Kind.RELEASED, Released(tuple(given)))
+        elif kind is Kind.REVOKE:
+            self._revoke(set(record.task_ids))
         elif kind is Kind.CONFIG:
             config: Config = record
             self._heartbeat_interval = config.heartbeat_interval
@@ -410,6 +417,23 @@ class Worker:
         else:
             log.warning("rank %d: unexpected message %s from %d", self.rank, kind.name, peer)
 
+    def _revoke(self, wanted: set[int]) -> None:
+        """Copies whose other copy won (speculative tasks): those queued go
+        back as after a steal, those running are cut off, and their slots
+        send the failure as the result, which the master drops.  One that
+        finished meanwhile is left alone: its result is on its way."""
+        with self._lock:
+            given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
+            if given:
+                self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
+                self._queued_calls = sum(_calls(q[0]) for q in self._queue)
+            running = wanted & self._running
+        for slot in list(self._slots):
+            for task_id in running:
+                slot.revocation.revoke(task_id)  # only the slot that runs it takes it
+        if given:
+            self.transport.send(MASTER, Kind.RELEASED, Released(tuple(given)))
+
     # -- the slots -----------------------------------------------------------
     def run(self) -> None:
         """Serve until the master says stop; returns after Bye is sent."""
@@ -426,7 +450,12 @@ class Worker:
             if spec is not None and not self._stopping:
                 self._slots = [_Slot(i) for i in range(spec.concurrency)]
                 if spec.kind == "solo":
-                    self._serve_slot_or_leave(self._slots[0])
+                    slot = self._slots[0]
+                    if threading.current_thread() is threading.main_thread():
+                        with slot.revocation.installed():  # a revoked task is cut off by a signal
+                            self._serve_slot_or_leave(slot)
+                    else:
+                        self._serve_slot_or_leave(slot)
                 else:
                     threads = [
                         threading.Thread(
@@ -694,6 +723,8 @@ class Worker:
                 head,
                 init_error=library.init_error(executor_id),
                 loop=self._event_loop() if spec.kind == "threads" else None,
+                revocation=slot.revocation,
+                task_id=item.task_id,
             )
         slot.busy += outcome.t_end - outcome.t_start
         with self._lock:
@@ -770,7 +801,12 @@ class Worker:
                 # found no child to kill: cut this one off as Stop does (it ends
                 # the slot's wait below); the master has given up on the task
                 child.kill(close=False)
-            outcome = child.run(item, executor_id, head)
+            # a Revoke cuts it off as Stop does
+            slot.revocation.begin(item.task_id, cut=lambda: child.kill(close=False))
+            try:
+                outcome = child.run(item, executor_id, head)
+            finally:
+                slot.revocation.end()
         finally:
             slot.busy_child = None
         if not child.alive():  # crashed, or killed at its time limit

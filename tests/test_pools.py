@@ -33,7 +33,9 @@ from taskfarm._pools import (
     Library,
     Outcome,
     PoolSpec,
+    Revocation,
     call_limited,
+    execute,
     execute_parts,
     parse_size,
 )
@@ -215,6 +217,83 @@ def test_inline_time_limit_stops_python_code(where: str, fn: Any) -> None:
     assert outcome[0][1] < 3
     time.sleep(0.3)  # no stray asynchronous exception arrives later
     assert call_limited(spin, (0.01,), {}, 5.0, None) == "finished"
+
+
+#: set by the tasks below once they run, so that a revocation is sent only then
+_RUNNING = threading.Event()
+
+
+def sleep_long() -> str:
+    _RUNNING.set()
+    time.sleep(30)  # one blocking call: only a signal cuts it short
+    return "slept"
+
+
+def swallow_exceptions() -> str:
+    _RUNNING.set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.01)
+        except Exception:  # noqa: BLE001 - a task that swallows errors does not swallow a revocation
+            pass
+    return "carried on"
+
+
+def _run_revoked(fn: Callable[[], str], revocation: Revocation, task_id: int) -> tuple[Outcome, float, bool]:
+    """Run ``fn`` as task ``task_id`` under ``revocation``; another thread revokes it once it runs."""
+    _RUNNING.clear()
+    revoked = []
+    revoker = threading.Thread(target=lambda: revoked.append(_RUNNING.wait(10) and revocation.revoke(task_id)))
+    revoker.start()
+    started = time.monotonic()
+    outcome = execute(lambda: fn, (), (), (), None, "head\n", revocation=revocation, task_id=task_id)
+    took = time.monotonic() - started
+    revoker.join(10)
+    return outcome, took, revoked == [True]
+
+
+@pytest.mark.parametrize(
+    ("where", "fn"), [("main", sleep_long), ("main", swallow_exceptions), ("thread", swallow_exceptions)]
+)
+def test_a_revoked_task_is_cut_off_and_the_slot_runs_on(where: str, fn: Callable[[], str]) -> None:
+    """A speculative copy that lost: cut off on the main thread by a signal (even
+    inside ``time.sleep``), in a slot thread by an asynchronous exception; a
+    late revocation of it never touches the slot's next task."""
+    revocation = Revocation()
+    results: list[tuple[Outcome, float, bool]] = []
+
+    def serve() -> None:
+        results.append(_run_revoked(fn, revocation, 7))
+        # the next task, and a revocation of the old one that comes too late
+        revocation.begin(8)
+        assert not revocation.revoke(7)
+        revocation.end()
+        outcome = execute(lambda: lambda: "next", (), (), (), None, "", revocation=revocation, task_id=8)
+        results.append((outcome, 0.0, False))
+
+    if where == "main":
+        with revocation.installed():
+            serve()
+    else:
+        thread = threading.Thread(target=serve)
+        thread.start()
+        thread.join(60)
+    assert len(results) == 2, "the slot did not run on"
+    (cut, took, revoked), (after, _, _) = results
+    assert revoked and not cut.ok and took < 10
+    assert type(_value(cut)).__name__ == "_Revoked"
+    assert after.ok and _value(after) == "next"
+
+
+def test_a_revocation_names_its_task_and_cuts_a_child_once() -> None:
+    revocation = Revocation()
+    cuts: list[int] = []
+    revocation.begin(3, cut=lambda: cuts.append(3))
+    assert not revocation.revoke(4)  # another task: not this slot's
+    assert revocation.revoke(3) and not revocation.revoke(3)
+    revocation.end()
+    assert cuts == [3] and not revocation.revoke(3)
 
 
 def test_async_time_limit_cancels_on_a_shared_loop() -> None:

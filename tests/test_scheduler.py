@@ -974,9 +974,53 @@ class TestSpeculation:
         assert s.attempt(1) == 1  # the copy is the same attempt
         assert s.statistics().speculated == 1
         assert succeed(s, 1, idle, 0.7) is Decision.ACCEPT  # the copy wins
+        assert s.revoking and s.take_revokes() == {runs: [1]}  # the straggler is cut off
+        assert not s.revoking and s.take_revokes() == {}
         assert succeed(s, 1, runs, 5.0) is Decision.DISCARD  # the straggler, late
         stats = s.statistics()
         assert (stats.done, stats.duplicates) == (3 + 1, 1)  # 3 observed tasks, then task 1
+
+    def test_the_original_winning_revokes_the_copy(self) -> None:
+        s, runs, idle = self.straggling()
+        assert s.poll(0.5).dispatch == {idle: [1]}
+        assert succeed(s, 1, runs, 0.6) is Decision.ACCEPT
+        assert s.take_revokes() == {idle: [1]}
+
+    def test_a_revoked_copy_cut_off_is_dropped_uncounted_and_frees_its_rank(self) -> None:
+        s, runs, idle = self.straggling()
+        assert s.poll(0.5).dispatch == {idle: [1]}
+        assert succeed(s, 1, idle, 0.7) is Decision.ACCEPT
+        s.take_revokes()
+        assert s.statistics().duplicates == 1  # counted once, when revoked
+        # its answer, the cut-off's failure (a killed child: a crash), changes nothing
+        assert fail(s, 1, runs, 0.8, crashed=True) is Decision.DISCARD
+        stats = s.statistics()
+        assert (stats.done, stats.failed, stats.duplicates, stats.resubmitted) == (4, 0, 1, 0)
+        submit(s, 2, now=1.0)
+        assert only_rank(s.poll(1.0)) in {runs, idle}  # both ranks free again
+        submit(s, 3, now=1.0)
+        assert s.poll(1.0).dispatch
+
+    def test_a_revoked_copy_given_back_unstarted_is_not_requeued(self) -> None:
+        s, runs, idle = self.straggling()
+        assert s.poll(0.5).dispatch == {idle: [1]}
+        assert succeed(s, 1, runs, 0.6) is Decision.ACCEPT
+        assert s.take_revokes() == {idle: [1]}
+        s.released(idle, [1], 0.7)
+        assert not s.poll(0.8).dispatch and not s.has_work()
+        assert s.statistics().duplicates == 1
+
+    def test_a_failed_copy_revokes_nothing(self) -> None:
+        s, runs, idle = self.straggling()
+        assert s.poll(0.5).dispatch == {idle: [1]}
+        assert fail(s, 1, idle, 0.6, retryable=False) is Decision.DISCARD
+        assert succeed(s, 1, runs, 1.0) is Decision.ACCEPT
+        assert not s.revoking
+
+    def test_a_task_without_a_copy_revokes_nothing(self) -> None:
+        s, runs, _ = self.straggling()
+        assert succeed(s, 1, runs, 0.2) is Decision.ACCEPT
+        assert not s.revoking
 
     def test_the_master_is_told_when_to_look_again(self) -> None:
         s, _, _ = self.straggling()

@@ -346,6 +346,8 @@ def _run(ns: argparse.Namespace) -> int:
         if farm_ is not None:
             stats = farm_.statistics().as_dict()
             stats["exit_code"] = int(code)
+            # worker ranks that never said Bye (stuck in C code, stopped): the job ends with MPI_Abort
+            stats["did_not_stop"] = list(farm_.unanswered)
         ns.reporting.finish(stats)  # progress ends; slowest tasks go into stats; event log closes
         if stats is not None:
             if ns.stats_json:

@@ -222,7 +222,8 @@ class _Revoked(BaseException):
 
 
 class Revocation:
-    """Lets another thread cut off the task a slot runs: its other copy won.
+    """Lets another thread cut off the task a slot runs: its other copy won,
+    or a drain's grace ran out (`cut_off`).
 
     A task on the main thread (the solo pool) is interrupted by
     `REVOKE_SIGNAL`, even inside a blocking call such as ``time.sleep``, once
@@ -257,15 +258,24 @@ class Revocation:
     def revoke(self, task_id: int) -> bool:
         """From another thread: cut ``task_id`` off if the slot still runs it."""
         with self._lock:
-            if self._task != task_id or self.fired:
-                return False
-            self.fired = True
-            if self._cut is not None:
-                self._cut()
-            elif self._on_main_thread() and self._signalled:
-                signal.pthread_kill(self._thread, REVOKE_SIGNAL)
-            else:
-                _set_async_exc(self._thread, _Revoked)
+            return self._task == task_id and self._fire()
+
+    def cut_off(self) -> bool:
+        """From another thread: cut off the task the slot runs, if any."""
+        with self._lock:
+            return bool(self._task) and self._fire()
+
+    def _fire(self) -> bool:
+        """Under the lock, a task running: cut it off (once)."""
+        if self.fired:
+            return False
+        self.fired = True
+        if self._cut is not None:
+            self._cut()
+        elif self._on_main_thread() and self._signalled:
+            signal.pthread_kill(self._thread, REVOKE_SIGNAL)
+        else:
+            _set_async_exc(self._thread, _Revoked)
         return True
 
     def _on_main_thread(self) -> bool:
@@ -274,7 +284,7 @@ class Revocation:
     def _on_signal(self, signum: int, frame: Any) -> None:
         # no lock here: the main thread may hold it in `begin` or `end`
         if self.fired and self._task:
-            raise _Revoked(f"task {self._task} revoked: its other copy finished first")
+            raise _Revoked(f"task {self._task} cut off: its other copy finished first, or the farm stopped")
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -492,6 +502,8 @@ def execute_parts(
     init_error: BaseException | None = None,
     loop: EventLoop | None = None,
     progress: BundleProgress | None = None,
+    revocation: Revocation | None = None,
+    task_id: int = 0,
 ) -> tuple[list[PartResult], PartValues | None]:
     """A bundle's calls, one after another, each with its own outcome, as
     `execute` would give it: calls that returned a value of a plain type go
@@ -503,19 +515,44 @@ def execute_parts(
     part is a few microseconds of the farm's own Python around a short call:
     this loop does only what they need (half of `execute`'s cost per call
     here), and one clock reading ends a call and starts the next.
+
+    With ``revocation`` (bundle ``task_id``), another thread can cut the
+    bundle off (a drain): the call it lands in fails, the rest never run.
     """
     done = progress if progress is not None else BundleProgress()
-    results, task_ids, values, starts, ends = done.results, done.task_ids, done.values, done.starts, done.ends
-    loads, dumps, now, plain = ser.loads, ser.dumps, time.time, ser.value_types()
-    t_start = now()
+    t_start = time.time()
     try:  # one function per bundle: loaded (or found wanting) once, not per call
         _check_initialized(init_error)
         fn = function()
     except BaseException as exc:  # noqa: BLE001 - every call fails with it, as each would alone
         payload, buffers, tb = _failure(exc, head)
-        t_end = now()
-        results.extend(PartResult(part.task_id, False, payload, buffers, tb, t_start, t_end) for part in parts)
+        t_end = time.time()
+        done.results.extend(PartResult(part.task_id, False, payload, buffers, tb, t_start, t_end) for part in parts)
         return done.take()
+    if revocation is not None:
+        revocation.begin(task_id)
+    try:
+        _run_parts(parts, fn, head, loop, done, t_start)
+    except _Revoked:  # it landed between two calls: the bundle ends there
+        pass
+    finally:
+        if revocation is not None:
+            with contextlib.suppress(_Revoked):  # it landed as the bundle ended
+                revocation.end()
+    return done.take()
+
+
+def _run_parts(
+    parts: Sequence[Part],
+    fn: Callable[..., Any],
+    head: str,
+    loop: EventLoop | None,
+    done: BundleProgress,
+    t_start: float,
+) -> None:
+    """`execute_parts`' loop, from ``t_start``: each call's outcome into ``done``."""
+    results, task_ids, values, starts, ends = done.results, done.task_ids, done.values, done.starts, done.ends
+    loads, dumps, now, plain = ser.loads, ser.dumps, time.time, ser.value_types()
     for part in parts:
         try:
             call = part.call
@@ -536,13 +573,16 @@ def execute_parts(
                 value = _awaited(value, None, None, loop)
             payload, buffers = dumps(value, "result")
             ok, tb = True, ""
+        except _Revoked as exc:  # the bundle is cut off (a drain): the calls after this one never run
+            payload, buffers, tb = _failure(exc, head)
+            results.append(PartResult(part.task_id, False, payload, buffers, tb, t_start, now()))
+            break
         except BaseException as exc:  # noqa: BLE001 - a call's failure is its result
             ok = False
             payload, buffers, tb = _failure(exc, head)
         t_end = now()
         results.append(PartResult(part.task_id, ok, payload, buffers, tb, t_start, t_end))
         t_start = t_end
-    return done.take()
 
 
 def lost(message: str, head: str, t_start: float, *, crashed: bool = True) -> Outcome:

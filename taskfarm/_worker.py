@@ -409,11 +409,12 @@ class Worker:
         elif kind is Kind.STOP:
             self._stopping = True
             # tasks still running were given up by the master (a drain's grace ran
-            # out): a child process can be cut off, so the rank says Bye in time
+            # out): they are cut off, so the rank says Bye in time
             for slot in list(self._slots):
                 child = slot.busy_child
                 if child is not None:
                     child.kill(close=False)  # its slot sees the socket close and moves on
+                slot.revocation.cut_off()  # inline: a signal or an asynchronous exception
         else:
             log.warning("rank %d: unexpected message %s from %d", self.rank, kind.name, peer)
 
@@ -758,7 +759,14 @@ class Worker:
         self._bundles[item.task_id] = (item.attempt, progress)
         try:
             parts, values = execute_parts(
-                item.parts, lambda: library.function(digest), head, init_error=init_error, loop=loop, progress=progress
+                item.parts,
+                lambda: library.function(digest),
+                head,
+                init_error=init_error,
+                loop=loop,
+                progress=progress,
+                revocation=slot.revocation,  # a drain's Stop cuts the bundle off
+                task_id=item.task_id,
             )
         finally:
             del self._bundles[item.task_id]

@@ -286,6 +286,41 @@ def test_a_revoked_task_is_cut_off_and_the_slot_runs_on(where: str, fn: Callable
     assert after.ok and _value(after) == "next"
 
 
+def quick_or_long(i: int) -> int:
+    if i == 2:
+        swallow_exceptions()
+    return i
+
+
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_a_bundle_cut_off_stops_at_the_call_it_was_in(where: str) -> None:
+    """A drain's Stop cuts a running bundle off: the calls before it keep
+    their values, the call it lands in fails, the calls after never run."""
+    parts, function = _parts(quick_or_long, (1,), (2,), (3,), (4,))
+    revocation = Revocation()
+    _RUNNING.clear()
+    cutter = threading.Thread(target=lambda: _RUNNING.wait(10) and revocation.cut_off())
+    cutter.start()
+    got: list[tuple[list[PartResult], PartValues | None]] = []
+
+    def run() -> None:
+        got.append(execute_parts(parts, function, "", revocation=revocation, task_id=9))
+
+    if where == "main":
+        with revocation.installed():
+            run()
+    else:
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(60)
+    cutter.join(10)
+    (results, values), = got
+    assert values is not None and values.task_ids == [1] and values.values == [1]
+    assert [(r.task_id, r.ok) for r in results] == [(2, False)]  # 3 and 4 never ran
+    assert type(ser.loads(results[0].payload, results[0].buffers)).__name__ == "_Revoked"
+    assert not revocation.cut_off()  # nothing runs now
+
+
 def test_a_revocation_names_its_task_and_cuts_a_child_once() -> None:
     revocation = Revocation()
     cuts: list[int] = []

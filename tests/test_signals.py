@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MPI, assert_aborted, read_json
+from conftest import MPI, read_json
 from test_resume import TIMEOUT, Job, farm, job_starter, lock_free, status, successes, wait_until
 
 from taskfarm._journal import RUNNING, SUCCESS, read_journal
@@ -175,8 +175,10 @@ def test_task_cut_off_by_the_drain_runs_again_despite_max_retries_0(
 ) -> None:
     n = 8
     path, journal, out, flag = script(WORK), tmp_path / "j", tmp_path / "out.json", tmp_path / "flag"
+    stats_path = tmp_path / "stats.json"
     args = [path, n, 0.0, flag, out, isolation]
-    job = start(mpi, 3, ["run", "-q", "--grace", 0.5, "--journal", journal, *map(str, args)])
+    cli = ["run", "-q", "--grace", 0.5, "--journal", journal, "--stats-json", stats_path]
+    job = start(mpi, 3, [*map(str, cli), *map(str, args)])
     wait_until(lambda: successes(journal) >= 4, "the quick tasks", job)
     t0 = time.monotonic()
     job.proc.send_signal(signal.SIGUSR1)
@@ -209,10 +211,10 @@ def test_task_cut_off_by_the_drain_runs_again_despite_max_retries_0(
     assert time.monotonic() - t0 < 0.5 + DRAIN_SLACK, (
         f"the drain began {began:.1f} s after the signal{snapshot}\n{res.explain()}"
     )
-    if isolation == "process":  # the workers kill their task processes and stop cleanly
-        assert res.returncode == 75, res.explain()
-    else:  # inline tasks cannot be cut off: rank 0 ends the job with MPI_Abort(75)
-        assert_aborted(res, mpi, 75)
+    # the workers kill their tasks' processes, or cut inline tasks off (a
+    # signal on the main thread), and stop cleanly: no MPI_Abort
+    assert res.returncode == 75, res.explain()
+    assert read_json(stats_path)["did_not_stop"] == [], res.explain()
     wait_until(lambda: lock_free(journal), "the stopped job's ranks to be gone", timeout=30)
     st = read_journal(journal, results=False)
     cut = [e for e in st.tasks.values() if e.state != SUCCESS]
@@ -271,12 +273,15 @@ def test_calls_done_when_a_drain_cuts_their_bundle_off_are_journaled(
     rank 0 journals the successes of the calls the drain cut off."""
     text = BUNDLE_CUT.replace("CUT_AT", str(BUNDLE_CUT_AT)).replace("N_CALLS", str(BUNDLE_CUT_N))
     gate, out, pidfile, ledger = (tmp_path / name for name in ("gate", "out.json", "pid", "ledger"))
-    journal = tmp_path / "j"
+    journal, stats_path = tmp_path / "j", tmp_path / "stats.json"
     args = [script(text), gate, out, pidfile, ledger]
-    job = start(mpi, 3, ["run", "-q", "--grace", 0.1, "--journal", journal, *map(str, args)])
+    cli = ["run", "-q", "--grace", 0.1, "--journal", journal, "--stats-json", stats_path]
+    job = start(mpi, 3, [*map(str, cli), *map(str, args)])
     res = job.finish(TIMEOUT)
-    # the call that began it cannot be cut off (it runs inline): rank 0 ends the job with MPI_Abort(75)
-    assert_aborted(res, mpi, 75)
+    # the call that began it is cut off (a signal: it runs inline on the main
+    # thread), the rest of its bundle never runs, and the ranks stop cleanly
+    assert res.returncode == 75, res.explain()
+    assert read_json(stats_path)["did_not_stop"] == [], res.explain()
     wait_until(lambda: lock_free(journal), "the stopped job's ranks to be gone", timeout=30)
     ran = {int(line) for line in ledger.read_text().split()}
     done = {value for value, _ in _successes(journal)}

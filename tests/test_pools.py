@@ -253,6 +253,18 @@ def _run_revoked(fn: Callable[[], str], revocation: Revocation, task_id: int) ->
     return outcome, took, revoked == [True]
 
 
+def _as_slot(where: str, revocation: Revocation, work: Callable[[], None]) -> None:
+    """Run ``work`` as a slot would: on the main thread (the solo pool, with
+    the signal's handler), or in a thread of its own."""
+    if where == "main":
+        with revocation.installed():
+            work()
+    else:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(60)
+
+
 @pytest.mark.parametrize(
     ("where", "fn"), [("main", sleep_long), ("main", swallow_exceptions), ("thread", swallow_exceptions)]
 )
@@ -272,13 +284,7 @@ def test_a_revoked_task_is_cut_off_and_the_slot_runs_on(where: str, fn: Callable
         outcome = execute(lambda: lambda: "next", (), (), (), None, "", revocation=revocation, task_id=8)
         results.append((outcome, 0.0, False))
 
-    if where == "main":
-        with revocation.installed():
-            serve()
-    else:
-        thread = threading.Thread(target=serve)
-        thread.start()
-        thread.join(60)
+    _as_slot(where, revocation, serve)
     assert len(results) == 2, "the slot did not run on"
     (cut, took, revoked), (after, _, _) = results
     assert revoked and not cut.ok and took < 10
@@ -306,13 +312,7 @@ def test_a_bundle_cut_off_stops_at_the_call_it_was_in(where: str) -> None:
     def run() -> None:
         got.append(execute_parts(parts, function, "", revocation=revocation, task_id=9))
 
-    if where == "main":
-        with revocation.installed():
-            run()
-    else:
-        thread = threading.Thread(target=run)
-        thread.start()
-        thread.join(60)
+    _as_slot(where, revocation, run)
     cutter.join(10)
     (results, values), = got
     assert values is not None and values.task_ids == [1] and values.values == [1]

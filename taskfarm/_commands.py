@@ -25,6 +25,7 @@ task files never need escaping.  ``{{i}}`` writes a literal ``{i}``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from taskfarm._errors import TaskfarmError, TimeLimitExceeded
+from taskfarm._signals import MAIN_THREAD_SIGNALS
 
 __all__ = [
     "DIRECTIVE_MARKER",
@@ -119,6 +121,10 @@ _STDERR_TAIL_BYTES: Final = 8192
 _KILL_GRACE_SECONDS: Final = 5.0
 #: a shell reports "a program I ran died of signal N" as exit status 128+N
 _SHELL_SIGNAL_BASE: Final = 128
+#: the same when the farm itself stops the command (a drain's grace ran out):
+#: that grace was the command's, and the master waits 2 s for its rank
+#: (`_master.DRAIN_BYE_TIMEOUT`) before it ends the job with MPI_Abort
+_INTERRUPT_GRACE_SECONDS: Final = 0.5
 
 _ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NAMES_ALT: Final = "ntasks|line|i|n"
@@ -724,9 +730,29 @@ def _stderr_tail(path: str) -> str:
     return "\n".join(lines[-_STDERR_TAIL_LINES:])
 
 
-def _stop_process_group(proc: subprocess.Popen[bytes]) -> None:
+@contextlib.contextmanager
+def _farm_signals_unblocked() -> Iterator[None]:
+    """In this thread, while a command starts: a command inherits its parent
+    thread's signal mask, and taskfarm's threads block `MAIN_THREAD_SIGNALS`
+    (`taskfarm._signals`), so a command started by one (the threads pool)
+    held them pending for good, even one that set handlers of its own.  Only
+    this thread's mask changes, and only for the start.
+
+    Their disposition is left as it is: a worker rank ignores them, and so
+    does the command, on purpose.  ``srun`` can deliver a drain's signal to
+    every process of the job step, commands included (tests/test_slurm.py
+    saw it); a command that took it would die at once instead of finishing
+    in the grace."""
+    previous = signal.pthread_sigmask(signal.SIG_UNBLOCK, MAIN_THREAD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_process_group(proc: subprocess.Popen[bytes], grace_seconds: float = _KILL_GRACE_SECONDS) -> None:
     """SIGTERM the command's process group, then SIGKILL what is left."""
-    for signum, grace in ((signal.SIGTERM, _KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+    for signum, grace in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, None)):
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
@@ -784,16 +810,17 @@ def run_command(
             # fork().  start_new_session puts the command in its own process
             # group (pgid = its pid), so that a time limit stops its children
             # too; it does not prevent vfork (only uid/gid changes would).
-            proc = subprocess.Popen(
-                shell_argv(spec.command),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=cwd,
-                env=_child_environment(spec, run_dir, attempt),
-                close_fds=True,
-                start_new_session=True,
-            )
+            with _farm_signals_unblocked():
+                proc = subprocess.Popen(
+                    shell_argv(spec.command),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    cwd=cwd,
+                    env=_child_environment(spec, run_dir, attempt),
+                    close_fds=True,
+                    start_new_session=True,
+                )
         except OSError as exc:
             what = f"working directory {cwd!r}" if cwd is not None else "shell"
             reason = f"did not start ({what}: {exc.strerror or exc})"
@@ -808,8 +835,8 @@ def run_command(
                 f"task {spec.index} ({spec.label()}, attempt {attempt}) on {host} ran"
                 f" longer than {timeout:g} s and was stopped; logs: {out_path}, {err_path}"
             ) from None
-        except BaseException:
-            _stop_process_group(proc)
+        except BaseException:  # the farm stops it (a drain), or the program ends
+            _stop_process_group(proc, _INTERRUPT_GRACE_SECONDS)
             raise
     duration = time.monotonic() - started
     if returncode != 0:

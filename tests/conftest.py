@@ -206,6 +206,16 @@ def farm_run(
     )
 
 
+def alive(pid: int) -> bool:
+    """True if pid runs and is not a zombie (an orphan waits for init, and a
+    container's init may never reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path) as f:
         return json.load(f)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import alive
 
 from taskfarm import _commands
 from taskfarm._commands import (
@@ -24,6 +26,7 @@ from taskfarm._commands import (
     write_run_manifest,
 )
 from taskfarm._errors import TaskfarmError, TimeLimitExceeded
+from taskfarm._signals import MAIN_THREAD_SIGNALS, start_thread
 
 #: generous bound on any command a test starts, so a regression hangs no CI job
 CMD_TIMEOUT = 60.0
@@ -420,22 +423,13 @@ def test_commands_run_under_bash(tmp_path: Path) -> None:
     assert Path(result.stdout_path).read_text() == "1 2 3\n"
 
 
-def _alive(pid: int) -> bool:
-    """True if pid runs and is not a zombie (a container's init may not reap)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
 def _wait_dead(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return True
         time.sleep(0.05)
-    return not _alive(pid)
+    return not alive(pid)
 
 
 def test_time_limit_stops_the_whole_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -451,15 +445,48 @@ def test_time_limit_stops_the_whole_process_group(tmp_path: Path, monkeypatch: p
     assert _wait_dead(int(pid_file.read_text()), STOP_SLACK)
 
 
+def _signal_masks(status: str) -> dict[str, int]:
+    """SigIgn and SigBlk of a /proc/<pid>/status text, as masks."""
+    fields = dict(line.split(":", 1) for line in status.splitlines() if line.startswith(("SigIgn", "SigBlk")))
+    return {name: int(value, 16) for name, value in fields.items()}
+
+
+def test_a_command_starts_with_the_farms_signals_unblocked_and_still_ignored(tmp_path: Path) -> None:
+    """taskfarm's threads block the drain's signals, and a command started by
+    one (the threads pool) inherited that mask: a signal it set a handler for
+    stayed pending for good.  Their disposition stays as the worker's: the
+    launcher sends a drain's signal to every process of the job step, and a
+    command that took it would die at once, not finish in the grace (a
+    Slurm test caught that).  Here SIGUSR1 is ignored as a worker ignores it."""
+    spec = CommandSpec(3, 1, "cat /proc/self/status")
+    after: list[set[signal.Signals]] = []
+
+    def run_from_a_taskfarm_thread() -> None:
+        run(spec, tmp_path)
+        after.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        start_thread(threading.Thread(target=run_from_a_taskfarm_thread)).join(CMD_TIMEOUT)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert after and after[0] >= MAIN_THREAD_SIGNALS  # the thread's own mask is back as it was
+    masks = _signal_masks(Path(log_paths(str(tmp_path), 3)[0]).read_text())
+    assert masks["SigBlk"] & sum(1 << (int(sig) - 1) for sig in MAIN_THREAD_SIGNALS) == 0
+    assert masks["SigIgn"] & (1 << (signal.SIGUSR1 - 1))  # the drain's signal does not kill it
+
+
 class _Interrupted(Exception):
     """Raised by a test signal handler, as the farm's SIGTERM handler might."""
 
 
-def test_interrupted_wait_stops_the_command(tmp_path: Path) -> None:
-    pid_file = tmp_path / "bg.pid"
-    command = f"sleep 300 & echo $! > {pid_file}; sleep 300"
+def _interrupted_run(command: str, tmp_path: Path) -> tuple[float, float]:
+    """Run ``command``; a signal handler raises in the wait after `SHORT_LIMIT`.
+    Returns when the handler raised and when `run_command` returned."""
+    raised: list[float] = []
 
     def interrupt(signum: int, frame: object) -> None:
+        raised.append(time.monotonic())
         raise _Interrupted
 
     previous = signal.signal(signal.SIGALRM, interrupt)
@@ -467,9 +494,27 @@ def test_interrupted_wait_stops_the_command(tmp_path: Path) -> None:
         signal.setitimer(signal.ITIMER_REAL, SHORT_LIMIT)
         with pytest.raises(_Interrupted):
             run(CommandSpec(0, 1, command), tmp_path)
+        return raised[0], time.monotonic()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_command_the_farm_stops_gets_a_short_grace(tmp_path: Path) -> None:
+    """Stopped by the farm (a drain's grace ran out, the program ends), a
+    command that ignores SIGTERM, as a command on a worker rank does, gets
+    SIGKILL after `_INTERRUPT_GRACE_SECONDS`, not after a time limit's 5 s:
+    its rank must say Bye within the 2 s the master waits."""
+    pid_file = tmp_path / "pid"
+    command = f"trap '' TERM; echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; sleep 300"
+    raised, returned = _interrupted_run(command, tmp_path)
+    assert returned - raised < _commands._KILL_GRACE_SECONDS - 2  # well under a time limit's grace
+    assert not alive(int(pid_file.read_text()))
+
+
+def test_interrupted_wait_stops_the_command(tmp_path: Path) -> None:
+    pid_file = tmp_path / "bg.pid"
+    _interrupted_run(f"sleep 300 & echo $! > {pid_file}; sleep 300", tmp_path)
     assert _wait_dead(int(pid_file.read_text()), STOP_SLACK)
 
 

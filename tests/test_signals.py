@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MPI, read_json
+from conftest import MPI, alive, read_json
 from test_resume import TIMEOUT, Job, farm, job_starter, lock_free, status, successes, wait_until
 
 from taskfarm._journal import RUNNING, SUCCESS, read_journal
@@ -223,6 +223,31 @@ def test_task_cut_off_by_the_drain_runs_again_despite_max_retries_0(
     check_resume(mpi, journal, args, n, out)
     st = read_journal(journal, results=False)
     assert all(st.tasks[e.key].attempts == 1 for e in cut)  # the cut-off attempt never counted
+
+
+def test_a_drain_stops_running_commands_and_their_ranks_stop_cleanly(
+    mpi: MPI, start: Callable[..., Job], tmp_path: Path
+) -> None:
+    """Shell commands still running when a drain's grace runs out are stopped
+    (SIGTERM, which a command on a worker rank ignores as the rank does, then
+    SIGKILL 0.5 s later) and their workers stop cleanly: exit 75, no MPI_Abort.
+    Before, the worker waited 5 s for the SIGKILL, the master gave up after
+    2 s and ended the job with MPI_Abort (MPICH: 75 or 9), and the commands
+    ran on, orphaned, beside the resumed run that started them again."""
+    pids = [tmp_path / f"pid{i}" for i in range(2)]
+    lines = [f"echo $$ > {pid}.tmp && mv {pid}.tmp {pid} && exec sleep 60" for pid in pids]
+    tasks = tmp_path / "tasks.txt"
+    tasks.write_text("\n".join(["true", "true", *lines, "true"]) + "\n")
+    journal, stats_path = tmp_path / "j", tmp_path / "stats.json"
+    cli = ["run", "-q", "--grace", 0.5, "--journal", journal, "--stats-json", stats_path, "--tasks", tasks]
+    job = start(mpi, 3, cli)
+    wait_until(lambda: all(pid.exists() for pid in pids), "both long commands to start", job)
+    job.proc.send_signal(signal.SIGUSR1)
+    res = job.finish(TIMEOUT)
+    assert res.returncode == 75, res.explain()
+    assert read_json(stats_path)["did_not_stop"] == [], res.explain()
+    running = [pid for pid in (int(p.read_text()) for p in pids) if alive(pid)]
+    assert not running, f"commands left running: {running}"
 
 
 BUNDLE_CUT = """\

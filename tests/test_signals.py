@@ -239,7 +239,8 @@ def test_a_drain_stops_running_commands_and_their_ranks_stop_cleanly(
     tasks = tmp_path / "tasks.txt"
     tasks.write_text("\n".join(["true", "true", *lines, "true"]) + "\n")
     journal, stats_path = tmp_path / "j", tmp_path / "stats.json"
-    cli = ["run", "-q", "--grace", 0.5, "--journal", journal, "--stats-json", stats_path, "--tasks", tasks]
+    cli = ["run", "-q", "--grace", 0.5, "--journal", journal, "--stats-json", stats_path]
+    cli += ["--run-dir", tmp_path / "run", "--tasks", tasks]  # not the repository's ./taskfarm-run
     job = start(mpi, 3, cli)
     wait_until(lambda: all(pid.exists() for pid in pids), "both long commands to start", job)
     job.proc.send_signal(signal.SIGUSR1)

@@ -216,9 +216,9 @@ REVOKE_SIGNAL = signal.SIGUSR2
 
 
 class _Revoked(BaseException):
-    """Raised in a task whose other copy won (a speculative task): a
-    BaseException, so that the task's own ``except Exception`` lets it pass.
-    The master drops the outcome; nobody sees it."""
+    """Raised in a task cut off: its other copy won (a speculative task), or
+    a drain's grace ran out.  A BaseException, so that the task's own
+    ``except Exception`` lets it pass.  The master drops the outcome."""
 
 
 class Revocation:
@@ -240,6 +240,7 @@ class Revocation:
         self._thread = 0
         self._cut: Callable[[], None] | None = None
         self._signalled = False  # REVOKE_SIGNAL's handler is ours (`installed`)
+        self._async = False  # the last cut-off was an asynchronous exception
         self.fired = False
 
     def begin(self, task_id: int, cut: Callable[[], None] | None = None) -> None:
@@ -252,7 +253,7 @@ class Revocation:
         with self._lock:
             self._task = 0
             self._cut = None
-            if self.fired and not self._on_main_thread():
+            if self.fired and self._async:
                 _set_async_exc(self._thread, None)  # not raised yet: withdrawn
 
     def revoke(self, task_id: int) -> bool:
@@ -270,11 +271,13 @@ class Revocation:
         if self.fired:
             return False
         self.fired = True
+        self._async = False
         if self._cut is not None:
             self._cut()
         elif self._on_main_thread() and self._signalled:
             signal.pthread_kill(self._thread, REVOKE_SIGNAL)
         else:
+            self._async = True
             _set_async_exc(self._thread, _Revoked)
         return True
 

@@ -255,10 +255,13 @@ def _run_revoked(fn: Callable[[], str], revocation: Revocation, task_id: int) ->
 
 def _as_slot(where: str, revocation: Revocation, work: Callable[[], None]) -> None:
     """Run ``work`` as a slot would: on the main thread (the solo pool, with
-    the signal's handler), or in a thread of its own."""
+    the signal's handler; without it, as an asynchronous exception), or in a
+    thread of its own."""
     if where == "main":
         with revocation.installed():
             work()
+    elif where == "main-no-handler":
+        work()
     else:
         thread = threading.Thread(target=work)
         thread.start()
@@ -266,7 +269,13 @@ def _as_slot(where: str, revocation: Revocation, work: Callable[[], None]) -> No
 
 
 @pytest.mark.parametrize(
-    ("where", "fn"), [("main", sleep_long), ("main", swallow_exceptions), ("thread", swallow_exceptions)]
+    ("where", "fn"),
+    [
+        ("main", sleep_long),
+        ("main", swallow_exceptions),
+        ("main-no-handler", swallow_exceptions),
+        ("thread", swallow_exceptions),
+    ],
 )
 def test_a_revoked_task_is_cut_off_and_the_slot_runs_on(where: str, fn: Callable[[], str]) -> None:
     """A speculative copy that lost: cut off on the main thread by a signal (even

@@ -213,6 +213,13 @@ class _ThreadAlarm:
 #: the signal that cuts off a revoked task on the main thread (`Revocation`):
 #: not one of the drain's signals, which worker ranks ignore (`taskfarm._cli`)
 REVOKE_SIGNAL = signal.SIGUSR2
+#: how often a cut-off sends that signal again until the task's Python has
+#: taken it (seconds): Python runs a handler only at its next bytecode, so a
+#: signal that lands just before the task enters a blocking call (a task's
+#: ``time.sleep`` right after it started) is taken only when that call returns;
+#: the next signal interrupts the call (4 in 6 runs of the unit test missed
+#: a 30 s sleep's cut-off without it)
+REVOKE_RESEND_SECONDS = 0.05
 
 
 class _Revoked(BaseException):
@@ -241,6 +248,7 @@ class Revocation:
         self._cut: Callable[[], None] | None = None
         self._signalled = False  # REVOKE_SIGNAL's handler is ours (`installed`)
         self._async = False  # the last cut-off was an asynchronous exception
+        self._raised = False  # REVOKE_SIGNAL's handler raised for the last cut-off
         self.fired = False
 
     def begin(self, task_id: int, cut: Callable[[], None] | None = None) -> None:
@@ -275,18 +283,32 @@ class Revocation:
         if self._cut is not None:
             self._cut()
         elif self._on_main_thread() and self._signalled:
+            self._raised = False
             signal.pthread_kill(self._thread, REVOKE_SIGNAL)
+            start_thread(threading.Thread(target=self._resend, args=(self._task,), name="taskfarm-revoke", daemon=True))
         else:
             self._async = True
             _set_async_exc(self._thread, _Revoked)
         return True
 
+    def _resend(self, task_id: int) -> None:
+        """`REVOKE_SIGNAL` again every `REVOKE_RESEND_SECONDS`, until the
+        handler has raised or task ``task_id`` has ended."""
+        while True:
+            time.sleep(REVOKE_RESEND_SECONDS)
+            with self._lock:
+                if self._raised or not self.fired or self._task != task_id or not self._signalled:
+                    return
+                signal.pthread_kill(self._thread, REVOKE_SIGNAL)
+
     def _on_main_thread(self) -> bool:
         return self._thread == threading.main_thread().ident
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # no lock here: the main thread may hold it in `begin` or `end`
-        if self.fired and self._task:
+        # no lock here: the main thread may hold it in `begin` or `end`.  Once
+        # per cut-off: a signal sent again meanwhile finds it raised already
+        if self.fired and self._task and not self._raised:
+            self._raised = True
             raise _Revoked(f"task {self._task} cut off: its other copy finished first, or the farm stopped")
 
     @contextlib.contextmanager

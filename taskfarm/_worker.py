@@ -180,9 +180,8 @@ class _Slot:
         self.busy = 0.0  # wall seconds inside tasks
         self.child: Child | None = None
         self.children_started = 0
-        #: the child while it runs a task (the comm thread kills it at a cut-off Stop)
-        self.busy_child: Child | None = None
-        #: how the comm thread cuts off the task running here (a Revoke)
+        #: how the comm thread cuts off the task running here (a Revoke, or
+        #: Stop after a drain's grace): a child process running it is killed
         self.revocation = Revocation()
 
 
@@ -380,11 +379,8 @@ class Worker:
                 self._low_water = self._queued_calls // 2
                 self._wake_slots()
         elif kind is Kind.STEAL:
-            wanted = set(record.task_ids)
             with self._lock:
-                given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
-                self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
-                self._queued_calls = sum(_calls(q[0]) for q in self._queue)
+                given = self._unqueue(set(record.task_ids))
                 if self._outbox and self._queue_drained():
                     # results held for company (a slot finished while the stolen
                     # tasks were still queued behind it) go now, as the slot would
@@ -411,12 +407,20 @@ class Worker:
             # tasks still running were given up by the master (a drain's grace ran
             # out): they are cut off, so the rank says Bye in time
             for slot in list(self._slots):
-                child = slot.busy_child
-                if child is not None:
-                    child.kill(close=False)  # its slot sees the socket close and moves on
-                slot.revocation.cut_off()  # inline: a signal or an asynchronous exception
+                # a child is killed (its slot sees the socket close and moves
+                # on); inline, a signal or an asynchronous exception
+                slot.revocation.cut_off()
         else:
             log.warning("rank %d: unexpected message %s from %d", self.rank, kind.name, peer)
+
+    def _unqueue(self, wanted: set[int]) -> list[int]:
+        """Under ``_cv``: take the queued, unstarted tasks among ``wanted`` out
+        of the queue (a steal, a revoke); returns their ids."""
+        given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
+        if given:
+            self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
+            self._queued_calls = sum(_calls(q[0]) for q in self._queue)
+        return given
 
     def _revoke(self, wanted: set[int]) -> None:
         """Copies whose other copy won (speculative tasks): those queued go
@@ -424,10 +428,7 @@ class Worker:
         send the failure as the result, which the master drops.  One that
         finished meanwhile is left alone: its result is on its way."""
         with self._lock:
-            given = [q[0].task_id for q in self._queue if q[0].task_id in wanted]
-            if given:
-                self._queue = collections.deque(q for q in self._queue if q[0].task_id not in wanted)
-                self._queued_calls = sum(_calls(q[0]) for q in self._queue)
+            given = self._unqueue(wanted)
             running = wanted & self._running
         for slot in list(self._slots):
             for task_id in running:
@@ -452,10 +453,9 @@ class Worker:
                 self._slots = [_Slot(i) for i in range(spec.concurrency)]
                 if spec.kind == "solo":
                     slot = self._slots[0]
-                    if threading.current_thread() is threading.main_thread():
-                        with slot.revocation.installed():  # a revoked task is cut off by a signal
-                            self._serve_slot_or_leave(slot)
-                    else:
+                    on_main = threading.current_thread() is threading.main_thread()
+                    # on the main thread a task is cut off by a signal (`Revocation`)
+                    with slot.revocation.installed() if on_main else contextlib.nullcontext():
                         self._serve_slot_or_leave(slot)
                 else:
                     threads = [
@@ -802,21 +802,17 @@ class Worker:
                 child = self._replace_child(slot)
             except BrokenFarmError as exc:
                 return lost(f"{exc}", head, time.time())
-        slot.busy_child = child
+        # a Revoke, or Stop after a drain's grace, kills the child (`_handle`)
+        slot.revocation.begin(item.task_id, cut=lambda: child.kill(close=False))
         try:
             if self._stopping:
                 # Stop came while this slot took the task or started its child, and
-                # found no child to kill: cut this one off as Stop does (it ends
+                # found nothing to cut off: cut this one off as Stop does (it ends
                 # the slot's wait below); the master has given up on the task
                 child.kill(close=False)
-            # a Revoke cuts it off as Stop does
-            slot.revocation.begin(item.task_id, cut=lambda: child.kill(close=False))
-            try:
-                outcome = child.run(item, executor_id, head)
-            finally:
-                slot.revocation.end()
+            outcome = child.run(item, executor_id, head)
         finally:
-            slot.busy_child = None
+            slot.revocation.end()
         if not child.alive():  # crashed, or killed at its time limit
             slot.child = None
         return outcome

@@ -8,6 +8,7 @@ per rank, never by timing a run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
@@ -195,6 +196,16 @@ async def sleepy(seconds: float) -> str:
     return "slept"
 
 
+def _on(where: str, work: Callable[[], None], join_seconds: float) -> None:
+    """Run ``work`` on the main thread ("main...") or in a thread of its own."""
+    if where.startswith("main"):
+        work()
+    else:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(join_seconds)
+
+
 @pytest.mark.parametrize("where", ["main", "thread"])
 @pytest.mark.parametrize("fn", [spin, catch_everything])
 def test_inline_time_limit_stops_python_code(where: str, fn: Any) -> None:
@@ -207,12 +218,7 @@ def test_inline_time_limit_stops_python_code(where: str, fn: Any) -> None:
         except TimeLimitExceeded as exc:
             outcome.append((exc, time.monotonic() - started))
 
-    if where == "main":
-        attempt()
-    else:
-        thread = threading.Thread(target=attempt)
-        thread.start()
-        thread.join(30)
+    _on(where, attempt, 30)
     assert outcome, "the time limit did not fire"
     assert outcome[0][1] < 3
     time.sleep(0.3)  # no stray asynchronous exception arrives later
@@ -257,15 +263,8 @@ def _as_slot(where: str, revocation: Revocation, work: Callable[[], None]) -> No
     """Run ``work`` as a slot would: on the main thread (the solo pool, with
     the signal's handler; without it, as an asynchronous exception), or in a
     thread of its own."""
-    if where == "main":
-        with revocation.installed():
-            work()
-    elif where == "main-no-handler":
-        work()
-    else:
-        thread = threading.Thread(target=work)
-        thread.start()
-        thread.join(60)
+    with revocation.installed() if where == "main" else contextlib.nullcontext():
+        _on(where, work, 60)
 
 
 @pytest.mark.parametrize(
